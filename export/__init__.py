@@ -1,0 +1,1 @@
+"""Training and export code for rtns (needs the ``train`` extra: torch, onnx, h5py)."""

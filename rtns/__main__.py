@@ -1,0 +1,5 @@
+import sys
+
+from rtns.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Pure numpy DSP used around the ONNX graphs: windows, framing, spectra, overlap-add.
+
+Every function takes and returns float32 (or complex64) arrays; shapes are stated in the
+docstrings. Nothing here keeps state: the streaming buffers live in :mod:`rtns.engine`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+WindowKind = Literal["none", "sqrt_hann"]
+
+
+def hann_periodic(n: int) -> np.ndarray:
+    """Periodic Hann window, float64 [n] (the one whose shifted copies sum to a constant)."""
+    k = np.arange(n, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * k / n)
+
+
+def analysis_window(kind: WindowKind, block_len: int) -> np.ndarray | None:
+    """Window applied before the rfft, float32 [block_len], or None for a raw block (DTLN)."""
+    if kind == "none":
+        return None
+    if kind == "sqrt_hann":
+        return np.sqrt(hann_periodic(block_len)).astype(np.float32)
+    raise ValueError(f"unknown window kind {kind!r}")
+
+
+def synthesis_window(kind: WindowKind, block_len: int, block_shift: int) -> np.ndarray | None:
+    """Window applied after the irfft so that overlap-add reconstructs perfectly.
+
+    For ``sqrt_hann`` analysis and synthesis, the product is a periodic Hann whose copies at
+    ``block_shift`` sum to ``block_len / (2 * block_shift)``; the synthesis window divides
+    that constant out. Returns float32 [block_len] or None (no window: DTLN's learned basis
+    carries the gain).
+    """
+    if kind == "none":
+        return None
+    if kind == "sqrt_hann":
+        if block_len % block_shift:
+            raise ValueError("sqrt_hann needs block_len to be a multiple of block_shift")
+        w = np.sqrt(hann_periodic(block_len))
+        gain = ola_gain(w * w, block_shift)
+        return (w / gain).astype(np.float32)
+    raise ValueError(f"unknown window kind {kind!r}")
+
+
+def ola_gain(window_product: np.ndarray, block_shift: int) -> float:
+    """Constant sum of ``window_product`` shifted by multiples of ``block_shift``.
+
+    Raises ValueError when the sum is not constant (the pair cannot reconstruct perfectly).
+    """
+    n = window_product.shape[0]
+    acc = np.zeros(block_shift, dtype=np.float64)
+    for start in range(0, n, block_shift):
+        seg = window_product[start : start + block_shift]
+        acc[: seg.shape[0]] += seg
+    if not np.allclose(acc, acc[0], rtol=1e-9, atol=1e-12):
+        raise ValueError("window does not satisfy the constant overlap-add condition")
+    return float(acc[0])
+
+
+def frame_signal(x: np.ndarray, block_len: int, block_shift: int) -> np.ndarray:
+    """Split x [N] into overlapping blocks [T, block_len] with T = 1 + (N - block_len) // shift.
+
+    Samples after the last complete block are dropped; N must be at least block_len.
+    Returns a read-only strided view (no copy).
+    """
+    if x.ndim != 1:
+        raise ValueError(f"frame_signal expects a 1-D signal, got shape {x.shape}")
+    if x.shape[0] < block_len:
+        raise ValueError(f"signal of {x.shape[0]} samples is shorter than one block ({block_len})")
+    n_frames = 1 + (x.shape[0] - block_len) // block_shift
+    view = np.lib.stride_tricks.sliding_window_view(x, block_len)
+    return view[:: block_shift][:n_frames]
+
+
+def overlap_add(frames: np.ndarray, block_shift: int) -> np.ndarray:
+    """Overlap-add blocks [T, L] at ``block_shift`` into a signal [(T - 1) * shift + L]."""
+    if frames.ndim != 2:
+        raise ValueError(f"overlap_add expects [T, L] frames, got shape {frames.shape}")
+    n_frames, block_len = frames.shape
+    out = np.zeros((n_frames - 1) * block_shift + block_len, dtype=frames.dtype)
+    for t in range(n_frames):
+        out[t * block_shift : t * block_shift + block_len] += frames[t]
+    return out
+
+
+def spectrum(blocks: np.ndarray, window: np.ndarray | None) -> np.ndarray:
+    """rfft of windowed blocks: float32 [..., L] -> complex64 [..., L // 2 + 1]."""
+    if window is not None:
+        blocks = blocks * window
+    return np.fft.rfft(blocks, axis=-1)
+
+
+def inverse_spectrum(spec: np.ndarray, block_len: int, window: np.ndarray | None) -> np.ndarray:
+    """irfft back to blocks: complex64 [..., L // 2 + 1] -> float32 [..., L], then windowed."""
+    blocks = np.fft.irfft(spec, n=block_len, axis=-1)
+    if window is not None:
+        blocks *= window
+    return blocks.astype(np.float32, copy=False)
+
+
+def db_to_gain(db: float) -> float:
+    """Amplitude gain of ``db`` decibels."""
+    return float(10.0 ** (db / 20.0))

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the repo (CI has it; a user's clone may not)."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"needs the project's shared data at {SHARED} (absent in this checkout)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def passthrough_pack(tmp_path_factory) -> Path:
+    from packs import build_passthrough_pack
+
+    return build_passthrough_pack(tmp_path_factory.mktemp("packs") / "passthrough")
+
+
+@pytest.fixture(scope="session")
+def passthrough_stft_pack(tmp_path_factory) -> Path:
+    from packs import build_passthrough_pack
+
+    return build_passthrough_pack(
+        tmp_path_factory.mktemp("packs") / "passthrough_stft", window="sqrt_hann", mask="complex"
+    )
+
+
+@pytest.fixture(scope="session")
+def random_dtln_pack(tmp_path_factory) -> Path:
+    """A random-init DTLN exported through the real exporter (needs torch)."""
+    pytest.importorskip("torch")
+    from packs import build_random_dtln_pack
+
+    return build_random_dtln_pack(tmp_path_factory.mktemp("packs") / "random_dtln")

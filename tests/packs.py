@@ -1,0 +1,135 @@
+"""Model packs built by tests (never shipped): an exact pass-through and a random DTLN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
+from rtns.pack import (
+    BATCH,
+    FrontEnd,
+    GraphSpec,
+    Manifest,
+    Provenance,
+    StateSpec,
+    TensorSpec,
+    sha256_file,
+    write_manifest,
+)
+
+
+def _save(graph, path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def build_passthrough_pack(out_dir: Path, window: str = "none", mask: str = "magnitude") -> Path:
+    """A pack whose output is its input delayed by 384 samples (mask = 1).
+
+    ``window="none"`` adds the DTLN-style frame graph, which scales each block by
+    shift / block_len so the un-windowed overlap-add sums to one; with ``sqrt_hann`` the
+    synthesis window already does. Each graph also carries a block counter state
+    ([batch, 1], +1 per call) so state plumbing and reset are exercised.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ch = 1 if mask == "magnitude" else 2
+    f32 = TensorProto.FLOAT
+
+    def counter(prefix: str):
+        return (
+            [helper.make_node("Add", [f"{prefix}_count", "one"], [f"{prefix}_count_out"])],
+            helper.make_tensor_value_info(f"{prefix}_count", f32, [BATCH, 1]),
+            helper.make_tensor_value_info(f"{prefix}_count_out", f32, [BATCH, 1]),
+        )
+
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    zero = numpy_helper.from_array(np.zeros(1, np.float32), "zero")
+    if mask == "magnitude":
+        mask_nodes = [
+            helper.make_node("Mul", ["feat", "zero"], ["z"]),
+            helper.make_node("Add", ["z", "one"], ["mask"]),
+        ]
+    else:  # complex mask 1 + 0j
+        unit = numpy_helper.from_array(
+            np.stack([np.ones(N_BINS), np.zeros(N_BINS)])[None].astype(np.float32), "unit"
+        )
+        mask_nodes = [
+            helper.make_node("Mul", ["feat", "zero"], ["z"]),
+            helper.make_node("Add", ["z", "unit"], ["mask"]),
+        ]
+    cnodes, cin, cout = counter("m")
+    inits = [one, zero] + ([] if mask == "magnitude" else [unit])
+    g1 = helper.make_graph(
+        mask_nodes + cnodes,
+        "passthrough_mask",
+        [helper.make_tensor_value_info("feat", f32, [BATCH, ch, N_BINS]), cin],
+        [helper.make_tensor_value_info("mask", f32, [BATCH, ch, N_BINS]), cout],
+        inits,
+    )
+    _save(g1, out_dir / "mask.onnx")
+    graphs = [
+        GraphSpec(
+            role="mask",
+            file="mask.onnx",
+            sha256=sha256_file(out_dir / "mask.onnx"),
+            signal_in=TensorSpec(name="feat", shape=[BATCH, ch, N_BINS]),
+            signal_out=TensorSpec(name="mask", shape=[BATCH, ch, N_BINS]),
+            states=[StateSpec(input="m_count", output="m_count_out", shape=[BATCH, 1])],
+        )
+    ]
+    if window == "none":
+        scale = numpy_helper.from_array(np.array([BLOCK_SHIFT / BLOCK_LEN], np.float32), "scale")
+        cnodes, cin, cout = counter("f")
+        g2 = helper.make_graph(
+            [helper.make_node("Mul", ["frame", "scale"], ["block"])] + cnodes,
+            "passthrough_frame",
+            [helper.make_tensor_value_info("frame", f32, [BATCH, 1, BLOCK_LEN]), cin],
+            [helper.make_tensor_value_info("block", f32, [BATCH, 1, BLOCK_LEN]), cout],
+            [scale, one],
+        )
+        _save(g2, out_dir / "frame.onnx")
+        graphs.append(
+            GraphSpec(
+                role="frame",
+                file="frame.onnx",
+                sha256=sha256_file(out_dir / "frame.onnx"),
+                signal_in=TensorSpec(name="frame", shape=[BATCH, 1, BLOCK_LEN]),
+                signal_out=TensorSpec(name="block", shape=[BATCH, 1, BLOCK_LEN]),
+                states=[StateSpec(input="f_count", output="f_count_out", shape=[BATCH, 1])],
+            )
+        )
+    write_manifest(
+        out_dir,
+        Manifest(
+            name="passthrough",
+            family="passthrough",
+            description="identity model for tests",
+            latency_samples=BLOCK_LEN - BLOCK_SHIFT,
+            frontend=FrontEnd(window=window, mask=mask),
+            graphs=graphs,
+            provenance=Provenance(origin="built by tests/packs.py"),
+        ),
+    )
+    return out_dir
+
+
+def build_random_dtln_pack(out_dir: Path, seed: int = 0, norm: bool = False) -> Path:
+    """A randomly initialised DTLN exported through the real exporter (needs torch)."""
+    import torch
+
+    from rtns.pack import Provenance
+    from rtns_export.dtln import DTLN, DTLNConfig, export_dtln
+
+    torch.manual_seed(seed)
+    model = DTLN(DTLNConfig(norm=norm))
+    export_dtln(model, out_dir, name="random-dtln", provenance=Provenance(origin="random init"))
+    return out_dir
