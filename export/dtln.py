@@ -132,9 +132,7 @@ def dtln_graphs(model: DTLN) -> list:
 
     def lstm_states(stage: int) -> list[StateExport]:
         return [
-            StateExport(
-                f"s{stage}_{k}", f"s{stage}_{k}_out", lh, 0.0, f"stage-{stage} LSTM {what}"
-            )
+            StateExport(f"s{stage}_{k}", f"s{stage}_{k}_out", lh, 0.0, f"stage-{stage} LSTM {what}")
             for k, what in (("h", "hidden state"), ("c", "cell state"))
         ]
 
@@ -173,6 +171,7 @@ def export_dtln(model: DTLN, out_dir, *, name: str, provenance, description: str
         graphs=dtln_graphs(model),
         latency=model.latency,
         provenance=provenance,
-        description=description or f"DTLN, {variant}, {sum(p.numel() for p in model.parameters()):,} parameters",
+        description=description
+        or f"DTLN, {variant}, {sum(p.numel() for p in model.parameters()):,} parameters",
         **kw,
     )

@@ -74,7 +74,7 @@ def frame_signal(x: np.ndarray, block_len: int, block_shift: int) -> np.ndarray:
         raise ValueError(f"signal of {x.shape[0]} samples is shorter than one block ({block_len})")
     n_frames = 1 + (x.shape[0] - block_len) // block_shift
     view = np.lib.stride_tricks.sliding_window_view(x, block_len)
-    return view[:: block_shift][:n_frames]
+    return view[::block_shift][:n_frames]
 
 
 def overlap_add(frames: np.ndarray, block_shift: int) -> np.ndarray:

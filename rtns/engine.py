@@ -47,7 +47,9 @@ def _make_session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # onnxruntime raises several private exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PackError(f"{path}: onnxruntime cannot load it ({msg})") from None
