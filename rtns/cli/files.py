@@ -1,0 +1,271 @@
+"""File commands: ``rtns enhance``, ``rtns models``, ``rtns import-dtln``.
+
+Heavy modules (soundfile, soxr, onnxruntime, tqdm, torch) are imported inside the run
+functions so that ``import rtns.cli`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+
+from rtns.errors import RtnsError, UserInputError
+
+#: Files longer than this many seconds get a progress bar (when stderr is a terminal).
+PROGRESS_MIN_SECONDS = 5.0
+#: Samples (at the model rate) pushed per stream between progress updates.
+CHUNK = 16_000
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "enhance",
+        help="denoise an audio file",
+        description=(
+            "Denoise an audio file (any format soundfile reads, any rate and channel count). "
+            "The output has the input's rate, channels, length and sample format, and is "
+            "time-aligned with it (the model latency is removed)."
+        ),
+    )
+    p.add_argument("input", metavar="IN", help="input audio file (wav, flac, ogg, ...)")
+    p.add_argument(
+        "output", metavar="OUT", help="output audio file; its extension picks the format"
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        metavar="PACK",
+        help="pack name (see `rtns models`) or pack folder; default: rtns-dtln",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, default=1, metavar="N", help="onnxruntime threads (1)"
+    )
+    p.add_argument(
+        "--atten-lim",
+        type=_non_negative_db,
+        default=None,
+        metavar="DB",
+        help="remove at most this many dB of noise (default: unlimited)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=run_enhance)
+
+    p = sub.add_parser(
+        "models",
+        help="list installed model packs",
+        description="List the model packs on the search path ($RTNS_MODEL_PATH, "
+        "~/.local/share/rtns/models, shipped packs) with their scores.",
+    )
+    p.set_defaults(func=run_models)
+
+    p = sub.add_parser(
+        "import-dtln",
+        help="convert official DTLN Keras weights (.h5) to a pack (needs the train extra)",
+        description=(
+            "Convert the official DTLN weights (breizhn/DTLN pretrained_model/*.h5, MIT) into "
+            "an rtns pack in OUT_DIR, checked block by block against the PyTorch model. "
+            "Needs PyTorch and h5py (pip install 'rtns[train]')."
+        ),
+    )
+    p.add_argument("weights", metavar="WEIGHTS.h5", help="model.h5 or DTLN_norm_*.h5")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) folder for the pack")
+    p.add_argument("--name", help="pack name (default from the file name, e.g. dtln-official)")
+    p.set_defaults(func=run_import_dtln)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{n} is out of range 1..64")
+    return n
+
+
+def _non_negative_db(text: str) -> float:
+    try:
+        db = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of dB") from None
+    if not math.isfinite(db) or db < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the limit must be a non-negative number of dB")
+    return db
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# -- enhance --------------------------------------------------------------------------------
+def load_model(spec: str | None, threads: int = 1):  # -> rtns.engine.Model
+    """The engine Model of a pack name/path; a clear error when the default is missing."""
+    from rtns.config import EngineConfig
+    from rtns.engine import Model
+    from rtns.pack import DEFAULT_PACK, PackError, resolve_pack
+
+    if spec is None:
+        try:
+            pack_dir = resolve_pack(None)
+        except PackError:
+            raise PackError(
+                f"no default model pack ({DEFAULT_PACK}) is installed; pass --model with a "
+                "pack name or folder (see `rtns models`)"
+            ) from None
+    else:
+        pack_dir = resolve_pack(spec)
+    return Model(pack_dir, EngineConfig(threads=threads))
+
+
+def enhance_channels(
+    model,
+    x: np.ndarray,
+    atten_lim_db: float | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Enhance float32 [frames, channels] at the model rate, each channel an independent
+    stream of ``model``; returns float32 [frames, channels], time-aligned with the input."""
+    from tqdm import tqdm
+
+    n, channels = x.shape
+    streams = [model.stream() for _ in range(channels)]
+    for st in streams:
+        st.atten_lim_db = atten_lim_db
+    lat = model.latency
+    out = np.zeros((n + lat + model.block_shift, channels), dtype=np.float32)
+    filled = [0] * channels
+
+    def put(c: int, y: np.ndarray) -> None:
+        out[filled[c] : filled[c] + y.shape[0], c] = y
+        filled[c] += y.shape[0]
+
+    sr = model.sample_rate
+    with tqdm(
+        total=round(n / sr, 2),
+        unit="s",
+        unit_scale=False,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]",
+        desc="enhance",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for start in range(0, n, CHUNK):
+            stop = min(start + CHUNK, n)
+            for c, st in enumerate(streams):
+                put(c, st.push(np.ascontiguousarray(x[start:stop, c])))
+            bar.update(round((stop - start) / sr, 2))
+    for c, st in enumerate(streams):
+        put(c, st.flush())
+    return out[lat : lat + n]
+
+
+def run_enhance(args: argparse.Namespace) -> int:
+    from rtns import audio_io
+
+    t0 = time.perf_counter()
+    out_path = audio_io.check_output_path(args.output)
+    audio = audio_io.read_audio(args.input)
+    model = load_model(args.model, args.threads)
+    sr = model.sample_rate
+    x = audio_io.resample(audio.samples, audio.sample_rate, sr)
+    interactive = sys.stderr.isatty() and not args.quiet
+    y = enhance_channels(
+        model,
+        x,
+        atten_lim_db=args.atten_lim,
+        progress=interactive and audio.duration > PROGRESS_MIN_SECONDS,
+    )
+    y = audio_io.resample(y, sr, audio.sample_rate, frames_out=audio.frames)
+    fmt = audio_io.output_format(out_path)
+    report = audio_io.write_audio(
+        out_path, y, audio.sample_rate, audio_io.output_subtype(audio.subtype, fmt)
+    )
+    if report.clipped:
+        _err(
+            f"rtns: warning: {report.clipped} output samples exceeded full scale "
+            f"(peak {20 * math.log10(report.peak):+.1f} dBFS) and were clipped for "
+            f"{report.subtype}; write a float file (e.g. .wav from float input) to keep them"
+        )
+    if not args.quiet:
+        took = time.perf_counter() - t0
+        _err(
+            f"rtns: {out_path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
+            f"{audio.channels} ch, {report.subtype}, model {model.name}, "
+            f"{took:.2f} s ({took / audio.duration:.3f} x real time)"
+        )
+    return 0
+
+
+# -- models ---------------------------------------------------------------------------------
+def _score_text(scores: dict[str, dict[str, float]]) -> str:
+    parts = []
+    for test_set, metrics in sorted(scores.items()):
+        vals = " ".join(f"{k} {v:.3g}" for k, v in metrics.items())
+        parts.append(f"{test_set}: {vals}")
+    return "; ".join(parts) or "-"
+
+
+def models_table() -> list[list[str]]:
+    """Rows [name, family, latency ms, scores, path] (the header first) for every pack on the
+    search path; a broken pack has family 'BROKEN' and its error in the scores column."""
+    from rtns.pack import DEFAULT_PACK, PackError, iter_packs, verify_files
+
+    rows = [["NAME", "FAMILY", "LATENCY", "SCORES", "PATH"]]
+    for path, man in iter_packs():
+        if isinstance(man, PackError):
+            rows.append([path.name, "BROKEN", "-", str(man), str(path)])
+            continue
+        try:
+            verify_files(path, man)
+        except PackError as e:
+            rows.append([man.name, "BROKEN", "-", str(e), str(path)])
+            continue
+        # Algorithmic latency: the output lags the input by latency_samples once a hop is
+        # complete, and a hop takes block_shift samples to arrive.
+        ms = 1000.0 * (man.latency_samples + man.frames.block_shift) / man.frames.sample_rate
+        name = man.name + (" (default)" if man.name == DEFAULT_PACK else "")
+        rows.append([name, man.family, f"{ms:.1f} ms", _score_text(man.scores), str(path)])
+    return rows
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from rtns.pack import search_path
+
+    rows = models_table()
+    if len(rows) == 1:
+        where = ", ".join(str(d) for d in search_path())
+        print(f"no model packs found (searched: {where})")
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)] + [r[-1]]
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+# -- import-dtln ----------------------------------------------------------------------------
+def run_import_dtln(args: argparse.Namespace) -> int:
+    try:
+        import h5py  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise UserInputError(
+            f"import-dtln needs PyTorch and h5py ({e.name} is missing): pip install 'rtns[train]'"
+        ) from None
+    from rtns_export.dtln_import import import_dtln
+    from rtns_export.exporter import ParityError
+
+    try:
+        manifest, err = import_dtln(args.weights, args.out_dir, name=args.name)
+    except ParityError as e:
+        raise RtnsError(f"{args.weights}: conversion failed its parity check: {e}") from None
+    print(
+        f"wrote pack {manifest.name!r} to {args.out_dir} (parity with the PyTorch model: "
+        f"{err:.2g} max abs error); use it with: rtns enhance IN OUT --model {args.out_dir}"
+    )
+    return 0
