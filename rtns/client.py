@@ -1,0 +1,249 @@
+"""A Python client for ``rtns serve`` (tests, benchmarks, ``rtns stream``).
+
+One :class:`Client` owns one DEALER socket and at most one session. Low level:
+:meth:`Client.hello`, :meth:`Client.send_audio`, :meth:`Client.recv`,
+:meth:`Client.close_session`. High level: :meth:`Client.enhance` streams a whole signal
+(real-time paced or as fast as the server allows) and returns it time-aligned and of the
+input's length, like :func:`rtns.engine.enhance_array`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtns import protocol as P
+from rtns.errors import RtnsError
+
+
+class ServerError(RtnsError):
+    """The server answered with an ``error`` message (``code`` as in the protocol)."""
+
+    def __init__(self, err: P.Error) -> None:
+        super().__init__(f"server refused: {err.message} ({err.code})")
+        self.code = err.code
+        self.error = err
+
+
+class NoReply(RtnsError):
+    """No answer within the timeout."""
+
+
+class Client:
+    """A DEALER connection to a daemon.
+
+    ``server_key``: the server's public key file (enables CURVE); ``client_key``: this
+    client's secret key file (made by ``rtns keys``). ``timeout``: seconds to wait for any
+    single answer.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: Any = None,
+        timeout: float = 10.0,
+        server_key: str | Path | None = None,
+        client_key: str | Path | None = None,
+    ) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self._own_ctx = context is None
+        self.ctx = context or zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if server_key is not None:
+            import zmq.auth
+
+            if client_key is None:
+                raise RtnsError("CURVE needs both the server's public key and a client secret key")
+            server_pub, _ = zmq.auth.load_certificate(str(server_key))
+            pub, secret = zmq.auth.load_certificate(str(client_key))
+            if secret is None:
+                raise RtnsError(f"{client_key}: not a secret key file")
+            self.sock.curve_serverkey = server_pub
+            self.sock.curve_publickey = pub
+            self.sock.curve_secretkey = secret
+        self.sock.connect(endpoint)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.ready: P.Ready | None = None
+        self.seq = 0
+        self.closed: P.Closed | None = None
+
+    # -- low level ------------------------------------------------------------------------
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Send raw frames (tests use this for hostile input)."""
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout: float | None = None) -> tuple[Any, np.ndarray | None]:
+        """The next server message and its PCM as float32 [frames, channels] (or None)."""
+        t = self.timeout if timeout is None else timeout
+        if not self.sock.poll(int(t * 1000)):
+            raise NoReply(f"no answer from {self.endpoint} within {t:g} s")
+        frames = self.sock.recv_multipart()
+        msg = P.parse_server(frames)
+        pcm = None
+        if len(frames) > 1 and self.ready is not None:
+            pcm = P.decode_pcm(frames[1], self.ready.format, self.ready.channels)
+        return msg, pcm
+
+    def hello(
+        self,
+        sample_rate: int = 16_000,
+        format: str = "f32le",
+        channels: int = 1,
+        model: str | None = None,
+        atten_lim_db: float | None = None,
+    ) -> P.Ready:
+        """Open a session; raises ServerError on refusal, NoReply when nobody answers."""
+        hello = P.Hello(
+            version=P.PROTOCOL_VERSION,
+            sample_rate=sample_rate,
+            format=format,  # type: ignore[arg-type]
+            channels=channels,
+            model=model,
+            atten_lim_db=atten_lim_db,
+        )
+        self.sock.send(P.encode(hello))
+        try:
+            msg, _ = self.recv()
+        except NoReply:
+            raise NoReply(
+                f"no answer to hello from {self.endpoint} within {self.timeout:g} s (is "
+                "`rtns serve` running there? with CURVE, is this client's key allowed?)"
+            ) from None
+        if isinstance(msg, P.Error):
+            raise ServerError(msg)
+        if not isinstance(msg, P.Ready):
+            raise RtnsError(f"expected ready, got {msg}")
+        self.ready = msg
+        self.seq = 0
+        self.closed = None
+        return msg
+
+    def send_audio(self, x: np.ndarray, seq: int | None = None) -> int:
+        """Send float32 samples [n] or [n, channels]; returns the seq used."""
+        assert self.ready is not None, "hello first"
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[:, None]
+        s = self.seq if seq is None else seq
+        self.sock.send_multipart(
+            [P.encode(P.Audio(seq=s)), P.encode_pcm(x, self.ready.format)], copy=False
+        )
+        if seq is None:
+            self.seq += 1
+        return s
+
+    def stats(self, reset: bool = False) -> dict:
+        self.sock.send(P.encode(P.StatsRequest(reset=reset)))
+        while True:
+            msg, _ = self.recv()
+            if isinstance(msg, dict):
+                return msg
+
+    def close_session(self) -> tuple[list[tuple[Any, np.ndarray | None]], np.ndarray]:
+        """Send ``close``; returns the messages that came before ``closed`` and the tail."""
+        self.sock.send(P.encode(P.Close()))
+        before = []
+        while True:
+            msg, pcm = self.recv()
+            if isinstance(msg, P.Closed):
+                self.closed = msg
+                assert pcm is not None
+                return before, pcm
+            before.append((msg, pcm))
+
+    def close(self) -> None:
+        """Close the socket (and the context if this client made it)."""
+        self.sock.close(linger=0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- high level -----------------------------------------------------------------------
+    def enhance(
+        self,
+        x: np.ndarray,
+        sample_rate: int = 16_000,
+        *,
+        chunk: int = 512,
+        realtime: bool = False,
+        window: int = 32,
+        model: str | None = None,
+        format: str = "f32le",
+        atten_lim_db: float | None = None,
+    ) -> np.ndarray:
+        """Stream ``x`` (float32 [n] or [n, channels]) through a new session.
+
+        ``realtime``: send one ``chunk`` every chunk duration; else keep up to ``window``
+        messages in flight. A ``queue_full`` answer makes the client resend that chunk.
+        Returns the output with the first ``latency`` samples dropped, cut to ``n``: the
+        same shape and alignment as :func:`rtns.engine.enhance_array`.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        mono = x.ndim == 1
+        xs = x[:, None] if mono else x
+        ready = self.hello(sample_rate, format, xs.shape[1], model, atten_lim_db)
+        chunks = [xs[i : i + chunk] for i in range(0, xs.shape[0], chunk)]
+        # Never queue more than the server holds (in 16 kHz frames) when sending fast.
+        chunk16 = -(-chunk * 16_000 // sample_rate) + 1
+        window = max(1, min(window, ready.queue_limit // chunk16))
+        outs: list[np.ndarray] = []
+        inflight: set[int] = set()
+        period = chunk / sample_rate
+        t0 = time.monotonic()
+        k = 0  # next seq to send
+        gate = True  # False after queue_full until an answer shows the queue moved
+        rewound = False
+
+        def handle(msg: Any, pcm: np.ndarray | None) -> None:
+            nonlocal k, gate, rewound
+            if isinstance(msg, P.AudioOut):
+                inflight.discard(msg.seq)
+                assert pcm is not None
+                outs.append(pcm)
+                gate = True
+            elif isinstance(msg, P.Error) and msg.code == "queue_full" and msg.seq is not None:
+                if not any(q < msg.seq for q in inflight):
+                    raise ServerError(msg)  # nothing ahead of it will drain: it never fits
+                # The server drops this seq and every later one (seq_gap): resend from it.
+                inflight.difference_update({q for q in inflight if q >= msg.seq})
+                k, gate, rewound = msg.seq, False, True
+            elif isinstance(msg, P.Error) and msg.code == "seq_gap" and rewound:
+                pass  # a copy sent after a refused seq; it is resent after the rewind
+            elif isinstance(msg, P.Error):
+                raise ServerError(msg)
+
+        while k < len(chunks) or inflight:
+            if k < len(chunks) and gate and len(inflight) < window:
+                wait = t0 + k * period - time.monotonic() if realtime else 0.0
+                if wait > 0:
+                    if self.sock.poll(int(wait * 1000) + 1):
+                        handle(*self.recv())
+                    continue
+                self.send_audio(chunks[k], seq=k)
+                inflight.add(k)
+                k += 1
+                self.seq = k
+                continue
+            handle(*self.recv())
+        before, tail = self.close_session()
+        for msg, pcm in before:
+            handle(msg, pcm)
+        outs.append(tail)
+        y = np.concatenate(outs) if outs else np.zeros((0, xs.shape[1]), np.float32)
+        y = y[ready.latency : ready.latency + xs.shape[0]]
+        if y.shape[0] < xs.shape[0]:
+            y = np.concatenate([y, np.zeros((xs.shape[0] - y.shape[0], xs.shape[1]), np.float32)])
+        return y[:, 0] if mono else y

@@ -1,0 +1,707 @@
+"""``rtns serve``: a ZeroMQ ROUTER daemon that enhances many client streams at once.
+
+One thread runs everything (no locks): it polls the socket with a timeout, drains the
+messages that have arrived, then *ticks*: every session with a complete 128-sample hop
+contributes one row, and all rows of sessions sharing a model go through ONE
+:meth:`rtns.engine.Model.infer` call (states gathered with ``np.concatenate`` on axis 0 and
+scattered back as row views). Rounds repeat while hops are ready, at most
+``hops_per_tick`` per session, so one client sending a long chunk cannot starve the others;
+left-over input stays in the session's bounded queue and the loop polls with a zero timeout
+until it is processed. Each audio message is answered once all its samples have been fed
+and every completed hop run, with all output produced since the previous answer.
+
+Batch independence: a session's output must not depend on which other sessions are active.
+onnxruntime's CPU kernels (MLAS GEMM/LSTM, element-wise kernels) and numpy's FFT compute
+each row with the same instruction sequence whatever the batch size on the machines we
+measured (tests/test_server.py checks bit identity alone vs among 50 others), but nothing
+in their contracts promises it. So at start the server probes each model
+(:func:`batch_invariant`) and, if any row differs in any bit between batch 1 and larger
+batches, runs that model one row per call (which is independent by construction) and logs
+why. See docs/protocol.md, "Batching".
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from rtns import protocol as P
+from rtns.engine import Model, State, Stream
+from rtns.errors import UserInputError
+
+log = logging.getLogger("rtns.server")
+
+SAMPLE_RATE_16K = 16_000
+
+
+class CurveConfig(BaseModel):
+    """CurveZMQ: the server's secret certificate and a folder of allowed client public keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server_secret: Path
+    allowed_clients: Path
+
+
+class ServerConfig(BaseModel):
+    """Everything ``rtns serve`` can be told (validated once, at start)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    bind: str = "tcp://127.0.0.1:5555"
+    #: Pack names or folders; sessions pick by manifest name, the first is the default.
+    models: list[str] = Field(default_factory=lambda: ["rtns-dtln"])
+    max_sessions: int = Field(256, ge=1, le=100_000)
+    #: ZMQ_MAXMSGSIZE on the socket (bytes, per frame): a larger frame drops the connection.
+    max_message_bytes: int = Field(262_144, ge=1024)
+    #: Seconds without any message after which a session is ended.
+    idle_timeout: float = Field(30.0, gt=0)
+    #: Queued input per session, sample frames at 16 kHz (6 s): more gives ``queue_full``.
+    queue_limit: int = Field(96_000, ge=128)
+    #: Most hops one session gets per tick (fairness between big and small chunks).
+    hops_per_tick: int = Field(8, ge=1)
+    #: False: one infer per session and hop (for comparison; ``--no-batch``).
+    batch: bool = True
+    #: Skip the batch-invariance probe (tests that want a known mode).
+    probe: bool = True
+    poll_ms: int = Field(50, ge=1, le=1000)
+    curve: CurveConfig | None = None
+    #: Refuse non-loopback binds without CURVE (always True outside tests of that check).
+    require_curve_off_loopback: bool = True
+    #: Socket send/receive high-water marks (messages).
+    hwm: int = Field(10_000, ge=10)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for inproc://, ipc:// and tcp:// on 127.0.0.0/8, ::1 or localhost."""
+    if endpoint.startswith(("inproc://", "ipc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def batch_invariant(model: Model, sizes: Sequence[int] = (2, 3, 8, 17, 64), hops: int = 3) -> bool:
+    """Do rows of one ``infer`` call equal, bit for bit, the same rows run alone?
+
+    Runs ``hops`` hops of random blocks (state carried) at batch max(sizes), then compares
+    every row of every batch size with the batch-1 result, outputs and states.
+    """
+    rng = np.random.default_rng(1234)
+    n = max(sizes)
+    state = model.initial_state(n)
+    blocks = (0.1 * rng.standard_normal((hops, n, model.block_len))).astype(np.float32)
+    for h in range(hops - 1):
+        _, state = model.infer(blocks[h], state)
+    alone = [model.infer(blocks[-1][b : b + 1], _rows(state, b, b + 1)) for b in range(n)]
+    for size in sizes:
+        y, st = model.infer(blocks[-1][:size], _rows(state, 0, size))
+        for b in range(size):
+            if not np.array_equal(y[b], alone[b][0][0]):
+                return False
+            if any(not np.array_equal(st[k][b], alone[b][1][k][0]) for k in st):
+                return False
+    return True
+
+
+def _rows(state: State, a: int, b: int) -> State:
+    return {k: v[a:b] for k, v in state.items()}
+
+
+@dataclass
+class _Served:
+    """A loaded model and how the server runs it."""
+
+    model: Model
+    batched: bool
+    why: str
+
+
+@dataclass
+class Session:
+    """One client stream (all of its channels)."""
+
+    sid: str
+    ident: bytes
+    served: _Served
+    rate: int
+    fmt: str
+    channels: int
+    streams: list[Stream]
+    latency: int  # at the session's rate
+    in_rs: Any = None  # soxr.ResampleStream client rate -> 16 kHz, or None
+    out_rs: Any = None  # soxr.ResampleStream 16 kHz -> client rate, or None
+    #: Input waiting to be fed: float32 [n, channels] at 16 kHz, and its total frames.
+    backlog: collections.deque = field(default_factory=collections.deque)
+    queued: int = 0
+    #: Accepted audio messages not yet answered: [seq, frames of it still in backlog].
+    unanswered: collections.deque = field(default_factory=collections.deque)
+    #: Output produced but not yet sent: float32 [n, channels] at 16 kHz.
+    out: list = field(default_factory=list)
+    next_seq: int = 0
+    last_seen: float = 0.0
+    produced_16k: int = 0
+    owed_16k: int | None = None  # set when closing: total 16 kHz output to deliver
+    closing: str | None = None
+    samples_in: int = 0  # client rate
+    samples_out: int = 0  # client rate
+    overruns: int = 0
+
+    def ready_hop(self, shift: int) -> bool:
+        """Feed queued input until a hop is complete; True if one is."""
+        st0 = self.streams[0]
+        while st0.pending < shift and self.backlog:
+            front = self.backlog[0]
+            take = min(shift - st0.pending, front.shape[0])
+            for c, st in enumerate(self.streams):
+                st.feed(front[:take, c])
+            self.queued -= take
+            if take == front.shape[0]:
+                self.backlog.popleft()
+            else:
+                self.backlog[0] = front[take:]
+            left = take
+            for entry in self.unanswered:
+                if left == 0:
+                    break
+                used = min(entry[1], left)
+                entry[1] -= used
+                left -= used
+        return st0.pending >= shift
+
+
+class Server:
+    """The daemon. ``run()`` blocks until ``stop()``; everything else is internal."""
+
+    def __init__(self, config: ServerConfig, context: Any = None) -> None:
+        import zmq
+
+        self.config = config
+        if (
+            config.require_curve_off_loopback
+            and not is_loopback(config.bind)
+            and config.curve is None
+        ):
+            raise UserInputError(
+                f"binding to {config.bind} (not loopback) requires CurveZMQ keys: pass "
+                "--curve-secret and --allowed-clients (make keys with `rtns keys DIR`)"
+            )
+        self._zmq = zmq
+        self._own_ctx = context is None
+        self.ctx = context or zmq.Context()
+        self.models: dict[str, _Served] = {}
+        for spec in config.models:
+            model = Model(spec)
+            if model.name in self.models:
+                raise UserInputError(f"two --model packs are both named {model.name!r}")
+            if model.sample_rate != SAMPLE_RATE_16K:
+                raise UserInputError(f"{spec}: the server runs 16 kHz packs only")
+            if not config.batch:
+                served = _Served(model, False, "--no-batch")
+            elif not config.probe:
+                served = _Served(model, True, "probe skipped")
+            elif batch_invariant(model):
+                served = _Served(model, True, "rows bit-identical at batch 1..64")
+            else:
+                served = _Served(model, False, "batched rows differ from batch 1 on this CPU")
+            self.models[model.name] = served
+        self.default_model = next(iter(self.models))
+        self.sessions: dict[bytes, Session] = {}
+        self._stop = threading.Event()
+        self._auth: Any = None
+        self.sock: Any = None
+        self.bound = threading.Event()
+        self.endpoint: str | None = None
+        self._reset_counters()
+
+    # -- counters -------------------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.infer_ms: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.rows_per_tick: collections.deque[int] = collections.deque(maxlen=100_000)
+        self.started = time.monotonic()
+
+    # -- life cycle -----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to flush every session and return (thread- and signal-safe)."""
+        self._stop.set()
+
+    def _open(self) -> None:
+        zmq = self._zmq
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        curve = self.config.curve
+        if curve is not None:
+            import zmq.auth
+            from zmq.auth.thread import ThreadAuthenticator
+
+            pub, secret = zmq.auth.load_certificate(str(curve.server_secret))
+            if secret is None:
+                raise UserInputError(f"{curve.server_secret}: not a secret key file")
+            if not curve.allowed_clients.is_dir():
+                raise UserInputError(f"{curve.allowed_clients}: no such folder of client keys")
+            n_keys = len(list(curve.allowed_clients.glob("*.key")))
+            self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("rtns.server.zap"))
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(curve.allowed_clients))
+            sock.curve_secretkey = secret
+            sock.curve_publickey = pub
+            sock.curve_server = True
+            _log(
+                "curve",
+                allowed_clients=str(curve.allowed_clients),
+                keys=n_keys,
+                note="CurveZMQ on: only clients whose public key is in that folder get in",
+            )
+        else:
+            _log("curve", note="CurveZMQ off: plaintext, loopback only")
+        sock.bind(self.config.bind)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.config.bind
+        self.sock = sock
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        for name, s in self.models.items():
+            _log(
+                "model",
+                name=name,
+                pack=str(s.model.pack_dir),
+                latency=s.model.latency,
+                batched=s.batched,
+                why=s.why,
+            )
+        _log("listening", endpoint=self.endpoint, max_sessions=self.config.max_sessions)
+        self.bound.set()
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; then flush every open session and close the socket."""
+        self._open()
+        try:
+            next_expiry = time.monotonic() + 0.5
+            while not self._stop.is_set():
+                busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
+                events = self.poller.poll(0 if busy else self.config.poll_ms)
+                if events:
+                    self._drain()
+                if busy or events:
+                    self._tick()
+                now = time.monotonic()
+                if now >= next_expiry:
+                    self._expire(now)
+                    next_expiry = now + 0.5
+            self._shutdown()
+        finally:
+            self.sock.close(linger=1000)
+            if self._auth is not None:
+                self._auth.stop()
+            if self._own_ctx:
+                self.ctx.term()
+            _log("stopped")
+
+    def _shutdown(self, deadline_s: float = 5.0) -> None:
+        """Close every session, sending its tail and ``closed`` (reason ``shutdown``)."""
+        _log("shutdown", sessions=len(self.sessions))
+        for s in list(self.sessions.values()):
+            if s.closing is None:
+                self._begin_close(s, "shutdown")
+        end = time.monotonic() + deadline_s
+        while self.sessions and time.monotonic() < end:
+            self._tick()
+        for s in list(self.sessions.values()):
+            self._end(s, "error", send=True)
+
+    # -- receiving ------------------------------------------------------------------------
+    def _drain(self, max_messages: int = 512) -> None:
+        zmq = self._zmq
+        for _ in range(max_messages):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.counters["messages_in"] += 1
+            ident, body = frames[0], frames[1:]
+            try:
+                self._handle(ident, body)
+            except P.ProtocolError as e:
+                self.dropped[e.code] += 1
+                self._send(ident, P.Error(code=e.code, message=e.message, seq=e.seq))
+            except Exception:  # a bug must cost one session, never the daemon
+                log.exception("internal error handling a message")
+                self.dropped["internal"] += 1
+                sess = self.sessions.get(ident)
+                if sess is not None:
+                    self._end(sess, "error", send=False)
+                self._send(
+                    ident,
+                    P.Error(
+                        code="internal", message="the server failed on this message", fatal=True
+                    ),
+                )
+
+    def _handle(self, ident: bytes, frames: list[bytes]) -> None:
+        msg = P.parse_client(frames)
+        sess = self.sessions.get(ident)
+        if sess is not None:
+            sess.last_seen = time.monotonic()
+        if isinstance(msg, P.Audio):
+            if sess is None or sess.closing:
+                raise P.ProtocolError(
+                    "no_session", "audio before hello; send a hello first", msg.seq
+                )
+            self._audio(sess, msg.seq, frames[1])
+        elif isinstance(msg, P.Hello):
+            self._hello(ident, msg)
+        elif isinstance(msg, P.Close):
+            if sess is None or sess.closing:
+                raise P.ProtocolError("no_session", "close without an open session")
+            self._begin_close(sess, "close")
+        elif isinstance(msg, P.StatsRequest):
+            self._send_raw(ident, [P.encode_dict(self.stats())])
+            if msg.reset:
+                self._reset_counters()
+        else:
+            self._send(ident, P.Pong(time=time.time()))
+
+    def _hello(self, ident: bytes, msg: P.Hello) -> None:
+        if ident in self.sessions:
+            raise P.ProtocolError("already_open", "this connection already has an open session")
+        if msg.version != P.PROTOCOL_VERSION:
+            raise P.ProtocolError(
+                "bad_version",
+                f"protocol version {msg.version} is not supported; this server speaks "
+                f"{P.PROTOCOL_VERSION}",
+            )
+        name = msg.model or self.default_model
+        served = self.models.get(name)
+        if served is None:
+            raise P.ProtocolError(
+                "unknown_model", f"no model {name[:60]!r}; this server has {sorted(self.models)}"
+            )
+        if len(self.sessions) >= self.config.max_sessions:
+            self.counters["refused_full"] += 1
+            raise P.ProtocolError(
+                "server_full", f"the server is at its limit of {self.config.max_sessions} sessions"
+            )
+        model = served.model
+        streams = [model.stream() for _ in range(msg.channels)]
+        for st in streams:
+            st.atten_lim_db = msg.atten_lim_db
+        sess = Session(
+            sid=secrets.token_hex(6),
+            ident=ident,
+            served=served,
+            rate=msg.sample_rate,
+            fmt=msg.format,
+            channels=msg.channels,
+            streams=streams,
+            latency=round(model.latency * msg.sample_rate / SAMPLE_RATE_16K),
+            last_seen=time.monotonic(),
+        )
+        if msg.sample_rate != SAMPLE_RATE_16K:
+            import soxr
+
+            sess.in_rs = soxr.ResampleStream(
+                msg.sample_rate, SAMPLE_RATE_16K, msg.channels, dtype="float32"
+            )
+            sess.out_rs = soxr.ResampleStream(
+                SAMPLE_RATE_16K, msg.sample_rate, msg.channels, dtype="float32"
+            )
+        self.sessions[ident] = sess
+        self.counters["sessions_opened"] += 1
+        _log(
+            "open",
+            session=sess.sid,
+            model=name,
+            rate=msg.sample_rate,
+            format=msg.format,
+            channels=msg.channels,
+            sessions=len(self.sessions),
+        )
+        self._send(
+            ident,
+            P.Ready(
+                session=sess.sid,
+                model=name,
+                latency=sess.latency,
+                latency_16k=model.latency,
+                block_shift=model.block_shift,
+                sample_rate=msg.sample_rate,
+                format=msg.format,
+                channels=msg.channels,
+                max_message_bytes=self.config.max_message_bytes,
+                queue_limit=self.config.queue_limit,
+                idle_timeout=self.config.idle_timeout,
+            ),
+        )
+
+    def _audio(self, sess: Session, seq: int, payload: bytes) -> None:
+        if seq < sess.next_seq:
+            raise P.ProtocolError(
+                "duplicate_seq", f"seq {seq} was already accepted; next is {sess.next_seq}", seq
+            )
+        if seq > sess.next_seq:
+            raise P.ProtocolError(
+                "seq_gap", f"seq {seq} skips ahead; the next expected is {sess.next_seq}", seq
+            )
+        if len(payload) > self.config.max_message_bytes:
+            raise P.ProtocolError(
+                "too_large",
+                f"PCM frame of {len(payload)} bytes is over {self.config.max_message_bytes}",
+                seq,
+            )
+        try:
+            x = P.decode_pcm(payload, sess.fmt, sess.channels)
+        except P.ProtocolError as e:
+            e.seq = seq
+            raise
+        n16 = x.shape[0]
+        if sess.in_rs is not None:
+            n16 = math.ceil(x.shape[0] * SAMPLE_RATE_16K / sess.rate) + 1  # upper bound
+        if sess.queued + n16 > self.config.queue_limit:
+            sess.overruns += 1
+            self.counters["overruns"] += 1
+            raise P.ProtocolError(
+                "queue_full",
+                f"queue holds {sess.queued} of {self.config.queue_limit} frames; resend seq "
+                f"{seq} after an answer arrives",
+                seq,
+            )
+        if sess.in_rs is not None:
+            x = sess.in_rs.resample_chunk(x)
+        sess.next_seq = seq + 1
+        sess.samples_in += len(payload) // (P.FORMATS[sess.fmt].itemsize * sess.channels)
+        self.counters["audio_messages"] += 1
+        if x.shape[0]:
+            sess.backlog.append(x)
+            sess.queued += x.shape[0]
+        sess.unanswered.append([seq, x.shape[0]])
+
+    # -- closing --------------------------------------------------------------------------
+    def _begin_close(self, sess: Session, reason: str) -> None:
+        """Queue the zeros that push the last ``latency`` samples out; mark as closing."""
+        if sess.in_rs is not None:
+            tail = sess.in_rs.resample_chunk(np.zeros((0, sess.channels), np.float32), last=True)
+            if tail.shape[0]:
+                sess.backlog.append(tail)
+                sess.queued += tail.shape[0]
+        model = sess.served.model
+        total_in = sess.produced_16k + sess.streams[0].pending + sess.queued
+        sess.owed_16k = total_in + model.latency
+        hops = -(-sess.owed_16k // model.block_shift)
+        zeros = hops * model.block_shift - total_in
+        if zeros:
+            sess.backlog.append(np.zeros((zeros, sess.channels), np.float32))
+            sess.queued += zeros
+        sess.closing = reason
+
+    def _end(self, sess: Session, reason: str, send: bool = True) -> None:
+        """Send the tail and ``closed``; forget the session."""
+        self.sessions.pop(sess.ident, None)
+        self.counters[f"closed_{reason}"] += 1
+        tail = np.zeros((0, sess.channels), np.float32)
+        if reason in ("close", "shutdown") and sess.owed_16k is not None:
+            y16 = _cat(sess.out, sess.channels)
+            keep = sess.owed_16k - (sess.produced_16k - y16.shape[0])
+            tail = self._to_client(sess, y16[: max(keep, 0)], last=True)
+            want = sess.samples_in + sess.latency - sess.samples_out
+            if tail.shape[0] < want:
+                pad = np.zeros((want - tail.shape[0], sess.channels), np.float32)
+                tail = np.concatenate([tail, pad])
+            tail = tail[: max(want, 0)]
+            sess.samples_out += tail.shape[0]
+        _log(
+            "close",
+            session=sess.sid,
+            reason=reason,
+            samples_in=sess.samples_in,
+            samples_out=sess.samples_out,
+            overruns=sess.overruns,
+            sessions=len(self.sessions),
+        )
+        if send:
+            self._send_raw(
+                sess.ident,
+                [
+                    P.encode(
+                        P.Closed(
+                            session=sess.sid,
+                            reason=reason,  # type: ignore[arg-type]
+                            samples=tail.shape[0],
+                            samples_in=sess.samples_in,
+                            samples_out=sess.samples_out,
+                        )
+                    ),
+                    P.encode_pcm(tail, sess.fmt),
+                ],
+            )
+
+    def _expire(self, now: float) -> None:
+        limit = self.config.idle_timeout
+        for s in list(self.sessions.values()):
+            if now - s.last_seen > limit and not s.closing:
+                self.dropped["timeout"] += 1
+                self._end(s, "timeout")
+
+    # -- the tick -------------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Run rounds of batched hops, then answer every message that is complete."""
+        active = [s for s in self.sessions.values() if s.queued or s.unanswered or s.closing]
+        for _ in range(self.config.hops_per_tick):
+            groups: dict[str, list[Session]] = {}
+            for s in active:
+                if s.ready_hop(s.served.model.block_shift):
+                    groups.setdefault(s.served.model.name, []).append(s)
+            if not groups:
+                break
+            t0 = time.perf_counter()
+            rows = 0
+            for name, group in groups.items():
+                rows += self._run_group(self.models[name], group)
+            self.infer_ms.append((time.perf_counter() - t0) * 1e3)
+            self.rows_per_tick.append(rows)
+            self.counters["ticks"] += 1
+        for s in active:
+            self._answer(s)
+
+    def _run_group(self, served: _Served, group: list[Session]) -> int:
+        model = served.model
+        streams = [st for s in group for st in s.streams]
+        blocks = np.stack([st.take_hop() for st in streams])  # type: ignore[misc]
+        if served.batched:
+            state = {k: np.concatenate([st.state[k] for st in streams]) for k in streams[0].state}
+            y, new = model.infer(blocks, state)
+            self.counters["infer_calls"] += 1
+            outs = [st.finish_hop(y[i], _rows(new, i, i + 1)) for i, st in enumerate(streams)]
+        else:
+            outs = []
+            for i, st in enumerate(streams):
+                y, new = model.infer(blocks[i : i + 1], st.state)
+                outs.append(st.finish_hop(y[0], new))
+            self.counters["infer_calls"] += len(streams)
+        self.counters["blocks"] += len(streams)
+        i = 0
+        for s in group:
+            n = s.channels
+            hop = np.stack(outs[i : i + n], axis=1)
+            i += n
+            s.out.append(hop)
+            s.produced_16k += hop.shape[0]
+        return len(streams)
+
+    def _answer(self, s: Session) -> None:
+        shift = s.served.model.block_shift
+        hop_waiting = s.streams[0].pending >= shift
+        while s.unanswered and s.unanswered[0][1] == 0 and not hop_waiting:
+            seq = s.unanswered.popleft()[0]
+            y = self._to_client(s, _cat(s.out, s.channels), last=False)
+            s.out.clear()
+            s.samples_out += y.shape[0]
+            self._send_raw(
+                s.ident,
+                [
+                    P.encode(P.AudioOut(seq=seq, samples=y.shape[0], queued=s.queued)),
+                    P.encode_pcm(y, s.fmt),
+                ],
+            )
+        if s.closing and not s.queued and not hop_waiting and not s.unanswered:
+            self._end(s, s.closing)
+
+    def _to_client(self, s: Session, y16: np.ndarray, last: bool) -> np.ndarray:
+        if s.out_rs is None:
+            return y16
+        return s.out_rs.resample_chunk(y16, last=last)
+
+    # -- sending --------------------------------------------------------------------------
+    def _send(self, ident: bytes, msg: BaseModel) -> None:
+        self._send_raw(ident, [P.encode(msg)])
+
+    def _send_raw(self, ident: bytes, frames: list[bytes]) -> None:
+        zmq = self._zmq
+        try:
+            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK)
+        except zmq.Again:  # the client does not read: its queue is at the high-water mark
+            self.dropped["send_hwm"] += 1
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            # The client is gone (ROUTER_MANDATORY tells us): end its session quietly.
+            self.dropped["send_unreachable"] += 1
+            sess = self.sessions.pop(ident, None)
+            if sess is not None:
+                self.counters["closed_vanished"] += 1
+                _log("vanished", session=sess.sid)
+
+    # -- stats ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The ``stats`` reply: counters, drops, queue depths, tick timing percentiles."""
+        ms = np.asarray(self.infer_ms, dtype=np.float64)
+        rows = np.asarray(self.rows_per_tick, dtype=np.float64)
+
+        def pct(a: np.ndarray, q: float) -> float | None:
+            return round(float(np.percentile(a, q)), 4) if a.size else None
+
+        return {
+            "type": "stats",
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "sessions": len(self.sessions),
+            "models": {
+                n: {"batched": s.batched, "why": s.why, "latency": s.model.latency}
+                for n, s in self.models.items()
+            },
+            "counters": dict(self.counters),
+            "dropped": dict(self.dropped),
+            "overruns": int(self.counters["overruns"]),
+            "blocks_processed": int(self.counters["blocks"]),
+            "queue_depths": {s.sid: s.queued for s in self.sessions.values()},
+            "tick_infer_ms": {
+                "n": int(ms.size),
+                "p50": pct(ms, 50),
+                "p90": pct(ms, 90),
+                "p99": pct(ms, 99),
+                "max": round(float(ms.max()), 4) if ms.size else None,
+            },
+            "rows_per_tick": {"mean": round(float(rows.mean()), 3) if rows.size else None},
+        }
+
+
+def _cat(chunks: list[np.ndarray], channels: int) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, channels), np.float32)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _log(event: str, **fields: Any) -> None:
+    log.info(event, extra={"fields": fields})
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        obj.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
