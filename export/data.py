@@ -1,0 +1,266 @@
+"""Training data: audio folders loaded once into RAM, and an online noisy-speech mixer.
+
+Folders of clean speech and of noise (wav/flac/ogg, any sample rate, searched recursively)
+are decoded, mixed to mono, resampled to 16 kHz once and cached as ``.npy`` files keyed by
+path, size and mtime (see :func:`load_folder`). :class:`Mixer` then draws training pairs
+the way the DNS-Challenge synthesizer does, but online: a random speech segment of a few
+seconds, a noise segment from a different file (or a synthetic noise, see
+:mod:`rtns_export.augment`), an SNR drawn from a range (active-speech level against noise
+level), an output level drawn from a range (RMS of the mix in dBFS). A mix that would clip
+is scaled down (clean and noisy together) and counted in :attr:`Mixer.stats` - never
+clipped.
+
+Everything is numpy and deterministic for a given ``numpy.random.Generator`` state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rtns.config import SAMPLE_RATE
+from rtns_export import augment
+from rtns_export.train_config import DataConfig
+
+AUDIO_EXT = (".wav", ".flac", ".ogg")
+#: Peak limit of a mix; above it the pair is scaled down.
+PEAK = 0.99
+EPS = 1e-10
+
+
+class DataError(RuntimeError):
+    """Bad data folders (missing, empty, unreadable); one sentence."""
+
+
+def list_audio(folder: str | Path) -> list[Path]:
+    """All audio files under folder (recursive), sorted for determinism."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"audio folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
+    if not files:
+        raise DataError(f"no audio files (wav/flac/ogg) under {root}")
+    return files
+
+
+def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode one file to mono float32 [n] at sample_rate."""
+    import soundfile as sf
+
+    try:
+        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types
+        raise DataError(f"cannot read audio file {path}: {e}") from None
+    x = x.mean(axis=1)
+    if sr != sample_rate:
+        import soxr
+
+        x = soxr.resample(x, sr, sample_rate, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _cache_key(path: Path, sample_rate: int) -> str:
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sample_rate}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:20]
+
+
+def load_folder(
+    folder: str | Path,
+    cache_dir: str | Path | None = "cache/audio",
+    min_seconds: float = 0.5,
+    sample_rate: int = SAMPLE_RATE,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Load every audio file under folder as float32 [n] at 16 kHz (cached as .npy).
+
+    Files shorter than ``min_seconds`` or all-zero are skipped. Returns (arrays, names)
+    where names are paths relative to folder.
+    """
+    root = Path(folder)
+    cache = Path(cache_dir) if cache_dir else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+    arrays, names = [], []
+    for p in list_audio(root):
+        x = None
+        if cache:
+            c = cache / f"{_cache_key(p, sample_rate)}.npy"
+            if c.exists():
+                x = np.load(c)
+            else:
+                x = read_audio(p, sample_rate)
+                tmp = c.with_suffix(".tmp.npy")
+                np.save(tmp, x)
+                tmp.replace(c)
+        else:
+            x = read_audio(p, sample_rate)
+        if x.shape[0] < min_seconds * sample_rate or not np.any(x):
+            continue
+        arrays.append(x)
+        names.append(str(p.relative_to(root)))
+    if not arrays:
+        raise DataError(f"no usable audio (>= {min_seconds} s, not silent) under {root}")
+    return arrays, names
+
+
+def active_rms(x: np.ndarray, frame: int = 320, floor_db: float = -40.0) -> float:
+    """RMS over the frames no more than ``-floor_db`` dB below the loudest frame (the
+    speech-active part, DNS-synthesizer style); plain RMS for signals shorter than a frame."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0] // frame
+    if n < 1:
+        return float(np.sqrt(np.mean(x**2) + EPS))
+    e = np.mean(x[: n * frame].reshape(n, frame) ** 2, axis=1)
+    keep = e >= e.max() * 10 ** (floor_db / 10)
+    return float(np.sqrt(np.mean(e[keep]) + EPS))
+
+
+def random_segment(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random n-sample excerpt of x; shorter signals are zero-padded at a random offset."""
+    if x.shape[0] >= n:
+        start = int(rng.integers(0, x.shape[0] - n + 1))
+        return x[start : start + n].astype(np.float32, copy=True)
+    out = np.zeros(n, dtype=np.float32)
+    start = int(rng.integers(0, n - x.shape[0] + 1))
+    out[start : start + x.shape[0]] = x
+    return out
+
+
+def looped_segment(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random n-sample excerpt of x, repeated (from a random phase) when x is shorter:
+    noise should cover the whole segment."""
+    if x.shape[0] >= n:
+        return random_segment(x, n, rng)
+    reps = int(np.ceil(n / x.shape[0])) + 1
+    tiled = np.tile(x, reps)
+    start = int(rng.integers(0, x.shape[0]))
+    return tiled[start : start + n].astype(np.float32, copy=True)
+
+
+@dataclass
+class MixStats:
+    mixes: int = 0
+    rescaled_to_avoid_clipping: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+def mix_at(
+    clean: np.ndarray, noise: np.ndarray, snr_db: float, level_dbfs: float
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Scale noise to snr_db below the active level of clean, then scale the pair so that the
+    mix has RMS level_dbfs; if its peak would exceed 0.99 scale both down instead of
+    clipping. Returns (clean, noisy, rescaled) float32 [n]."""
+    s_rms = active_rms(clean)
+    n_rms = active_rms(noise)
+    noise = noise * (s_rms / (n_rms + EPS)) * 10 ** (-snr_db / 20)
+    noisy = clean + noise
+    rms = float(np.sqrt(np.mean(noisy.astype(np.float64) ** 2)) + EPS)
+    g = 10 ** (level_dbfs / 20) / rms
+    peak = float(np.max(np.abs(noisy))) * g
+    rescaled = peak > PEAK
+    if rescaled:
+        g *= PEAK / peak
+    return (clean * g).astype(np.float32), (noisy * g).astype(np.float32), rescaled
+
+
+class Mixer:
+    """Draws (clean, noisy) training pairs from speech and noise arrays held in RAM.
+
+    Speech and noise always come from different files (the noise pool never holds speech
+    files; babble excludes the utterance it is mixed with).
+    """
+
+    def __init__(
+        self,
+        speech: Sequence[np.ndarray],
+        noise: Sequence[np.ndarray],
+        cfg: DataConfig,
+        rng: np.random.Generator,
+    ) -> None:
+        if len(speech) < 2 or not noise:
+            raise DataError("the mixer needs at least 2 speech files and 1 noise file")
+        self.speech = list(speech)
+        self.noise = list(noise)
+        self.cfg = cfg
+        self.rng = rng
+        self.stats = MixStats()
+
+    @property
+    def seg_len(self) -> int:
+        return int(round(self.cfg.segment_seconds * SAMPLE_RATE))
+
+    def _noise(self, n: int, speech_idx: int) -> np.ndarray:
+        rng, a = self.rng, self.cfg.augment
+        kind = augment.choose_noise_kind(a, rng)
+        self.stats.sources[kind] = self.stats.sources.get(kind, 0) + 1
+        if kind == "babble":
+            others = [i for i in rng.choice(len(self.speech), 12, replace=False) if i != speech_idx]
+            k = int(rng.integers(a.babble_talkers[0], a.babble_talkers[1] + 1))
+            talkers = [random_segment(self.speech[i], n, rng) for i in others[:k]]
+            noise = augment.babble(talkers, rng)
+        elif kind == "colored":
+            noise = augment.colored_noise(n, rng)
+        else:
+            noise = looped_segment(self.noise[int(rng.integers(len(self.noise)))], n, rng)
+        return augment.add_extras(noise, a, rng)
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One pair (clean [n], noisy [n]) float32, n = segment length."""
+        rng, cfg, n = self.rng, self.cfg, self.seg_len
+        for _ in range(10):  # avoid (nearly) silent speech excerpts
+            i = int(rng.integers(len(self.speech)))
+            clean = random_segment(self.speech[i], n, rng)
+            if np.mean(clean.astype(np.float64) ** 2) > 1e-8:
+                break
+        noise = self._noise(n, i)
+        if cfg.augment.eq:
+            if rng.random() < cfg.augment.eq_prob:
+                clean = augment.random_eq(clean, rng)
+            if rng.random() < cfg.augment.eq_prob:
+                noise = augment.random_eq(noise, rng)
+        if cfg.augment.gain_sweep and rng.random() < cfg.augment.gain_sweep_prob:
+            clean = augment.gain_sweep(clean, rng, cfg.augment.gain_sweep_db)
+        if cfg.augment.gain_sweep and rng.random() < cfg.augment.gain_sweep_prob:
+            noise = augment.gain_sweep(noise, rng, cfg.augment.gain_sweep_db)
+        snr = float(rng.uniform(*cfg.snr_db))
+        level = float(rng.uniform(*cfg.level_dbfs))
+        clean, noisy, rescaled = mix_at(clean, noise, snr, level)
+        self.stats.mixes += 1
+        self.stats.rescaled_to_avoid_clipping += int(rescaled)
+        return clean, noisy
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(clean [B, n], noisy [B, n]) float32."""
+        pairs = [self.sample() for _ in range(size)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def validation_set(
+    speech: Sequence[np.ndarray],
+    noise: Sequence[np.ndarray],
+    cfg: DataConfig,
+    items: int,
+    seconds: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed validation set: ``items`` pairs of ``seconds`` s drawn with a fixed seed from
+    the validation folders, real noise only (no synthetic augmentation), same SNR and level
+    ranges as training. Returns (clean [items, n], noisy [items, n])."""
+    vcfg = cfg.model_copy(
+        update={"segment_seconds": seconds, "augment": cfg.augment.disabled()}, deep=True
+    )
+    mixer = Mixer(speech, noise, vcfg, np.random.default_rng(seed))
+    return mixer.batch(items)
+
+
+def fingerprint(names: Sequence[str], arrays: Sequence[np.ndarray]) -> str:
+    """A short hash of a loaded folder (names and lengths), for provenance."""
+    h = hashlib.sha1(
+        json.dumps([[n, int(a.shape[0])] for n, a in zip(names, arrays, strict=False)]).encode()
+    )
+    return h.hexdigest()[:12]

@@ -1,0 +1,480 @@
+"""The trainer behind ``rtns train --config FILE``: model-agnostic, resumable, deterministic.
+
+Per run folder ``<out_dir>/<name>/``:
+
+- ``config.json``: the validated config; ``last.pt``: model + optimizer + schedule + RNG
+  states (torch, numpy mixer) + step + elapsed time, written atomically every
+  ``checkpoint_every`` steps, at every validation and on SIGINT/SIGTERM; ``best.pt``: the
+  weights with the best validation score (``valid.select``); ``train.csv`` and ``valid.csv``.
+- ``pack/`` (or ``export.out_dir``): the exported pack of the best weights, parity-checked,
+  with data, steps, losses and validation scores in its manifest provenance.
+
+A run resumes from ``last.pt`` when it exists; a resumed run draws the same batches and
+reaches the same weights as an uninterrupted one (same threads, same device). The model is
+anything from :mod:`rtns_export.families`: noisy [B, N] -> enhanced [B, N'], aligned, and
+the loss compares it with clean[:, :N'].
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rtns import metrics
+from rtns.pack import Provenance
+from rtns_export.data import Mixer, fingerprint, load_folder, validation_set
+from rtns_export.families import build_model, get_family
+from rtns_export.losses import CombinedLoss
+from rtns_export.train_config import ScheduleConfig, TrainConfig
+
+
+# -- learning-rate schedule ---------------------------------------------------------------
+class LRSchedule:
+    """Learning-rate factor per step (constant / cosine with warmup) times a plateau factor
+    that shrinks after ``patience`` validations without a new best. Has a state dict."""
+
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, total_steps: int) -> None:
+        self.cfg, self.base_lr, self.total = cfg, base_lr, max(total_steps, 1)
+        self.plateau_factor = 1.0
+        self.bad = 0
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        f = 1.0
+        if c.warmup and step < c.warmup:
+            f = (step + 1) / c.warmup
+        elif c.kind == "cosine":
+            t = min(max(step - c.warmup, 0) / max(self.total - c.warmup, 1), 1.0)
+            f = c.min_factor + (1 - c.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        return self.base_lr * f * self.plateau_factor
+
+    def on_validation(self, improved: bool) -> None:
+        if self.cfg.kind != "plateau":
+            return
+        self.bad = 0 if improved else self.bad + 1
+        if self.bad >= self.cfg.patience:
+            self.plateau_factor *= self.cfg.factor
+            self.bad = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"plateau_factor": self.plateau_factor, "bad": self.bad}
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.plateau_factor, self.bad = float(d["plateau_factor"]), int(d["bad"])
+
+
+# -- helpers ------------------------------------------------------------------------------
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def enhance_batch(
+    model: torch.nn.Module, noisy: np.ndarray, device: torch.device, chunk: int = 8
+) -> np.ndarray:
+    """Run the full-sequence model on noisy [B, N]; returns [B, N'] float32 (eval, no grad)."""
+    outs = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, noisy.shape[0], chunk):
+            x = torch.from_numpy(noisy[i : i + chunk]).to(device)
+            outs.append(model(x).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(outs)
+
+
+def score_pairs(clean: np.ndarray, est: np.ndarray, pesq_items: int) -> dict[str, float]:
+    """Mean SI-SDR over all rows and mean PESQ-WB over the first ``pesq_items`` rows of
+    clean/est [B, N] (N equal); rows where PESQ finds no utterance are skipped."""
+    sdr = [metrics.si_sdr(c, e) for c, e in zip(clean, est, strict=False)]
+    out = {"si_sdr": float(np.mean(sdr))}
+    if pesq_items:
+        vals = []
+        for c, e in zip(clean[:pesq_items], est[:pesq_items], strict=False):
+            try:
+                vals.append(metrics.pesq_wb(c, e))
+            except Exception:  # pesq's NoUtterancesError and friends
+                continue
+        out["pesq"] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    elapsed_s: float = 0.0
+    best_score: float = -math.inf
+    best_step: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _CsvLog:
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path, self.fields = path, fields
+        if not path.exists():
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(fields)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k, "")) for k in self.fields])
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _truncate_csv(path: Path, max_step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= max_step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(keep)
+
+
+# -- the trainer --------------------------------------------------------------------------
+class Trainer:
+    def __init__(
+        self, cfg: TrainConfig, *, threads: int | None = None, progress: bool = True
+    ) -> None:
+        self.cfg = cfg
+        if threads:
+            torch.set_num_threads(threads)
+        self.progress = progress
+        self.device = pick_device()
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg.family, cfg.model).to(self.device)
+        self.loss_fn = CombinedLoss([(t.name, t.weight) for t in cfg.losses])
+        o = cfg.optim
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.sched = LRSchedule(o.schedule, o.lr, o.steps)
+        self.state = RunState()
+        self._stop = False
+        self.mixer: Mixer | None = None
+
+    # data is loaded lazily so that --export-only does not need it
+    def load_data(self) -> None:
+        d = self.cfg.data
+        t0 = time.time()
+        speech, sn = load_folder(d.train_speech, d.cache_dir)
+        noise, nn_ = load_folder(d.train_noise, d.cache_dir)
+        vs, vsn = load_folder(d.valid_speech, d.cache_dir)
+        vn, vnn = load_folder(d.valid_noise, d.cache_dir)
+        self.data_info = {
+            "train_speech": f"{d.train_speech} ({len(speech)} files, "
+            f"{sum(map(len, speech)) / 16000 / 60:.1f} min, id {fingerprint(sn, speech)})",
+            "train_noise": f"{d.train_noise} ({len(noise)} files, "
+            f"{sum(map(len, noise)) / 16000 / 60:.1f} min, id {fingerprint(nn_, noise)})",
+            "valid": f"{d.valid_speech} + {d.valid_noise} (id {fingerprint(vsn + vnn, vs + vn)})",
+        }
+        self.mixer = Mixer(speech, noise, d, np.random.default_rng(self.cfg.seed))
+        v = self.cfg.valid
+        self.valid_clean, self.valid_noisy = validation_set(vs, vn, d, v.items, v.seconds, v.seed)
+        n = self.valid_noisy.shape[1]
+        self.valid_input = score_pairs(self.valid_clean, self.valid_noisy[:, :n], v.pesq_items)
+        self._log(f"data loaded in {time.time() - t0:.1f} s; {json.dumps(self.data_info)}")
+        self._log(f"validation input (unprocessed): {self.valid_input}")
+
+    def _log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {self.cfg.name}: {msg}", file=sys.stderr, flush=True)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        assert self.mixer is not None
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "run": self.state.__dict__,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy_mixer": self.mixer.rng.bit_generator.state,
+                "python": random.getstate(),
+            },
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def save(self) -> None:
+        _atomic_save(self.checkpoint(), self.run_dir / "last.pt")
+
+    def resume(self) -> bool:
+        path = self.run_dir / "last.pt"
+        if not path.exists():
+            return False
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["schedule"])
+        self.state = RunState(**ck["run"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        assert self.mixer is not None
+        self.mixer.rng.bit_generator.state = ck["rng"]["numpy_mixer"]
+        random.setstate(ck["rng"]["python"])
+        for name in ("train.csv", "valid.csv"):
+            _truncate_csv(self.run_dir / name, self.state.step)
+        self._log(f"resumed from step {self.state.step} ({self.state.elapsed_s / 60:.1f} min)")
+        return True
+
+    # -- one step / validation --------------------------------------------------------------
+    def train_step(
+        self, clean: np.ndarray, noisy: np.ndarray
+    ) -> tuple[float, dict[str, float], float]:
+        self.model.train()
+        x = torch.from_numpy(noisy).to(self.device)
+        s = torch.from_numpy(clean).to(self.device)
+        y = self.model(x)
+        loss, parts = self.loss_fn(y, s[:, : y.shape[1]])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.optim.clipnorm
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip else float("inf")
+        )
+        self.opt.step()
+        return float(loss.detach()), parts, float(gnorm)
+
+    def validate(self) -> dict[str, float]:
+        v = self.cfg.valid
+        est = enhance_batch(self.model, self.valid_noisy, self.device)
+        n = est.shape[1]
+        clean = self.valid_clean[:, :n]
+        with torch.no_grad():
+            loss, _ = self.loss_fn(torch.from_numpy(est), torch.from_numpy(clean))
+        return {"loss": float(loss), **score_pairs(clean, est, v.pesq_items)}
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop = True
+
+    # -- main loop ------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> RunState:
+        from tqdm import tqdm
+
+        cfg, o, v = self.cfg, self.cfg.optim, self.cfg.valid
+        if self.mixer is None:
+            self.load_data()
+        (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        if resume:
+            self.resume()
+        assert self.mixer is not None
+        part_names = [t.name for t in cfg.losses]
+        tlog = _CsvLog(
+            self.run_dir / "train.csv",
+            ["step", "elapsed_s", "lr", "loss", *part_names, "grad_norm", "audio_s_per_s"],
+        )
+        vlog = _CsvLog(
+            self.run_dir / "valid.csv", ["step", "elapsed_s", "loss", "si_sdr", "pesq", "best"]
+        )
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        seg_s = self.mixer.seg_len / 16000
+        bar = tqdm(
+            total=o.steps,
+            initial=self.state.step,
+            desc=cfg.name,
+            disable=not self.progress,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            dynamic_ncols=True,
+        )
+        t_last = time.time()
+        audio_since = 0.0
+        try:
+            while self.state.step < o.steps and not self._stop:
+                if o.max_minutes and self.state.elapsed_s >= o.max_minutes * 60:
+                    self._log(f"time budget of {o.max_minutes} min reached")
+                    break
+                t0 = time.time()
+                lr = self.sched.lr(self.state.step)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                clean, noisy = self.mixer.batch(o.batch)
+                loss, parts, gnorm = self.train_step(clean, noisy)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.state.step}")
+                self.state.step += 1
+                self.state.elapsed_s += time.time() - t0
+                audio_since += o.batch * seg_s
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}", refresh=False)
+                step = self.state.step
+                if step % cfg.log_every == 0:
+                    now = time.time()
+                    tlog.write(
+                        {
+                            "step": step,
+                            "elapsed_s": self.state.elapsed_s,
+                            "lr": lr,
+                            "loss": loss,
+                            **parts,
+                            "grad_norm": gnorm,
+                            "audio_s_per_s": audio_since / max(now - t_last, 1e-9),
+                        }
+                    )
+                    t_last, audio_since = now, 0.0
+                if step % v.every_steps == 0 or step == o.steps:
+                    self._validation(vlog)
+                elif step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        if self.state.step and (self.state.best_step < 0 or self._stop):
+            if self.state.best_step < 0 or self.state.history[-1]["step"] != self.state.step:
+                self._validation(vlog)
+        self.save()
+        return self.state
+
+    def _validation(self, vlog: _CsvLog) -> None:
+        t0 = time.time()
+        res = self.validate()
+        score = res.get(self.cfg.valid.select, float("nan"))
+        improved = math.isfinite(score) and score > self.state.best_score
+        if improved:
+            self.state.best_score, self.state.best_step = score, self.state.step
+            _atomic_save(
+                {
+                    "model": self.model.state_dict(),
+                    "step": self.state.step,
+                    "valid": res,
+                    "elapsed_s": self.state.elapsed_s,
+                    "config": self.cfg.model_dump(mode="json"),
+                },
+                self.run_dir / "best.pt",
+            )
+        self.sched.on_validation(improved)
+        row = {
+            "step": self.state.step,
+            "elapsed_s": self.state.elapsed_s,
+            **res,
+            "best": int(improved),
+        }
+        self.state.history.append({k: float(v) for k, v in row.items()})
+        vlog.write(row)
+        self._log(
+            f"step {self.state.step} ({self.state.elapsed_s / 60:.1f} min): valid "
+            + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+            + (" *best*" if improved else "")
+            + f" [{time.time() - t0:.1f} s]"
+        )
+        self.save()
+
+    # -- export ---------------------------------------------------------------------------
+    def provenance(self, best: dict[str, Any], extra: dict[str, Any] | None = None) -> Provenance:
+        cfg = self.cfg
+        info = getattr(
+            self,
+            "data_info",
+            {"train_speech": cfg.data.train_speech, "train_noise": cfg.data.train_noise},
+        )
+        d = cfg.data
+        return Provenance(
+            origin=f"trained from scratch with `rtns train` (run {cfg.name!r}, seed {cfg.seed})",
+            training_data=(
+                f"speech {info['train_speech']}; noise {info['train_noise']}; online mixing, "
+                f"{d.segment_seconds:g} s segments, SNR {d.snr_db[0]:g}..{d.snr_db[1]:g} dB, "
+                f"level {d.level_dbfs[0]:g}..{d.level_dbfs[1]:g} dBFS, augmentation "
+                + json.dumps(d.augment.model_dump())
+            ),
+            steps=int(best.get("step", self.state.step)),
+            losses=self.loss_fn.describe(),
+            notes=(
+                f"Adam lr {cfg.optim.lr:g}, clipnorm {cfg.optim.clipnorm}, batch {cfg.optim.batch}, "
+                f"schedule {cfg.optim.schedule.kind}; best checkpoint by validation "
+                f"{cfg.valid.select} ({cfg.valid.items} fixed pairs of {cfg.valid.seconds:g} s, "
+                f"PESQ on {cfg.valid.pesq_items})"
+            ),
+            model=cfg.model,
+            validation={k: float(v) for k, v in best.get("valid", {}).items()},
+            validation_input=getattr(self, "valid_input", None),
+            train_minutes=round(float(best.get("elapsed_s", self.state.elapsed_s)) / 60, 1),
+            **(extra or {}),
+        )
+
+    def export(
+        self,
+        out_dir: str | Path | None = None,
+        *,
+        name: str | None = None,
+        which: str = "best",
+        extra_provenance: dict[str, Any] | None = None,
+        scores: dict[str, dict[str, float]] | None = None,
+    ):
+        """Export the best (or last) weights to a pack; returns (manifest, parity report)."""
+        path = self.run_dir / f"{which}.pt"
+        best: dict[str, Any] = {}
+        if path.exists():
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(ck["model"])
+            best = (
+                ck
+                if which == "best"
+                else {"step": ck["run"]["step"], "elapsed_s": ck["run"]["elapsed_s"]}
+            )
+        model = self.model.to("cpu").eval()
+        out = Path(out_dir or self.cfg.export.out_dir or self.run_dir / "pack")
+        fam = get_family(self.cfg.family)
+        return fam.export(
+            model,
+            out,
+            name=name or self.cfg.export.name,
+            provenance=self.provenance(best, extra_provenance),
+            scores=scores,
+        )
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    threads: int | None = None,
+    resume: bool = True,
+    export: bool | None = None,
+    progress: bool = True,
+) -> tuple[Trainer, Any]:
+    """Train (or resume) then, unless disabled or interrupted, export the best weights.
+    Returns (trainer, (manifest, parity) or None)."""
+    tr = Trainer(cfg, threads=threads, progress=progress)
+    tr.fit(resume=resume)
+    do_export = cfg.export.enabled if export is None else export
+    if tr._stop:
+        tr._log("interrupted: checkpoint saved; run the same command again to resume")
+        return tr, None
+    result = None
+    if do_export:
+        manifest, parity = tr.export()
+        tr._log(
+            f"exported {manifest.name} to {cfg.export.out_dir or tr.run_dir / 'pack'} "
+            f"(parity max error {parity.max_abs_err:.2e})"
+        )
+        result = (manifest, parity)
+    return tr, result

@@ -1,0 +1,175 @@
+"""The training configuration (``rtns train --config FILE``), validated with pydantic.
+
+A JSON file (see ``configs/``) with the sections below; unknown keys are refused so that a
+typo does not silently fall back to a default. Relative paths are taken relative to the
+current working directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Range = tuple[float, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ordered(r: Range, what: str) -> Range:
+    if r[0] > r[1]:
+        raise ValueError(f"{what} range must be (low, high), got {r}")
+    return r
+
+
+class AugmentConfig(_Strict):
+    """Synthetic additions for what the data lacks; each switchable.
+
+    The noise of a pair is a real noise file, babble or coloured noise (probabilities below,
+    the rest real noise); hum and clicks are then added to it with their own probabilities.
+    """
+
+    babble: bool = True
+    babble_prob: float = Field(0.15, ge=0, le=1)
+    babble_talkers: tuple[int, int] = (3, 8)
+    colored: bool = True
+    colored_prob: float = Field(0.1, ge=0, le=1)
+    hum: bool = True
+    hum_prob: float = Field(0.1, ge=0, le=1)
+    clicks: bool = True
+    clicks_prob: float = Field(0.1, ge=0, le=1)
+    eq: bool = True
+    eq_prob: float = Field(0.3, ge=0, le=1)
+    gain_sweep: bool = True
+    gain_sweep_prob: float = Field(0.2, ge=0, le=1)
+    gain_sweep_db: float = Field(12.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        lo, hi = self.babble_talkers
+        if not 1 <= lo <= hi <= 11:
+            raise ValueError("babble_talkers must be (low, high) with 1 <= low <= high <= 11")
+        if self.babble * self.babble_prob + self.colored * self.colored_prob > 1:
+            raise ValueError("babble_prob + colored_prob must not exceed 1")
+        return self
+
+    def disabled(self) -> AugmentConfig:
+        return self.model_copy(
+            update={k: False for k in ("babble", "colored", "hum", "clicks", "eq", "gain_sweep")}
+        )
+
+
+class DataConfig(_Strict):
+    train_speech: str = "../shared/data/train/speech"
+    train_noise: str = "../shared/data/train/noise"
+    valid_speech: str = "../shared/data/valid/speech"
+    valid_noise: str = "../shared/data/valid/noise"
+    cache_dir: str = "cache/audio"
+    segment_seconds: float = Field(4.0, gt=0.1, le=60)
+    snr_db: Range = (-5.0, 25.0)
+    level_dbfs: Range = (-35.0, -15.0)
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        _ordered(self.snr_db, "snr_db")
+        _ordered(self.level_dbfs, "level_dbfs")
+        if self.level_dbfs[1] > 0:
+            raise ValueError("level_dbfs must be <= 0 dBFS")
+        return self
+
+
+class LossTerm(_Strict):
+    name: Literal["mse", "spectral_mse", "sisnr", "neg_snr", "lms", "pmsqe"]
+    weight: float = 1.0
+
+
+class ScheduleConfig(_Strict):
+    """``constant``; ``cosine`` (to lr*min_factor at ``steps``, after ``warmup`` steps);
+    ``plateau`` (lr *= factor after ``patience`` validations without a new best)."""
+
+    kind: Literal["constant", "cosine", "plateau"] = "constant"
+    warmup: int = Field(0, ge=0)
+    min_factor: float = Field(0.05, gt=0, le=1)
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(3, ge=1)
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    clipnorm: float | None = Field(3.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch: int = Field(16, ge=1)
+    steps: int = Field(10_000, ge=1)
+    #: Also stop (cleanly, with export) after this much training wall time.
+    max_minutes: float | None = Field(None, gt=0)
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+class ValidConfig(_Strict):
+    items: int = Field(48, ge=1)
+    seconds: float = Field(6.0, gt=0.5)
+    #: PESQ-WB on the first this-many items (slow metric).
+    pesq_items: int = Field(16, ge=0)
+    every_steps: int = Field(200, ge=1)
+    #: The metric that picks the best checkpoint.
+    select: Literal["pesq", "si_sdr"] = "pesq"
+    seed: int = 1234
+
+
+class ExportConfig(_Strict):
+    name: str = Field("rtns-dtln", pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Pack folder; default <out_dir>/pack.
+    out_dir: str | None = None
+    enabled: bool = True
+
+
+class TrainConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    family: str = "dtln"
+    #: Passed to the family's builder (e.g. DTLN: hidden, layers, encoder, dropout, norm).
+    model: dict[str, Any] = {}
+    data: DataConfig = DataConfig()
+    losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="sisnr")], min_length=1)
+    optim: OptimConfig = OptimConfig()
+    valid: ValidConfig = ValidConfig()
+    export: ExportConfig = ExportConfig()
+    seed: int = 0
+    out_dir: str = "runs"
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; one sentence."""
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read and validate a JSON training config; ``overrides`` maps dotted keys to values."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"training config {p} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"training config {p} is not valid JSON: {e}") from None
+    for key, value in (overrides or {}).items():
+        d = raw
+        *parents, last = key.split(".")
+        for k in parents:
+            d = d.setdefault(k, {})
+        d[last] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ConfigError(f"training config {p}: {where}: {err['msg']}") from None
