@@ -1,0 +1,206 @@
+"""benchmarks/quality.py on a tiny generated paired set with the pass-through pack.
+
+The pass-through pack returns its input, so through the streaming engine its scores must
+equal those of the unprocessed input: any misalignment, gain or pairing error shows up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtns.pack import read_manifest, verify_files
+
+REPO = Path(__file__).resolve().parents[1]
+SR = 16_000
+#: 1.2 s: speechmos tiles a clip to >= 9.01 s, so this costs one DNSMOS window, not several.
+N = 19_200
+#: Mixing SNR of each pair: PESQ sits at its floor for the low one and moves for the others.
+SNR_DB = {"a": 5.0, "b": 20.0, "c": 35.0}
+# Tolerances for "the same signal up to float32 rounding".
+TOL = {"pesq_wb": 2e-3, "stoi": 1e-4, "si_sdr": 1e-2, "dnsmos_sig": 1e-3}
+TOL |= {"dnsmos_bak": 1e-3, "dnsmos_ovrl": 1e-3}
+
+pytest.importorskip("pesq")
+pytest.importorskip("pystoi")
+pytest.importorskip("soxr")
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks/quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["quality_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _speechlike(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Voiced 'syllables': harmonics of a gliding f0 under a 4 Hz on/off envelope."""
+    t = np.arange(n) / SR
+    f0 = rng.uniform(110, 200) * (1 + 0.1 * np.sin(2 * np.pi * 1.5 * t))
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    x = sum(np.sin(k * phase) / k for k in range(1, 25))
+    env = np.clip(np.sin(2 * np.pi * 4 * t + rng.uniform(0, np.pi)), 0, None) ** 2
+    return (0.3 * x * env / np.max(np.abs(x))).astype(np.float32)
+
+
+def _write_set(root: Path) -> tuple[Path, Path]:
+    """3 pairs: a plain one, one whose noisy side is 100 samples longer, one at 22.05 kHz."""
+    import soundfile as sf
+    import soxr
+
+    rng = np.random.default_rng(7)
+    clean_dir, noisy_dir = root / "tiny" / "clean", root / "tiny" / "noisy"
+    clean_dir.mkdir(parents=True)
+    noisy_dir.mkdir(parents=True)
+    for name in SNR_DB:
+        s = _speechlike(N + 100, rng)
+        noise = rng.standard_normal(N + 100).astype(np.float32)
+        noise *= np.sqrt(np.mean(s**2) / np.mean(noise**2) / 10 ** (SNR_DB[name] / 10))
+        x = s + noise
+        c, y, sr = s[:N], x[: N + 100 if name == "b" else N], SR
+        if name == "c":
+            sr = 22_050
+            c, y = soxr.resample(c, SR, sr), soxr.resample(y, SR, sr)
+        sf.write(clean_dir / f"{name}.flac", c, sr, subtype="PCM_24")
+        sf.write(noisy_dir / f"{name}.wav", y, sr, subtype="FLOAT")
+    return clean_dir, noisy_dir
+
+
+@pytest.fixture(scope="module")
+def paired_set(tmp_path_factory) -> tuple[Path, Path]:
+    return _write_set(tmp_path_factory.mktemp("set"))
+
+
+def _args(clean: Path, noisy: Path, *extra: str) -> list[str]:
+    return ["--clean", str(clean), "--noisy", str(noisy), "--no-progress", *extra]
+
+
+def test_passthrough_scores_equal_unprocessed(
+    quality, paired_set, passthrough_pack, tmp_path, capsys
+):
+    pytest.importorskip("speechmos")
+    clean, noisy = paired_set
+    out_json, out_md = tmp_path / "q.json", tmp_path / "q.md"
+    rc = quality.main(
+        _args(clean, noisy, "--pack", f"pt={passthrough_pack}", "--json", str(out_json))
+        + ["--markdown", str(out_md), "--per-file"]
+    )
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "1 pair(s) of different lengths trimmed" in cap.err
+    assert "1 pair(s) resampled" in cap.err
+
+    rep = json.loads(out_json.read_text())
+    assert rep["set"]["name"] == "tiny"
+    assert rep["set"]["pairs_scored"] == 3
+    assert rep["set"]["trimmed"] == {"b.flac": 100}
+    assert rep["set"]["resampled"] == {"c.flac": ["clean", "noisy"]}
+    assert rep["metrics"] == list(quality.METRICS)
+    assert {"hostname", "cpu", "packages"} <= set(rep["machine"])
+    assert "--pack" in rep["command"] and rep["date"].startswith("20")
+    assert rep["errors"] == []
+    unp, pt = rep["systems"]
+    assert (unp["label"], unp["kind"], unp["pack"]) == ("unprocessed", "unprocessed", None)
+    assert (pt["label"], pt["kind"], pt["pack"]["name"]) == ("pt", "pack", "passthrough")
+    for sys_ in (unp, pt):
+        assert sorted(sys_["per_file"]) == ["a.flac", "b.flac", "c.flac"]
+        for key in quality.METRICS:
+            vals = [f[key] for f in sys_["per_file"].values()]
+            assert None not in vals and sys_["counts"][key] == 3
+            assert sys_["means"][key] == pytest.approx(np.mean(vals), abs=1e-12)
+    # the real check: an identity model through the engine scores as its input
+    for key, tol in TOL.items():
+        assert pt["means"][key] == pytest.approx(unp["means"][key], abs=tol), key
+        for name, scores in unp["per_file"].items():
+            assert pt["per_file"][name][key] == pytest.approx(scores[key], abs=tol), (name, key)
+    # pairing, trimming and resampling are right: each mixture was made at SNR_DB[name]
+    for name, snr in SNR_DB.items():
+        assert unp["per_file"][f"{name}.flac"]["si_sdr"] == pytest.approx(snr, abs=0.3), name
+    pesq = [unp["per_file"][f"{name}.flac"]["pesq_wb"] for name in SNR_DB]
+    assert pesq == sorted(pesq) and pesq[2] > 1.5  # in PESQ's sensitive range
+
+    md = out_md.read_text()
+    assert "| system | PESQ-WB | STOI | SI-SDR (dB) | DNSMOS SIG | DNSMOS BAK | DNSMOS OVRL |" in md
+    row = f"| pt | {unp['means']['pesq_wb']:.3f} |"
+    assert row in md and row in cap.out
+    assert "| unprocessed |" in md
+    assert "| c.flac |" in cap.out  # --per-file rows
+
+
+def test_write_manifest_round_trip_and_jobs(
+    quality, paired_set, passthrough_pack, tmp_path, capsys
+):
+    clean, noisy = paired_set
+    pack = tmp_path / "pt_copy"
+    shutil.copytree(passthrough_pack, pack)
+    before = read_manifest(pack)
+
+    # a subset's scores must not be stored under the whole set's name
+    assert (
+        quality.main(_args(clean, noisy, "--pack", str(pack), "--limit", "2", "--write-manifest"))
+        == 1
+    )
+    assert "--set-name" in capsys.readouterr().err
+    assert read_manifest(pack).scores == {}
+
+    out = tmp_path / "q.json"
+    argv = _args(clean, noisy, "--pack", str(pack), "--no-dnsmos", "--write-manifest")
+    assert quality.main(argv + ["--json", str(out), "--jobs", "2"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["metrics"] == ["pesq_wb", "stoi", "si_sdr"]
+    means = rep["systems"][1]["means"]
+    after = read_manifest(pack)
+    assert set(after.scores) == {"tiny"}
+    assert after.scores["tiny"] == {**means, "files": 3.0}
+    assert after.model_dump(exclude={"scores"}) == before.model_dump(exclude={"scores"})
+    verify_files(pack, after)  # graphs untouched
+
+    # a second set is added beside the first; the process pool gave the same numbers
+    out1 = tmp_path / "q1.json"
+    assert quality.main(argv + ["--set-name", "tiny2", "--limit", "2", "--json", str(out1)]) == 0
+    rep1 = json.loads(out1.read_text())
+    assert set(read_manifest(pack).scores) == {"tiny", "tiny2"}
+    for name in ("a.flac", "b.flac"):
+        assert rep1["systems"][1]["per_file"][name] == rep["systems"][1]["per_file"][name]
+    assert "wrote scores['tiny2']" in capsys.readouterr().err
+
+
+def test_clear_errors_for_bad_folders(quality, paired_set, passthrough_pack, tmp_path, capsys):
+    clean, noisy = paired_set
+
+    def err(*argv: str) -> str:
+        assert quality.main(_args(*argv[:2], "--pack", str(passthrough_pack), *argv[2:])) == 1
+        msg = capsys.readouterr().err.strip()
+        assert msg.startswith("quality: error: ") and "\n" not in msg
+        return msg
+
+    missing = tmp_path / "nope"
+    assert f"{missing}: no such clean folder" in err(missing, noisy)
+    assert f"{missing}: no such noisy folder" in err(clean, missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no audio files" in err(empty, noisy)
+
+    extra = tmp_path / "noisy_extra"
+    shutil.copytree(noisy, extra)
+    shutil.copy(extra / "a.wav", extra / "zz.wav")
+    msg = err(clean, extra)
+    assert "unpaired files: 1 noisy file(s) without a clean file" in msg and "zz.wav" in msg
+
+    fewer = tmp_path / "noisy_fewer"
+    shutil.copytree(noisy, fewer)
+    (fewer / "b.wav").unlink()
+    assert "1 clean file(s) without a noisy file" in err(clean, fewer) and "b.flac" in err(
+        clean, fewer
+    )
+
+    assert "no such model pack folder" in err(clean, noisy, "--pack", str(tmp_path / "nopack"))
+    assert "two rows are labelled" in err(clean, noisy, "--pack", str(passthrough_pack))
