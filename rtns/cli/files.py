@@ -251,18 +251,19 @@ def run_models(args: argparse.Namespace) -> int:
 # -- import-dtln ----------------------------------------------------------------------------
 def run_import_dtln(args: argparse.Namespace) -> int:
     try:
-        import h5py  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as e:
-        raise UserInputError(
-            f"import-dtln needs PyTorch and h5py ({e.name} is missing): pip install 'rtns[train]'"
-        ) from None
-    from rtns_export.dtln_import import import_dtln
-    from rtns_export.exporter import ParityError
+        from rtns_export.dtln_import import import_dtln
 
-    try:
         manifest, err = import_dtln(args.weights, args.out_dir, name=args.name)
-    except ParityError as e:
+    except ModuleNotFoundError as e:
+        if e.name not in ("torch", "h5py", "onnx", "onnxscript"):
+            raise
+        raise UserInputError(
+            f"import-dtln needs PyTorch, onnx and h5py ({e.name} is missing): "
+            "pip install 'rtns[train]'"
+        ) from None
+    except RuntimeError as e:
+        if type(e).__name__ != "ParityError":
+            raise
         raise RtnsError(f"{args.weights}: conversion failed its parity check: {e}") from None
     print(
         f"wrote pack {manifest.name!r} to {args.out_dir} (parity with the PyTorch model: "
