@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rtns import protocol as P
+from rtns.config import EngineConfig
 from rtns.engine import Model, State, Stream
 from rtns.errors import UserInputError
 
@@ -82,6 +83,7 @@ class ServerConfig(BaseModel):
     require_curve_off_loopback: bool = True
     #: Socket send/receive high-water marks (messages).
     hwm: int = Field(10_000, ge=10)
+    engine: EngineConfig = EngineConfig()
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -204,7 +206,7 @@ class Server:
         self.ctx = context or zmq.Context()
         self.models: dict[str, _Served] = {}
         for spec in config.models:
-            model = Model(spec)
+            model = Model(spec, config.engine)
             if model.name in self.models:
                 raise UserInputError(f"two --model packs are both named {model.name!r}")
             if model.sample_rate != SAMPLE_RATE_16K:
