@@ -1,0 +1,582 @@
+"""Live duplex audio around a :class:`rtns.engine.Stream`: the engine side of ``rtns run``.
+
+Threads and data flow (device rate R, engine rate 16 kHz, hop 128)::
+
+    PortAudio callback (R)  --in ring-->  worker: resample R->16k, Stream.push,
+                            <--out ring--         resample 16k->R
+
+* The callback (:meth:`LiveRunner.callback`) only copies samples between PortAudio's
+  arrays and two preallocated :class:`~rtns.ringbuffer.RingBuffer` objects, bumps integer
+  counters and writes one byte to a non-blocking pipe to wake the worker. It never
+  allocates an array, takes a lock, waits or prints.
+* The worker thread owns the engine stream and the resamplers. Control changes (bypass,
+  attenuation limit) reach it through a queue and are applied between pushes.
+* Timeline: the output ring is prefilled with silence once, and from then on output
+  sample ``m`` of the stream is always ring sample ``m``. When the worker is late the
+  callback plays silence for what is missing, counts an under-run and remembers the
+  shortfall (``debt``); the late samples are discarded when they arrive. So the
+  input-to-output delay never drifts: it is exactly :class:`LatencyBreakdown` whatever
+  the scheduling.
+
+Latency terms (all reported by :class:`LatencyBreakdown`):
+
+* algorithmic: the pack's ``latency_samples`` (384 samples = 24 ms for 512/128 framing).
+* worker: one 8 ms hop of output buffering, rounded up to whole device blocks, so the
+  worker has at least one hop of time to process a hop (0 if it ran inside the callback).
+* hop alignment: extra buffering when device blocks do not line up with 128-sample hops
+  at 16 kHz (0 at 16 kHz with 128-frame blocks; 256 frames at 48 kHz with 128 frames).
+* resampling: group delay of the two polyphase filters (0 at 16 kHz).
+* PortAudio in / out: ``stream.latency`` (driver/server buffering outside the process).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import select
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from rtns.engine import Model
+from rtns.errors import RtnsError, UserInputError
+from rtns.ringbuffer import RingBuffer
+
+#: Half the length of each resampling filter in seconds = its group delay (1.5 ms).
+RESAMPLER_HALF_WIDTH_S = 0.0015
+#: Stop-band attenuation of the resampling filters (Kaiser design).
+RESAMPLER_ATTEN_DB = 70.0
+#: Filter cut-off as a fraction of the lower Nyquist frequency (7.6 kHz for 16 kHz):
+#: the transition band then ends just above 8 kHz, so little aliases into speech.
+RESAMPLER_CUTOFF = 0.95
+#: Ring capacity in seconds; far more than any scheduling hiccup the stream survives.
+RING_SECONDS = 2.0
+#: Python switches threads every 5 ms by default, so a worker holding the GIL could delay
+#: the callback by 5 ms; 0.5 ms keeps the callback on time (measured: AUDIO_TESTING.md).
+SWITCH_INTERVAL_S = 0.0005
+
+PORTAUDIO_MISSING = (
+    "the PortAudio library is not installed; install the system package libportaudio2 "
+    "(e.g. `apt-get install libportaudio2`)"
+)
+
+
+# -- resampling -------------------------------------------------------------------------
+def kaiser_beta(atten_db: float) -> float:
+    """Kaiser window beta for a stop-band attenuation in dB (Kaiser's formula)."""
+    if atten_db > 50:
+        return 0.1102 * (atten_db - 8.7)
+    if atten_db >= 21:
+        return 0.5842 * (atten_db - 21) ** 0.4 + 0.07886 * (atten_db - 21)
+    return 0.0
+
+
+class PolyphaseResampler:
+    """Streaming rational resampler (up/down polyphase FIR, linear phase, causal).
+
+    Output sample ``k`` is available as soon as input sample ``floor(k * down / up)``
+    has arrived (no extra look-ahead), so after ``n`` inputs exactly
+    :meth:`count_out` ``(n)`` outputs exist, whatever the chunking. Output ``k`` estimates
+    the input at time ``k / out_rate - delay_s``.
+    """
+
+    def __init__(
+        self,
+        in_rate: int,
+        out_rate: int,
+        half_width_s: float = RESAMPLER_HALF_WIDTH_S,
+        atten_db: float = RESAMPLER_ATTEN_DB,
+    ) -> None:
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+        g = math.gcd(in_rate, out_rate)
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self.up, self.down = out_rate // g, in_rate // g
+        high = in_rate * self.up  # rate of the virtual zero-stuffed signal
+        taps = max(2, math.ceil(2 * half_width_s * in_rate))  # per phase, at the input rate
+        n = taps * self.up
+        cutoff = RESAMPLER_CUTOFF * min(in_rate, out_rate) / 2
+        t = np.arange(n) - (n - 1) / 2
+        h = np.sinc(2 * cutoff / high * t) * np.kaiser(n, kaiser_beta(atten_db))
+        phases = h.reshape(taps, self.up).T  # phases[p, j] = h[p + j * up]
+        phases = phases / phases.sum(axis=1, keepdims=True)  # unit DC gain per phase
+        #: float32 [up, taps]; taps reversed in time so a window x[i-taps+1 .. i] dots it.
+        self._phases = np.ascontiguousarray(phases[:, ::-1], dtype=np.float32)
+        self.taps = taps
+        #: Group delay in seconds (half the prototype filter).
+        self.delay_s = (n - 1) / 2 / high
+        self._hist = np.zeros(taps - 1, dtype=np.float32)
+        self._n_in = 0
+        self._n_out = 0
+        self._offsets = np.arange(taps)
+
+    def count_out(self, n_in: int) -> int:
+        """Outputs produced after ``n_in`` inputs: every k with k * down < n_in * up."""
+        return -(-n_in * self.up // self.down)
+
+    def reset(self) -> None:
+        self._hist.fill(0.0)
+        self._n_in = self._n_out = 0
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        """Resample the next chunk float32 [n]; returns float32 [count_out(total) - before]."""
+        x = np.asarray(x, dtype=np.float32)
+        buf = np.concatenate((self._hist, x))
+        total = self._n_in + x.shape[0]
+        k = np.arange(self._n_out, self.count_out(total))
+        pos = k * self.down
+        newest = pos // self.up - (self._n_in - (self.taps - 1))  # index in buf of x[i]
+        window = buf[newest[:, None] - (self.taps - 1) + self._offsets[None, :]]
+        y = np.einsum("kj,kj->k", self._phases[pos % self.up], window)
+        self._hist = buf[buf.shape[0] - (self.taps - 1) :].copy()
+        self._n_in, self._n_out = total, self.count_out(total)
+        return y.astype(np.float32, copy=False)
+
+
+# -- latency plan -----------------------------------------------------------------------
+class BufferPlan(BaseModel):
+    """Output prefill of a live stream, in device frames."""
+
+    model_config = ConfigDict(frozen=True)
+
+    block_frames: int
+    alignment_frames: int
+    worker_frames: int
+
+    @property
+    def prefill_frames(self) -> int:
+        return self.alignment_frames + self.worker_frames
+
+
+def plan_buffering(
+    block_frames: int,
+    device_rate: int,
+    rate: int,
+    hop: int,
+    in_rs: PolyphaseResampler | None = None,
+    out_rs: PolyphaseResampler | None = None,
+    seconds: float = 4.0,
+) -> BufferPlan:
+    """The smallest prefill that never starves the callback with ``block_frames`` blocks.
+
+    alignment: assuming each block were processed the instant it arrived, the largest
+    shortfall ``(j + 1) * B - produced_j`` over callbacks ``j`` (hops complete only every
+    128 engine samples, and resamplers emit at their own pace). worker: one hop at the
+    device rate rounded up to whole blocks, the time the worker gets for each hop.
+    """
+    if block_frames <= 0:
+        raise ValueError(f"block size must be positive, got {block_frames}")
+    worst = 0
+    n_blocks = max(64, math.ceil(seconds * device_rate / block_frames))
+    for j in range(1, n_blocks + 1):
+        total = j * block_frames
+        engine_in = in_rs.count_out(total) if in_rs else total
+        engine_out = engine_in // hop * hop
+        produced = out_rs.count_out(engine_out) if out_rs else engine_out
+        worst = max(worst, total - produced)
+    hop_frames = hop * device_rate / rate
+    worker = block_frames * math.ceil(hop_frames / block_frames - 1e-9)
+    return BufferPlan(block_frames=block_frames, alignment_frames=worst, worker_frames=worker)
+
+
+class LatencyBreakdown(BaseModel):
+    """Input-to-output delay of a live stream and its terms, in seconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_rate: int
+    block_frames: int
+    algorithmic_s: float
+    worker_s: float
+    alignment_s: float
+    resampling_s: float
+    portaudio_in_s: float
+    portaudio_out_s: float
+
+    @property
+    def in_process_s(self) -> float:
+        """From the callback's input to its output: everything but PortAudio's buffering."""
+        return self.algorithmic_s + self.worker_s + self.alignment_s + self.resampling_s
+
+    @property
+    def total_s(self) -> float:
+        return self.in_process_s + self.portaudio_in_s + self.portaudio_out_s
+
+    def describe(self) -> str:
+        ms = 1e3
+        return (
+            f"latency {self.total_s * ms:.3f} ms = algorithmic {self.algorithmic_s * ms:.3f}"
+            f" + worker {self.worker_s * ms:.3f} + hop alignment {self.alignment_s * ms:.3f}"
+            f" + resampling {self.resampling_s * ms:.3f}"
+            f" + PortAudio in {self.portaudio_in_s * ms:.3f} + out {self.portaudio_out_s * ms:.3f}"
+            f" (device {self.device_rate} Hz, {self.block_frames}-frame blocks)"
+        )
+
+
+# -- the runner ---------------------------------------------------------------------------
+class Stats(BaseModel):
+    """A snapshot of a runner's counters."""
+
+    seconds: float
+    callbacks: int
+    underruns: int
+    underrun_frames: int
+    input_dropped: int
+    output_dropped: int
+    pa_input_overflow: int
+    pa_input_underflow: int
+    pa_output_underflow: int
+    pa_output_overflow: int
+    hops: int
+    busy_s: float
+    max_hop_s: float
+    bypass: bool
+    atten_lim_db: float | None
+
+    @property
+    def rtf(self) -> float:
+        """Worker compute time / audio time it processed (the engine rate's hops)."""
+        audio = self.hops * 0.008
+        return self.busy_s / audio if audio else 0.0
+
+
+class LiveRunner:
+    """Callback, rings, worker thread and counters of one live duplex stream (mono).
+
+    Usage: ``runner.start()``; give ``runner.callback`` to a PortAudio duplex stream of
+    ``device_rate`` Hz, float32, one channel each way; ``runner.stop()``. Without
+    PortAudio, call :meth:`callback` with arrays ``[frames, 1]`` and drive the worker with
+    :meth:`step` (or :meth:`start`).
+    """
+
+    def __init__(self, model: Model, device_rate: int, ring_seconds: float = RING_SECONDS) -> None:
+        self.model = model
+        self.stream = model.stream()
+        self.rate = model.sample_rate
+        self.hop = model.block_shift
+        self.device_rate = int(device_rate)
+        if self.device_rate <= 0:
+            raise ValueError(f"device sample rate must be positive, got {device_rate}")
+        resample = self.device_rate != self.rate
+        self._in_rs = PolyphaseResampler(self.device_rate, self.rate) if resample else None
+        self._out_rs = PolyphaseResampler(self.rate, self.device_rate) if resample else None
+        capacity = int(ring_seconds * self.device_rate)
+        self.in_ring = RingBuffer(capacity)
+        self.out_ring = RingBuffer(capacity)
+        self._work = np.zeros(capacity, dtype=np.float32)
+        # Written by the callback thread only.
+        self.callbacks = 0
+        self.frames = 0
+        self.underruns = 0
+        self.underrun_frames = 0
+        self.input_dropped = 0
+        self.pa_input_overflow = 0
+        self.pa_input_underflow = 0
+        self.pa_output_underflow = 0
+        self.pa_output_overflow = 0
+        self._debt = 0
+        self._first_frames = 0
+        # Written by the worker only.
+        self._primed = False
+        self.plan: BufferPlan | None = None
+        self.hops = 0
+        self.busy_s = 0.0
+        self.max_hop_s = 0.0
+        self.output_dropped = 0
+        self.error: str | None = None
+        self.bypass = False
+        self.atten_lim_db: float | None = None
+        # Plumbing.
+        self.primed = threading.Event()
+        self.failed = threading.Event()
+        self._controls: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._old_switch: float | None = None
+
+    # -- audio thread ---------------------------------------------------------------------
+    def callback(
+        self, indata: np.ndarray, outdata: np.ndarray, frames: int, time_info: Any, status: Any
+    ) -> None:
+        """PortAudio duplex callback: indata/outdata float32 [frames, 1]. Never blocks."""
+        self.callbacks += 1
+        if status:
+            self._count_status(status)
+        if not self._primed:
+            # The worker sizes the prefill from the first block size; until then both
+            # directions stay idle, so the timeline starts at the first primed callback.
+            outdata.fill(0.0)
+            if self._first_frames == 0:
+                self._first_frames = frames
+                self._wake()
+            return
+        taken = self.in_ring.write(indata[:, 0])
+        if taken < frames:
+            self.input_dropped += frames - taken
+        self._wake()
+        out = outdata[:, 0]
+        got = 0
+        if self._debt:
+            self._debt -= self.out_ring.discard(self._debt)
+        if not self._debt:
+            got = self.out_ring.read_into(out)
+        if got < frames:
+            out[got:] = 0.0
+            self._debt += frames - got
+            self.underruns += 1
+            self.underrun_frames += frames - got
+        self.frames += frames
+
+    def _count_status(self, status: Any) -> None:
+        if status.input_overflow:
+            self.pa_input_overflow += 1
+        if status.input_underflow:
+            self.pa_input_underflow += 1
+        if status.output_underflow:
+            self.pa_output_underflow += 1
+        if status.output_overflow:
+            self.pa_output_overflow += 1
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full: the worker has wake-ups pending anyway
+            pass
+
+    # -- worker ---------------------------------------------------------------------------
+    def step(self) -> int:
+        """One worker pass: apply controls, prime once, process what the rings hold.
+
+        Returns the number of device frames written to the output ring.
+        """
+        self._apply_controls()
+        if not self._primed:
+            if self._first_frames:
+                self._prime(self._first_frames)
+            return 0
+        n = self.in_ring.read_into(self._work)
+        if n == 0:
+            return 0
+        t0 = time.perf_counter()
+        x = self._work[:n]
+        x16 = self._in_rs.process(x) if self._in_rs else x
+        y16 = self.stream.push(x16)
+        y = self._out_rs.process(y16) if self._out_rs else y16
+        dt = time.perf_counter() - t0
+        hops = y16.shape[0] // self.hop
+        if hops:
+            self.hops += hops
+            self.busy_s += dt
+            self.max_hop_s = max(self.max_hop_s, dt / hops)
+        written = self.out_ring.write(y)
+        if written < y.shape[0]:
+            self.output_dropped += y.shape[0] - written
+        return written
+
+    def _prime(self, block_frames: int) -> None:
+        self.plan = plan_buffering(
+            block_frames, self.device_rate, self.rate, self.hop, self._in_rs, self._out_rs
+        )
+        if self.plan.prefill_frames + 4 * block_frames > self.out_ring.capacity:
+            raise RtnsError(f"device blocks of {block_frames} frames are too large for rtns run")
+        self.out_ring.write_zeros(self.plan.prefill_frames)
+        self._primed = True
+        self.primed.set()
+
+    def _apply_controls(self) -> None:
+        while True:
+            try:
+                what, value = self._controls.get_nowait()
+            except queue.Empty:
+                return
+            if what == "bypass":
+                self.bypass = not self.bypass if value is None else bool(value)
+                self.stream.bypass = self.bypass
+            elif what == "atten":
+                self.stream.atten_lim_db = value
+                self.atten_lim_db = value
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([self._wake_r], [], [], 0.1)
+                if ready:
+                    os.read(self._wake_r, 4096)
+                while self.step():
+                    pass
+        except Exception as e:  # reported by the main thread, which stops the stream
+            self.error = f"{type(e).__name__}: {e}"
+            self.failed.set()
+
+    # -- controls (any thread) ----------------------------------------------------------------
+    def set_bypass(self, on: bool | None = None) -> None:
+        """Bypass on/off (None toggles): the output becomes the input, same latency."""
+        self._controls.put(("bypass", on))
+
+    def set_atten_lim_db(self, db: float | None) -> None:
+        """At most ``db`` dB of noise reduction (None: unlimited)."""
+        if db is not None and (not math.isfinite(db) or db < 0):
+            raise UserInputError(f"attenuation limit must be a non-negative number of dB, got {db}")
+        self._controls.put(("atten", db))
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker thread (and shorten Python's thread switch interval)."""
+        if self._thread is not None:
+            return
+        self._old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rtns-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._wake()
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+            self._old_switch = None
+
+    def close(self) -> None:
+        self.stop()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> LiveRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reporting ------------------------------------------------------------------------
+    def latency(self, portaudio: Sequence[float] = (0.0, 0.0)) -> LatencyBreakdown:
+        """The delay from device input to device output (needs the plan: after priming)."""
+        if self.plan is None:
+            raise RuntimeError("the latency is known once the first callback has run")
+        r = self.device_rate
+        resampling = (self._in_rs.delay_s + self._out_rs.delay_s) if self._in_rs else 0.0
+        return LatencyBreakdown(
+            device_rate=r,
+            block_frames=self.plan.block_frames,
+            algorithmic_s=self.model.latency / self.rate,
+            worker_s=self.plan.worker_frames / r,
+            alignment_s=self.plan.alignment_frames / r,
+            resampling_s=resampling,
+            portaudio_in_s=float(portaudio[0]),
+            portaudio_out_s=float(portaudio[1]),
+        )
+
+    def stats(self) -> Stats:
+        return Stats(
+            seconds=self.frames / self.device_rate,
+            callbacks=self.callbacks,
+            underruns=self.underruns,
+            underrun_frames=self.underrun_frames,
+            input_dropped=self.input_dropped,
+            output_dropped=self.output_dropped,
+            pa_input_overflow=self.pa_input_overflow,
+            pa_input_underflow=self.pa_input_underflow,
+            pa_output_underflow=self.pa_output_underflow,
+            pa_output_overflow=self.pa_output_overflow,
+            hops=self.hops,
+            busy_s=self.busy_s,
+            max_hop_s=self.max_hop_s,
+            bypass=self.bypass,
+            atten_lim_db=self.atten_lim_db,
+        )
+
+
+# -- devices ---------------------------------------------------------------------------------
+def import_sounddevice():  # -> module sounddevice
+    """``import sounddevice`` with a one-line error when PortAudio is missing."""
+    try:
+        import sounddevice
+    except OSError as e:  # the wheel loads libportaudio at import
+        if "PortAudio" in str(e):
+            raise RtnsError(PORTAUDIO_MISSING) from None
+        raise
+    return sounddevice
+
+
+def resolve_device(spec: str, devices: Sequence[dict], kind: str) -> int:
+    """A device index from ``spec``: an index, or a unique case-insensitive name substring.
+
+    devices: dicts as ``sounddevice.query_devices()`` gives them (``name``,
+    ``max_input_channels``, ``max_output_channels``); kind: "input" or "output".
+    """
+    key = f"max_{kind}_channels"
+    hint = "run `rtns devices` to list them"
+    spec = spec.strip()
+    if spec.lstrip("-").isdigit():
+        idx = int(spec)
+        if not 0 <= idx < len(devices):
+            raise UserInputError(f"no audio device with index {idx}; {hint}")
+        dev = devices[idx]
+        if dev[key] < 1:
+            raise UserInputError(f"device {idx} ({dev['name']}) has no {kind} channels; {hint}")
+        return idx
+    low = spec.lower()
+    named = [i for i, d in enumerate(devices) if low in d["name"].lower()]
+    usable = [i for i in named if devices[i][key] >= 1]
+    exact = [i for i in usable if devices[i]["name"].lower() == low]
+    if len(exact) == 1:
+        return exact[0]
+    if len(usable) == 1:
+        return usable[0]
+    if not usable:
+        if named:
+            which = ", ".join(f"[{i}] {devices[i]['name']}" for i in named)
+            raise UserInputError(f"device {spec!r} has no {kind} channels ({which}); {hint}")
+        raise UserInputError(f"no {kind} device matches {spec!r}; {hint}")
+    which = ", ".join(f"[{i}] {devices[i]['name']}" for i in usable)
+    raise UserInputError(
+        f"{spec!r} matches several {kind} devices: {which}; give the index or more of the name"
+    )
+
+
+def format_devices(
+    devices: Sequence[dict], hostapis: Sequence[dict], default: Sequence[int]
+) -> str:
+    """The device table of ``rtns devices`` (default: (input index, output index))."""
+    if not devices:
+        return (
+            "no audio devices found (no sound card, or no sound server running: "
+            "PulseAudio/PipeWire via ALSA, or JACK)"
+        )
+    rows = [("idx", "name", "host API", "in", "out", "rate", "default")]
+    for i, d in enumerate(devices):
+        flags = [w for w, j in (("input", default[0]), ("output", default[1])) if j == i]
+        rows.append(
+            (
+                str(i),
+                d["name"],
+                hostapis[d["hostapi"]]["name"],
+                str(d["max_input_channels"]),
+                str(d["max_output_channels"]),
+                f"{d['default_samplerate']:.0f}",
+                ", ".join(flags),
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    right = {0, 3, 4, 5}
+    lines = []
+    for r in rows:
+        cells = [
+            r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
