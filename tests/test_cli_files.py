@@ -1,0 +1,310 @@
+"""rtns enhance / rtns models end to end (subprocess `python -m rtns`), and rtns.audio_io."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from rtns import audio_io
+from rtns.errors import UserInputError
+from rtns.pack import MANIFEST, PACK_PATH_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rtns(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "rtns", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=e,
+    )
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 1 and exactly one stderr line ``rtns: error: ...`` holding every fragment."""
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("rtns: error: ")
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def tones(n: int, sr: int, channels: int, peak: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Band-limited test signal float32 [n, channels] (partials 150 Hz .. 5 kHz, different
+    per channel, faded in and out), so resampling to 16 kHz and back loses almost nothing."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / sr
+    out = np.zeros((n, channels))
+    for c in range(channels):
+        for f in rng.uniform(150, 5000, 12):
+            out[:, c] += np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+        out[:, c] *= peak / np.max(np.abs(out[:, c]))
+    # 20 ms raised-cosine fades: a step at either end is not band-limited.
+    k = min(int(0.02 * sr), n // 2)
+    fade = 0.5 - 0.5 * np.cos(np.pi * np.arange(k) / k)
+    out[:k] *= fade[:, None]
+    out[n - k :] *= fade[::-1, None]
+    return out.astype(np.float32)
+
+
+# -- enhance ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "sr, channels, ext, subtype",
+    [(44_100, 2, "wav", "FLOAT"), (48_000, 1, "flac", "PCM_16"), (16_000, 3, "wav", "PCM_16")],
+)
+def test_enhance_passthrough_keeps_rate_channels_length_and_signal(
+    passthrough_pack, tmp_path, sr, channels, ext, subtype
+):
+    n = int(sr * 2.3) + 17
+    x = tones(n, sr, channels)
+    src = tmp_path / f"in.{ext}"
+    sf.write(src, x, sr, subtype=subtype)
+    x = sf.read(src, dtype="float32", always_2d=True)[0]  # as quantized on disk
+    dst = tmp_path / f"out.{ext}"
+    r = rtns("enhance", str(src), str(dst), "--model", str(passthrough_pack), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    info = sf.info(dst)
+    assert (info.samplerate, info.channels, info.frames, info.subtype) == (sr, channels, n, subtype)
+    y = sf.read(dst, dtype="float32", always_2d=True)[0]
+    # Time-aligned and equal to the input up to resampling (and 16-bit quantization) error.
+    err = np.max(np.abs(y - x))
+    print(f"passthrough {sr} Hz x{channels} {subtype}: max abs error {err:.2e}")
+    assert err < (5e-3 if sr != 16_000 else 1e-4)
+    # Channels stay separate streams: each output matches its own input best.
+    corr = np.corrcoef(y.T, x.T)[:channels, channels:]
+    assert np.all(np.argmax(corr, axis=1) == np.arange(channels))
+
+
+def test_enhance_real_model_changes_signal(random_dtln_pack, tmp_path):
+    x = tones(16_000 * 2, 22_050, 1)
+    sf.write(tmp_path / "in.wav", x, 22_050, subtype="FLOAT")
+    r = rtns(
+        "enhance",
+        str(tmp_path / "in.wav"),
+        str(tmp_path / "out.flac"),
+        "-m",
+        str(random_dtln_pack),
+        "--atten-lim",
+        "12",
+        "--threads",
+        "1",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    info = sf.info(tmp_path / "out.flac")
+    # FLAC cannot store float: the nearest kind is 24-bit PCM.
+    assert (info.samplerate, info.frames, info.subtype) == (22_050, x.shape[0], "PCM_24")
+    y = sf.read(tmp_path / "out.flac", dtype="float32")[0]
+    assert np.all(np.isfinite(y)) and np.max(np.abs(y - x[:, 0])) > 1e-3
+
+
+def test_enhance_warns_when_integer_output_clips(passthrough_pack, tmp_path):
+    x = tones(16_000, 16_000, 1, peak=1.6)
+    sf.write(tmp_path / "in.wav", x, 16_000, subtype="FLOAT")
+    r = rtns(
+        "enhance",
+        str(tmp_path / "in.wav"),
+        str(tmp_path / "out.flac"),
+        "-m",
+        str(passthrough_pack),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "rtns: warning:" in r.stderr and "clipped" in r.stderr and "+4.1 dBFS" in r.stderr
+    y = sf.read(tmp_path / "out.flac", dtype="float32")[0]
+    assert np.max(np.abs(y)) <= 1.0 and np.max(y) > 0.99  # clipped, not wrapped around
+    # A float output keeps the peaks and does not warn.
+    r = rtns(
+        "enhance",
+        str(tmp_path / "in.wav"),
+        str(tmp_path / "out.wav"),
+        "-m",
+        str(passthrough_pack),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0 and "warning" not in r.stderr
+    assert np.max(np.abs(sf.read(tmp_path / "out.wav")[0])) > 1.5
+
+
+def test_enhance_nan_input(passthrough_pack, tmp_path):
+    x = tones(8000, 16_000, 1)
+    x[4000, 0] = np.nan
+    x[4001, 0] = np.inf
+    sf.write(tmp_path / "nan.wav", x, 16_000, subtype="FLOAT")
+    r = rtns("enhance", "nan.wav", "out.wav", "-m", str(passthrough_pack), cwd=tmp_path)
+    assert_clean_error(r, "nan.wav: 2 samples are NaN or infinite (first at 0.250 s)")
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_enhance_empty_file(passthrough_pack, tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 16_000)
+    r = rtns("enhance", "empty.wav", "out.wav", "-m", str(passthrough_pack), cwd=tmp_path)
+    assert_clean_error(r, "empty.wav: the file holds no samples")
+
+
+def test_enhance_missing_file(passthrough_pack, tmp_path):
+    r = rtns("enhance", "missing.wav", "out.wav", "-m", str(passthrough_pack), cwd=tmp_path)
+    assert_clean_error(r, "missing.wav: no such file")
+
+
+def test_enhance_unreadable_file(passthrough_pack, tmp_path):
+    (tmp_path / "text.wav").write_text("this is not audio\n")
+    r = rtns("enhance", "text.wav", "out.wav", "-m", str(passthrough_pack), cwd=tmp_path)
+    assert_clean_error(r, "text.wav: not a readable audio file")
+
+
+def test_enhance_missing_output_folder(passthrough_pack, tmp_path):
+    sf.write(tmp_path / "in.wav", tones(1600, 16_000, 1), 16_000)
+    r = rtns("enhance", "in.wav", "no/such/out.wav", "-m", str(passthrough_pack), cwd=tmp_path)
+    assert_clean_error(r, "no/such: output folder does not exist")
+
+
+def test_enhance_unknown_output_type(passthrough_pack, tmp_path):
+    sf.write(tmp_path / "in.wav", tones(1600, 16_000, 1), 16_000)
+    r = rtns("enhance", "in.wav", "out.xyz", "-m", str(passthrough_pack), cwd=tmp_path)
+    assert_clean_error(r, "unknown output file type '.xyz'")
+
+
+def test_enhance_unknown_model(tmp_path):
+    sf.write(tmp_path / "in.wav", tones(1600, 16_000, 1), 16_000)
+    r = rtns("enhance", "in.wav", "out.wav", "--model", "no-such-pack", cwd=tmp_path)
+    assert_clean_error(r, "no-such-pack: no model pack of that name", "rtns models")
+
+
+def test_enhance_without_default_pack_says_pass_model(tmp_path, monkeypatch):
+    from rtns.pack import PackError, resolve_pack
+
+    empty = tmp_path / "packs"
+    empty.mkdir()
+    env = {PACK_PATH_ENV: str(empty), "HOME": str(tmp_path)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        resolve_pack(None)
+        pytest.skip("a default rtns-dtln pack is shipped in models/, so none can be missing")
+    except PackError:
+        pass
+    sf.write(tmp_path / "in.wav", tones(1600, 16_000, 1), 16_000)
+    r = rtns("enhance", "in.wav", "out.wav", cwd=tmp_path, env=env)
+    assert_clean_error(r, "no default model pack (rtns-dtln) is installed", "--model")
+
+
+def test_enhance_bad_option_values(passthrough_pack, tmp_path):
+    for opt in (["--threads", "0"], ["--atten-lim", "-3"], ["--atten-lim", "nan"]):
+        r = rtns("enhance", "a.wav", "b.wav", *opt, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and opt[0] in r.stderr
+
+
+# -- models ----------------------------------------------------------------------------------
+def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
+    import shutil
+
+    d = tmp_path / "packs"
+    shutil.copytree(passthrough_pack, d / "passthrough")
+    scored = d / "scored"
+    shutil.copytree(passthrough_pack, scored)
+    text = (scored / MANIFEST).read_text()
+    text = text.replace('"name": "passthrough"', '"name": "scored"')
+    text = text.replace(
+        '"scores": {}', '"scores": {"vbdemand36": {"PESQ": 2.91, "STOI": 0.935, "SI-SDR": 17.2}}'
+    )
+    (scored / MANIFEST).write_text(text)
+    (d / "broken").mkdir()
+    (d / "broken" / MANIFEST).write_text("{not json")
+    corrupt = d / "corrupt"
+    shutil.copytree(passthrough_pack, corrupt)
+    (corrupt / "mask.onnx").write_bytes(b"changed")
+    r = rtns("models", cwd=tmp_path, env={PACK_PATH_ENV: str(d), "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "FAMILY", "LATENCY", "SCORES", "PATH"]
+    rows = {Path(ln.split()[-1]).name: ln for ln in lines[1:]}  # keyed by pack folder
+    assert set(rows) >= {"passthrough", "scored", "broken", "corrupt"}
+    assert rows["passthrough"].split()[:4] == ["passthrough", "passthrough", "32.0", "ms"]
+    assert rows["scored"].startswith("scored ")
+    assert "vbdemand36: PESQ 2.91 STOI 0.935 SI-SDR 17.2" in rows["scored"]
+    assert "BROKEN" in rows["broken"] and "not readable JSON" in rows["broken"]
+    assert "BROKEN" in rows["corrupt"] and "sha256" in rows["corrupt"]
+
+
+def test_models_when_none_installed(tmp_path):
+    r = rtns("models", cwd=tmp_path, env={PACK_PATH_ENV: str(tmp_path), "HOME": str(tmp_path)})
+    assert r.returncode == 0
+    if "no model packs found" not in r.stdout:  # shipped packs exist in models/
+        assert r.stdout.startswith("NAME")
+
+
+# -- import weight (torch must stay out of the runtime) ----------------------------------------------------------------------------
+def test_runtime_imports_do_not_load_torch():
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import rtns.cli, rtns.engine, rtns.audio_io"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    modules = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if "|" in ln}
+    assert "rtns.audio_io" in modules  # the check sees the modules it should
+    assert not {m for m in modules if m == "torch" or m.startswith("torch.")}
+
+
+# -- audio_io in process ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "sub_in, fmt, want",
+    [
+        ("PCM_16", "WAV", "PCM_16"),
+        ("FLOAT", "WAV", "FLOAT"),
+        ("DOUBLE", "FLAC", "PCM_24"),
+        ("FLOAT", "FLAC", "PCM_24"),
+        ("PCM_24", "FLAC", "PCM_24"),
+        ("PCM_32", "FLAC", "PCM_24"),
+        ("VORBIS", "WAV", "PCM_16"),
+        ("PCM_16", "OGG", "VORBIS"),
+    ],
+)
+def test_output_subtype(sub_in, fmt, want):
+    assert audio_io.output_subtype(sub_in, fmt) == want
+
+
+def test_resample_length_and_exact_frames():
+    x = tones(44_100, 44_100, 2)
+    y = audio_io.resample(x, 44_100, 16_000)
+    assert y.shape == (16_000, 2) and y.dtype == np.float32
+    back = audio_io.resample(y, 16_000, 44_100, frames_out=44_101)
+    assert back.shape == (44_101, 2) and back[-1].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(back[:44_100], x, atol=5e-3)
+    same = audio_io.resample(x, 44_100, 44_100)
+    assert np.array_equal(same, x)
+
+
+def test_write_audio_reports_clipping(tmp_path):
+    x = np.array([[0.5], [1.5], [-2.0], [0.25]], np.float32)
+    rep = audio_io.write_audio(tmp_path / "a.wav", x, 16_000, "PCM_16")
+    assert (rep.subtype, rep.clipped, rep.peak) == ("PCM_16", 2, 2.0)
+    y = sf.read(tmp_path / "a.wav", dtype="float32")[0]
+    np.testing.assert_allclose(y, [0.5, 1.0, -1.0, 0.25], atol=1e-4)
+    rep = audio_io.write_audio(tmp_path / "b.wav", x, 16_000, "FLOAT")
+    assert rep.clipped == 0
+    np.testing.assert_array_equal(sf.read(tmp_path / "b.wav", dtype="float32")[0], x[:, 0])
+
+
+def test_read_audio_errors(tmp_path):
+    with pytest.raises(UserInputError, match="no such file"):
+        audio_io.read_audio(tmp_path / "x.wav")
+    with pytest.raises(UserInputError, match="not a file"):
+        audio_io.read_audio(tmp_path)
