@@ -71,7 +71,7 @@ class ProtocolError(RtnsError):
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # -- client -> server -----------------------------------------------------------------------

@@ -679,7 +679,10 @@ class Server:
                 "p99": pct(ms, 99),
                 "max": round(float(ms.max()), 4) if ms.size else None,
             },
-            "rows_per_tick": {"mean": round(float(rows.mean()), 3) if rows.size else None},
+            "rows_per_tick": {
+                "mean": round(float(rows.mean()), 3) if rows.size else None,
+                "max": int(rows.max()) if rows.size else None,
+            },
         }
 
 

@@ -1,0 +1,118 @@
+"""Protocol v1: header parsing, error codes, PCM conversions (no sockets)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rtns import protocol as P
+
+
+def hello(**kw) -> bytes:
+    obj = {"type": "hello", "version": 1, "sample_rate": 16000, "format": "f32le"} | kw
+    return json.dumps(obj).encode()
+
+
+def code_of(frames: list[bytes]) -> str:
+    with pytest.raises(P.ProtocolError) as e:
+        P.parse_client(frames)
+    assert e.value.code in P.ERROR_CODES
+    return e.value.code
+
+
+def test_good_messages_parse():
+    m = P.parse_client([hello(channels=2, model="x", atten_lim_db=12)])
+    assert isinstance(m, P.Hello) and m.channels == 2 and m.atten_lim_db == 12
+    a = P.parse_client([b'{"type":"audio","seq":7}', b"\0" * 8])
+    assert isinstance(a, P.Audio) and a.seq == 7
+    assert isinstance(P.parse_client([b'{"type":"close"}']), P.Close)
+    assert P.parse_client([b'{"type":"stats","reset":true}']).reset is True
+    assert isinstance(P.parse_client([b'{"type":"ping"}']), P.Ping)
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([b"{not json"], "bad_json"),
+        ([b"\xff\xfe"], "bad_json"),
+        ([b"[1, 2]"], "bad_json"),
+        ([b"x" * (P.MAX_HEADER_BYTES + 1)], "bad_json"),
+        ([b'{"type":"dance"}'], "unknown_type"),
+        ([b'{"seq":1}'], "unknown_type"),
+        ([b'{"type":"audio","seq":1}'], "bad_frames"),
+        ([b'{"type":"close"}', b"x"], "bad_frames"),
+        ([b'{"type":"audio","seq":-1}', b""], "bad_message"),
+        ([b'{"type":"audio","seq":"1"}', b""], "bad_message"),
+        ([b'{"type":"audio","seq":1,"extra":0}', b""], "bad_message"),
+        ([hello(version="one")], "bad_version"),
+        ([hello(sample_rate=0)], "bad_rate"),
+        ([hello(sample_rate=10**9)], "bad_rate"),
+        ([hello(sample_rate=16000.5)], "bad_rate"),
+        ([hello(channels=0)], "bad_channels"),
+        ([hello(channels=9)], "bad_channels"),
+        ([hello(format="mp3")], "bad_format"),
+        ([hello(atten_lim_db=-3)], "bad_atten"),
+        ([], "bad_frames"),
+    ],
+)
+def test_bad_messages_get_codes(frames, code):
+    assert code_of(frames) == code
+
+
+def test_audio_error_keeps_its_seq():
+    with pytest.raises(P.ProtocolError) as e:
+        P.parse_client([b'{"type":"audio","seq":5}'])
+    assert e.value.seq == 5
+
+
+@pytest.mark.parametrize("fmt", ["s16le", "f32le"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pcm_round_trip(fmt, channels):
+    rng = np.random.default_rng(0)
+    x = np.round(rng.uniform(-1, 1, (50, channels)) * 32767) / 32768
+    x = x.astype(np.float32)
+    raw = P.encode_pcm(x, fmt)
+    assert len(raw) == 50 * channels * P.FORMATS[fmt].itemsize
+    np.testing.assert_array_equal(P.decode_pcm(raw, fmt, channels), x)
+
+
+def test_pcm_is_little_endian_and_interleaved():
+    raw = np.array([[1, -2], [3, -4]], dtype="<i2").tobytes()
+    x = P.decode_pcm(raw, "s16le", 2)
+    np.testing.assert_array_equal(x * 32768, [[1, -2], [3, -4]])
+    assert P.encode_pcm(np.array([[2.0]], np.float32), "s16le") == b"\xff\x7f"  # clipped
+
+
+def test_pcm_rejects_partial_frames_and_non_finite():
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_pcm(b"\0" * 6, "f32le", 1)
+    assert e.value.code == "bad_length"
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_pcm(b"\0" * 8, "s16le", 3)
+    assert e.value.code == "bad_length"
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(P.ProtocolError) as e:
+            P.decode_pcm(np.array([0, bad], "<f4").tobytes(), "f32le", 1)
+        assert e.value.code == "bad_samples"
+
+
+def test_server_messages_round_trip():
+    r = P.Ready(
+        session="ab",
+        model="m",
+        latency=1152,
+        latency_16k=384,
+        block_shift=128,
+        sample_rate=48000,
+        format="s16le",
+        channels=2,
+        max_message_bytes=1024,
+        queue_limit=96000,
+        idle_timeout=30.0,
+    )
+    assert P.parse_server([P.encode(r)]) == r
+    e = P.Error(code="seq_gap", message="m", seq=3)
+    assert P.parse_server([P.encode(e)]) == e
+    assert P.parse_server([P.encode_dict({"type": "stats", "sessions": 2})])["sessions"] == 2
