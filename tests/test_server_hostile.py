@@ -1,0 +1,282 @@
+"""Limits and hostile input (issue 5, point 4). Every test runs a well-behaved client in a
+thread beside the hostile traffic and checks that its output is still exactly
+``enhance_array``'s: the daemon answers or drops-and-counts the bad input, keeps serving,
+and loses or alters nobody else's audio."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+zmq = pytest.importorskip("zmq")
+
+from test_server import noise, running_server  # noqa: E402
+
+from rtns import protocol as P  # noqa: E402
+from rtns.client import Client, NoReply, ServerError  # noqa: E402
+from rtns.engine import Model, enhance_array  # noqa: E402
+from rtns.server import Server, ServerConfig  # noqa: E402
+
+
+@contextmanager
+def bystander(endpoint: str, pack, seconds: float = 1.0, **kw) -> Iterator[None]:
+    """A real-time client streaming noise for ``seconds`` while the body runs; on exit its
+    output must equal enhance_array's bit for bit."""
+    x = noise(int(16000 * seconds), seed=42)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            with Client(endpoint, timeout=10) as c:
+                result["y"] = c.enhance(x, chunk=320, realtime=True, **kw)
+        except BaseException as e:  # reported in the main thread
+            result["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    time.sleep(0.05)
+    yield
+    th.join(30)
+    assert not th.is_alive(), "the bystander did not finish"
+    if "error" in result:
+        raise result["error"]
+    np.testing.assert_array_equal(result["y"], enhance_array(Model(pack), x))
+
+
+def raw_socket(endpoint: str, ctx=None):
+    ctx = ctx or zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.connect(endpoint)
+    return s
+
+
+def reply(sock, timeout: float = 5.0) -> tuple[dict, list[bytes]]:
+    assert sock.poll(int(timeout * 1000)), "no reply"
+    frames = sock.recv_multipart()
+    return json.loads(frames[0]), frames[1:]
+
+
+def stats(endpoint: str) -> dict:
+    with Client(endpoint) as c:
+        return c.stats()
+
+
+def hello(**kw) -> bytes:
+    return json.dumps(
+        {"type": "hello", "version": 1, "sample_rate": 16000, "format": "f32le"} | kw
+    ).encode()
+
+
+def audio(seq: int, x: np.ndarray | bytes) -> list[bytes]:
+    pcm = x if isinstance(x, bytes) else np.asarray(x, "<f4").tobytes()
+    return [json.dumps({"type": "audio", "seq": seq}).encode(), pcm]
+
+
+def test_protocol_violations_get_error_replies(passthrough_pack):
+    with running_server([passthrough_pack]) as srv, bystander(srv.endpoint, passthrough_pack):
+        s = raw_socket(srv.endpoint)
+        cases = [
+            ([b"{nope"], "bad_json"),
+            ([b'{"type": "teleport"}'], "unknown_type"),
+            (audio(0, np.zeros(128)), "no_session"),  # audio before hello
+            ([b'{"type": "close"}'], "no_session"),
+            ([hello(sample_rate=0)], "bad_rate"),
+            ([hello(sample_rate=-16000)], "bad_rate"),
+            ([hello(sample_rate=10**12)], "bad_rate"),
+            ([hello(sample_rate="fast")], "bad_rate"),
+            ([hello(channels=1000)], "bad_channels"),
+            ([hello(format="u8")], "bad_format"),
+            ([hello(version=99)], "bad_version"),
+            ([hello(model="../../etc/passwd")], "unknown_model"),
+            ([hello(atten_lim_db=float("nan"))], "bad_atten"),
+        ]
+        for frames, code in cases:
+            s.send_multipart(frames)
+            msg, _ = reply(s)
+            assert (msg["type"], msg["code"]) == ("error", code), (frames, msg)
+            assert msg["message"] and not msg["fatal"]
+        # Now a session, and violations inside it; none of them ends it.
+        s.send_multipart([hello()])
+        assert reply(s)[0]["type"] == "ready"
+        s.send_multipart([hello()])
+        assert reply(s)[0]["code"] == "already_open"
+        x = noise(1000)
+        s.send_multipart(audio(0, x[:500]))
+        assert reply(s)[0] == {"type": "audio", "seq": 0, "samples": 384, "queued": 0}
+        bad = [
+            (audio(0, x[:10]), "duplicate_seq", 0),
+            (audio(5, x[:10]), "seq_gap", 5),
+            (audio(1, b"\0" * 7), "bad_length", 1),
+            (audio(1, np.array([0.0, np.nan], "<f4").tobytes()), "bad_samples", 1),
+            (audio(1, np.array([np.inf], "<f4").tobytes()), "bad_samples", 1),
+            ([json.dumps({"type": "audio", "seq": 1}).encode()], "bad_frames", 1),
+            (audio(1, x[:3]) + [b"extra"], "bad_frames", 1),
+        ]
+        for frames, code, seq in bad:
+            s.send_multipart(frames)
+            msg, _ = reply(s)
+            assert (msg["code"], msg["seq"], msg["fatal"]) == (code, seq, False), msg
+        # The session is intact: seq 1 continues the stream exactly.
+        s.send_multipart(audio(1, x[500:]))
+        msg, pcm = reply(s)
+        assert (msg["seq"], msg["samples"]) == (1, 512)
+        s.send_multipart([b'{"type": "close"}'])
+        closed, tail = reply(s)
+        assert closed["type"] == "closed" and closed["samples_in"] == 1000
+        assert closed["samples_out"] == 1000 + 384 == 384 + 512 + len(tail[0]) // 4
+        s.close()
+        st = stats(srv.endpoint)
+        assert sum(st["dropped"].values()) == len(cases) + 1 + len(bad)
+
+
+def test_ten_thousand_random_messages(passthrough_pack):
+    rng = np.random.default_rng(0)
+    n = 10_000
+    with (
+        running_server([passthrough_pack]) as srv,
+        bystander(srv.endpoint, passthrough_pack, seconds=1.5),
+    ):
+        s = raw_socket(srv.endpoint)
+        for _ in range(n):
+            frames = [
+                rng.integers(0, 256, rng.integers(0, 64), dtype=np.uint8).tobytes()
+                for _ in range(rng.integers(1, 4))
+            ]
+            s.send_multipart(frames)
+        errors = 0
+        deadline = time.monotonic() + 30
+        while errors < n and time.monotonic() < deadline:
+            msg, _ = reply(s, 10)
+            assert msg["type"] == "error"
+            errors += 1
+        assert errors == n
+        s.close()
+        st = stats(srv.endpoint)
+        assert sum(st["dropped"].values()) == n
+        assert st["sessions"] <= 1  # only the bystander
+
+
+def test_max_sessions(passthrough_pack):
+    with running_server([passthrough_pack], max_sessions=2) as srv:
+        with bystander(srv.endpoint, passthrough_pack), Client(srv.endpoint) as a:
+            a.hello()
+            time.sleep(0.1)  # the bystander holds the other slot
+            with Client(srv.endpoint) as b, pytest.raises(ServerError) as e:
+                b.hello()
+            assert e.value.code == "server_full"
+        # Slots free again once sessions end.
+        with Client(srv.endpoint) as c:
+            c.hello()
+
+
+def test_oversized_message_drops_only_that_connection(passthrough_pack):
+    limit = 4096
+    with running_server([passthrough_pack], max_message_bytes=limit) as srv:
+        with bystander(srv.endpoint, passthrough_pack):
+            s = raw_socket(srv.endpoint)
+            s.send_multipart([hello()])
+            ready = reply(s)[0]
+            assert ready["max_message_bytes"] == limit
+            s.send_multipart(audio(0, noise(limit)))  # 16 KiB > 4 KiB: ZMQ drops the peer
+            assert not s.poll(500), "an oversized frame must get no answer"
+            s.close()
+
+
+def test_too_large_on_inproc(passthrough_pack):
+    """inproc:// bypasses ZMQ_MAXMSGSIZE; the server checks the PCM size itself."""
+    ctx = zmq.Context()
+    srv = Server(
+        ServerConfig(bind="inproc://big", models=[str(passthrough_pack)], max_message_bytes=4096),
+        context=ctx,
+    )
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    assert srv.bound.wait(10)
+    try:
+        with Client("inproc://big", context=ctx) as c:
+            c.hello()
+            c.send_audio(noise(2000))
+            msg, _ = c.recv(5)
+            assert isinstance(msg, P.Error) and msg.code == "too_large" and msg.seq == 0
+            c.send_audio(noise(200), seq=0)  # the refused seq is not consumed
+            msg, pcm = c.recv(5)
+            assert isinstance(msg, P.AudioOut) and msg.seq == 0 and pcm.shape == (128, 1)
+    finally:
+        srv.stop()
+        th.join(10)
+        ctx.term()
+
+
+def test_idle_session_times_out(passthrough_pack):
+    with running_server([passthrough_pack], idle_timeout=0.3) as srv:
+        with Client(srv.endpoint) as c:
+            c.hello()
+            msg, tail = c.recv(3)
+            assert isinstance(msg, P.Closed) and msg.reason == "timeout" and tail.size == 0
+            with pytest.raises(ServerError) as e:  # the session is gone
+                c.send_audio(noise(10))
+                m, _ = c.recv(3)
+                raise ServerError(m)
+            assert e.value.code == "no_session"
+        # Traffic keeps a session alive (any message counts).
+        with bystander(srv.endpoint, passthrough_pack, seconds=1.0):
+            pass
+        with Client(srv.endpoint) as c:
+            assert c.stats()["counters"]["closed_timeout"] == 1
+
+
+def test_backpressure_is_reported_and_recoverable(passthrough_pack):
+    with running_server([passthrough_pack], queue_limit=1024, hops_per_tick=1) as srv:
+        with bystander(srv.endpoint, passthrough_pack):
+            with Client(srv.endpoint) as c:
+                c.hello()
+                for _ in range(10):
+                    c.send_audio(noise(1000))
+                codes = []
+                for _ in range(10):
+                    msg, _ = c.recv(5)
+                    codes.append(msg.code if isinstance(msg, P.Error) else "audio")
+                assert "audio" in codes  # seq 0 fits (errors are sent before audio answers)
+                assert "queue_full" in codes  # the limit bit, and the client was told
+                assert set(codes) <= {"audio", "queue_full", "seq_gap"}
+                assert c.stats()["overruns"] >= 1
+            # The client's retry path recovers the exact stream despite back-pressure.
+            x = noise(8000, seed=8)
+            with Client(srv.endpoint) as c:
+                y = c.enhance(x, chunk=1000, window=8)
+            np.testing.assert_array_equal(y, enhance_array(Model(passthrough_pack), x))
+
+
+def test_client_vanishing_mid_stream(passthrough_pack):
+    with running_server([passthrough_pack], idle_timeout=0.5) as srv:
+        with bystander(srv.endpoint, passthrough_pack, seconds=1.5):
+            for _ in range(5):
+                s = raw_socket(srv.endpoint, zmq.Context())
+                s.send_multipart([hello()])
+                assert reply(s)[0]["type"] == "ready"
+                for seq in range(20):  # answers pile up unread, then the client is gone
+                    s.send_multipart(audio(seq, noise(320)))
+                time.sleep(0.01)
+                s.close(linger=0)
+                s.context.term()
+        deadline = time.monotonic() + 5
+        while stats(srv.endpoint)["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        st = stats(srv.endpoint)
+        assert st["sessions"] == 0
+        gone = st["counters"].get("closed_vanished", 0) + st["counters"].get("closed_timeout", 0)
+        assert gone == 5
+
+
+def test_no_reply_from_nowhere():
+    with Client("tcp://127.0.0.1:9", timeout=0.3) as c, pytest.raises(NoReply, match="rtns serve"):
+        c.hello()
