@@ -1,0 +1,338 @@
+"""A JACK dummy server, a player and a recorder client, and ``rtns run`` as a subprocess:
+real PortAudio duplex streams without a sound card (see shared/AUDIO_TESTING.md).
+
+Wiring of a measurement::
+
+    rtns_player:out -> PortAudio:in_0   (rtns run)   PortAudio:out_0 -> rtns_recorder:in
+
+JACK runs the three clients in dependency order within each cycle, and the player and
+the recorder index their buffers by the cycle's frame time, so a pass-through client
+shows a delay of 0 and the measured delay is exactly the delay inside rtns. PortAudio's
+own ``stream.latency`` (the system ports' latency) is not on this path.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+_COUNTER = [0]
+
+
+def skip_reason() -> str | None:
+    """Why JACK tests cannot run here, or None."""
+    if shutil.which("jackd") is None or shutil.which("jack_wait") is None:
+        return "needs jackd2 (apt-get install jackd2)"
+    if ctypes.util.find_library("portaudio") is None:
+        return "needs libportaudio2 (apt-get install libportaudio2)"
+    try:
+        import jack  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"needs the JACK-Client Python package ({e})"
+    return None
+
+
+class JackServer:
+    """``jackd -n NAME -d dummy -r RATE -p PERIOD`` for the duration of a ``with`` block."""
+
+    def __init__(self, rate: int, period: int = 128) -> None:
+        _COUNTER[0] += 1
+        self.rate, self.period = rate, period
+        self.name = f"rtns-test-{os.getpid()}-{_COUNTER[0]}"
+        self.env = {**os.environ, "JACK_DEFAULT_SERVER": self.name, "JACK_NO_START_SERVER": "1"}
+        self.proc: subprocess.Popen | None = None
+        self.log: list[str] = []
+
+    def __enter__(self) -> JackServer:
+        cmd = [
+            "jackd",
+            "-n",
+            self.name,
+            "-d",
+            "dummy",
+            "-r",
+            str(self.rate),
+            "-p",
+            str(self.period),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        r = subprocess.run(
+            ["jack_wait", "-w", "-t", "10"], env=self.env, capture_output=True, text=True
+        )
+        if r.returncode != 0 or self.proc.poll() is not None:
+            self.__exit__()
+            raise RuntimeError(f"jackd did not start: {r.stdout} {''.join(self.log[-20:])}")
+        return self
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in glob.glob(f"/dev/shm/jack_sem.*_{self.name}_*"):
+            try:
+                os.remove(f)
+            except OSError:
+                pass
+
+    def xruns(self) -> int:
+        """XRuns jackd has logged so far."""
+        return sum("XRun" in line for line in self.log)
+
+
+class Loopback:
+    """A player client (one output port) and a recorder client (one input port).
+
+    ``play(signal)`` schedules ``signal`` (float32 [n]) to start at a JACK frame time a
+    little in the future; the recorder keeps the same span plus ``tail`` frames. Both
+    index by the cycle's frame time, so ``recording[k]`` is what arrived while
+    ``signal[k]`` was being sent.
+    """
+
+    def __init__(self, server: JackServer) -> None:
+        import jack
+
+        self.server = server
+        self.player = jack.Client("rtns_player", servername=server.name, no_start_server=True)
+        self.recorder = jack.Client("rtns_recorder", servername=server.name, no_start_server=True)
+        self.out = self.player.outports.register("out")
+        self.inp = self.recorder.inports.register("in")
+        self.signal = np.zeros(0, dtype=np.float32)
+        self.recording = np.zeros(0, dtype=np.float32)
+        self.t0: int | None = None
+        self.player.set_process_callback(self._play)
+        self.recorder.set_process_callback(self._record)
+        self.player.activate()
+        self.recorder.activate()
+
+    def _play(self, frames: int) -> None:
+        buf = self.out.get_array()
+        buf.fill(0.0)
+        t0 = self.t0
+        if t0 is None:
+            return
+        s = self.player.last_frame_time - t0  # signal index of buf[0]
+        a, b = max(s, 0), min(s + frames, self.signal.shape[0])
+        if a < b:
+            buf[a - s : b - s] = self.signal[a:b]
+
+    def _record(self, frames: int) -> None:
+        t0 = self.t0
+        if t0 is None:
+            return
+        s = self.recorder.last_frame_time - t0
+        a, b = max(s, 0), min(s + frames, self.recording.shape[0])
+        if a < b:
+            self.recording[a:b] = self.inp.get_array()[a - s : b - s]
+
+    def wire(self, timeout: float = 10.0) -> None:
+        """Connect player -> rtns's PortAudio input, its output -> recorder."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ins = self.player.get_ports("PortAudio", is_audio=True, is_input=True)
+            outs = self.player.get_ports("PortAudio", is_audio=True, is_output=True)
+            if ins and outs:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("rtns's PortAudio ports did not appear")
+            time.sleep(0.05)
+        pa_in, pa_out = ins[0], outs[0]
+        for src in self.player.get_all_connections(pa_in):
+            self.player.disconnect(src, pa_in)
+        self.player.connect(self.out, pa_in)
+        self.recorder.connect(pa_out, self.inp)
+
+    def play(self, signal: np.ndarray, tail: int, lead_s: float = 0.2) -> None:
+        self.signal = np.ascontiguousarray(signal, dtype=np.float32)
+        self.recording = np.zeros(self.signal.shape[0] + tail, dtype=np.float32)
+        self.t0 = self.player.frame_time + int(lead_s * self.server.rate)
+
+    def wait(self, timeout: float = 120.0) -> np.ndarray:
+        """Block until the recording is complete; returns it (float32 [n + tail])."""
+        assert self.t0 is not None
+        end = self.t0 + self.recording.shape[0] + 2 * self.server.period
+        deadline = time.monotonic() + timeout
+        while self.recorder.frame_time < end:
+            if time.monotonic() > deadline:
+                raise TimeoutError("recording did not complete")
+            time.sleep(0.05)
+        return self.recording.copy()
+
+    def close(self) -> None:
+        for c in (self.player, self.recorder):
+            c.deactivate()
+            c.close()
+
+
+class RtnsProcess:
+    """``python -m rtns <args>`` with stdin open and stderr/stdout collected by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rtns", *args],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = rx.search(line)
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                self._reader.join(2)
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                raise RuntimeError(f"rtns exited ({self.proc.returncode}):\n{self.output}")
+            time.sleep(0.05)
+        raise TimeoutError(f"no {pattern!r} from rtns:\n{self.output}")
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def interrupt(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+
+    def finish(self, timeout: float = 30.0) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+LATENCY_RX = (
+    r"latency (?P<total>[\d.]+) ms = algorithmic (?P<alg>[\d.]+) \+ worker (?P<worker>[\d.]+)"
+    r" \+ hop alignment (?P<align>[\d.]+) \+ resampling (?P<rs>[\d.]+)"
+    r" \+ PortAudio in (?P<pa_in>[\d.]+) \+ out (?P<pa_out>[\d.]+)"
+    r" \(device (?P<rate>\d+) Hz, (?P<block>\d+)-frame blocks\)"
+)
+SUMMARY_RX = (
+    r"stopped after (?P<secs>[\d.]+) s: (?P<callbacks>\d+) callbacks, (?P<underruns>\d+) under-runs"
+    r" \((?P<uframes>\d+) frames\), PortAudio input overflows (?P<in_over>\d+),"
+    r" output underflows (?P<out_under>\d+), dropped in/out (?P<in_drop>\d+)/(?P<out_drop>\d+),"
+    r" RTF (?P<rtf>[\d.]+), max hop (?P<max_hop>[\d.]+) ms"
+)
+
+
+def measure_delay(signal: np.ndarray, recording: np.ndarray, max_delay: int) -> int:
+    """The lag (samples, 0..max_delay) at which ``recording`` best matches ``signal``
+    (peak of their cross-correlation, computed with FFTs)."""
+    size = 1 << int(np.ceil(np.log2(signal.shape[0] + recording.shape[0])))
+    spec = np.fft.rfft(recording.astype(np.float64), size) * np.conj(
+        np.fft.rfft(signal.astype(np.float64), size)
+    )
+    corr = np.fft.irfft(spec, size)[: max_delay + 1]
+    return int(np.argmax(corr))
+
+
+def click_train(n: int, every: int, first: int, amp: float = 0.5) -> np.ndarray:
+    """float32 [n] with single-sample clicks of ``amp`` at first, first + every, ..."""
+    x = np.zeros(n, dtype=np.float32)
+    x[first::every] = amp
+    return x
+
+
+def band_limited_noise(
+    n: int, rate: int, top_hz: float, seed: int = 0, rms: float = 0.1
+) -> np.ndarray:
+    """float32 [n] white noise with everything above ``top_hz`` removed (FFT brick wall)."""
+    rng = np.random.default_rng(seed)
+    spec = np.fft.rfft(rng.standard_normal(n))
+    spec[np.fft.rfftfreq(n, 1 / rate) > top_hz] = 0
+    x = np.fft.irfft(spec, n)
+    return (x * rms / np.sqrt(np.mean(x**2))).astype(np.float32)
+
+
+def run_click_measurement(
+    server: JackServer,
+    rtns_args: list[str],
+    seconds: float = 2.0,
+    max_delay_s: float = 0.2,
+    signal: np.ndarray | None = None,
+) -> dict:
+    """Start ``rtns run``, play clicks (or ``signal``) through it, stop it with SIGINT
+    (as Ctrl-C would).
+
+    Returns {"measured": frames, "latency": regex groups (ms), "summary": regex groups,
+    "rc": exit code, "output": text, "signal", "recording"}.
+    """
+    loop = Loopback(server)
+    proc = RtnsProcess(["run", *rtns_args], server.env)
+    try:
+        lat = proc.wait_for(LATENCY_RX).groupdict()
+        loop.wire()
+        r = server.rate
+        n = int(seconds * r)
+        x = click_train(n, every=r // 4 + 7, first=r // 10) if signal is None else signal
+        max_delay = int(max_delay_s * r)
+        loop.play(x, tail=max_delay)
+        rec = loop.wait()
+        proc.interrupt()
+        rc = proc.finish()
+        summary = proc.wait_for(SUMMARY_RX).groupdict()
+    finally:
+        proc.kill()
+        loop.close()
+    return {
+        "measured": measure_delay(x, rec, max_delay),
+        "latency": lat,
+        "summary": summary,
+        "rc": rc,
+        "output": proc.output,
+        "signal": x,
+        "recording": rec,
+    }
