@@ -1,0 +1,271 @@
+"""Load benchmark of ``rtns serve``: N concurrent real-time clients on loopback.
+
+For each mode (batched, ``--no-batch``) and each N, starts ``rtns serve`` in its own process,
+then this process plays N clients (one DEALER socket each, one event loop, every client
+sending one chunk per chunk duration with its own phase) for ``--seconds`` after a warm-up,
+and reports:
+
+* tick inference time (server ``stats``: wall time of the infer calls of one round), p50/p99;
+* rows per tick (how many hops one batched call carried);
+* answer latency (send -> answer received, per message), p50/p99;
+* late blocks: answers that arrived more than ``--deadline-ms`` after their chunk was sent
+  (default: one chunk duration, the most a one-chunk playout buffer absorbs), and dropped
+  blocks (errors such as ``queue_full``, or never answered);
+* server CPU use (fraction of one core) and how late this client process itself sent
+  (if that is large, the client, not the server, was the bottleneck);
+* the largest N that stays real time (late < 1 %, nothing dropped, client lag p99 < one
+  chunk) per mode.
+
+Not a test: run it on a quiet machine (`uptime`), e.g.
+
+    python benchmarks/load.py --model PACK --ns 1,8,32,64,128 --seconds 10
+
+The timings depend on the CPU; the table is printed as Markdown, raw numbers as JSON with
+``--json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from rtns import protocol as P
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(model: str, batch: bool, max_sessions: int) -> tuple[subprocess.Popen, str]:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", model]
+    cmd += ["--max-sessions", str(max_sessions), "--log-level", "warning"]
+    if not batch:
+        cmd.append("--no-batch")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    return proc, endpoint
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def request_stats(ctx: zmq.Context, endpoint: str, reset: bool = False) -> dict:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send(P.encode(P.StatsRequest(reset=reset)))
+        if not s.poll(20_000):
+            raise RuntimeError("no stats answer")
+        return json.loads(s.recv_multipart()[0])
+    finally:
+        s.close()
+
+
+def run_clients(
+    endpoint: str, n: int, seconds: float, warmup: float, chunk: int, deadline_ms: float
+) -> dict:
+    """N paced clients in one loop; returns latency and loss figures of the measured part."""
+    ctx = zmq.Context()
+    period = chunk / 16_000
+    rng = np.random.default_rng(0)
+    pcm = (0.05 * rng.standard_normal(chunk)).astype("<f4").tobytes()
+    socks = []
+    poller = zmq.Poller()
+    for _ in range(n):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        s.send(P.encode(P.Hello(version=1, sample_rate=16_000, format="f32le")))
+        socks.append(s)
+        poller.register(s, zmq.POLLIN)
+    for s in socks:
+        if not s.poll(20_000):
+            raise RuntimeError("no ready within 20 s")
+        msg = json.loads(s.recv_multipart()[0])
+        if msg["type"] != "ready":
+            raise RuntimeError(f"hello refused: {msg}")
+    index = {s: i for i, s in enumerate(socks)}
+    t0 = time.monotonic() + 0.05
+    phase = [i * period / n for i in range(n)]
+    next_seq = [0] * n
+    sent_at: list[dict[int, float]] = [{} for _ in range(n)]
+    t_measure = t0 + warmup
+    t_end = t_measure + seconds
+    lat: list[float] = []
+    lag: list[float] = []
+    errors = 0
+    answered_measured = 0
+    sent_measured = 0
+    reset_done = False
+    while True:
+        now = time.monotonic()
+        if not reset_done and now >= t_measure:
+            request_stats(ctx, endpoint, reset=True)
+            reset_done = True
+            now = time.monotonic()
+        if now >= t_end + 0.5:
+            break
+        # Send every chunk that is due.
+        soonest = now + 0.01
+        for i, s in enumerate(socks):
+            due = t0 + phase[i] + next_seq[i] * period
+            if due <= now and due < t_end:
+                seq = next_seq[i]
+                s.send_multipart([P.encode(P.Audio(seq=seq)), pcm], copy=False)
+                sent = time.monotonic()
+                sent_at[i][seq] = due
+                if due >= t_measure:
+                    lag.append(sent - due)
+                    sent_measured += 1
+                next_seq[i] += 1
+                due += period
+            soonest = min(soonest, due)
+        timeout = max(0.0, soonest - time.monotonic())
+        for s, _ in poller.poll(timeout * 1000):
+            i = index[s]
+            while True:
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                got = time.monotonic()
+                msg = json.loads(frames[0])
+                seq = msg.get("seq")
+                due = sent_at[i].pop(seq, None) if seq is not None else None
+                if due is None or due < t_measure:
+                    continue
+                if msg["type"] == "audio":
+                    lat.append(got - due)
+                    answered_measured += 1
+                else:
+                    errors += 1
+    for s in socks:
+        s.send(P.encode(P.Close()))
+    time.sleep(0.2)
+    for s in socks:
+        s.close()
+    ctx.term()
+    lat_ms = np.asarray(lat) * 1e3
+    lag_ms = np.asarray(lag) * 1e3 if lag else np.zeros(1)
+    late = int((lat_ms > deadline_ms).sum())
+    dropped = sent_measured - answered_measured
+    return {
+        "sent": sent_measured,
+        "answered": answered_measured,
+        "errors": errors,
+        "dropped": dropped,
+        "late": late,
+        "late_pct": 100.0 * late / max(1, sent_measured),
+        "lat_p50_ms": float(np.percentile(lat_ms, 50)) if lat_ms.size else None,
+        "lat_p99_ms": float(np.percentile(lat_ms, 99)) if lat_ms.size else None,
+        "client_lag_p99_ms": float(np.percentile(lag_ms, 99)),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", "-m", default="rtns-dtln", help="pack name or folder")
+    ap.add_argument("--ns", default="1,8,32,64,128", help="client counts, comma-separated")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    ap.add_argument("--chunk", type=int, default=320, help="samples per message (320 = 20 ms)")
+    ap.add_argument("--deadline-ms", type=float, default=None, help="default: chunk duration")
+    ap.add_argument("--modes", default="batch,nobatch")
+    ap.add_argument("--json", metavar="FILE", help="also write raw results here")
+    args = ap.parse_args()
+    ns = [int(v) for v in args.ns.split(",")]
+    deadline = args.deadline_ms or 1e3 * args.chunk / 16_000
+    load = os.getloadavg()
+    print(
+        f"# rtns serve load: model {args.model}, chunk {args.chunk} samples "
+        f"({1e3 * args.chunk / 16000:.0f} ms), {args.seconds:g} s measured per run, "
+        f"deadline {deadline:g} ms, {os.cpu_count()} CPUs, loadavg {load[0]:.2f} at start",
+        file=sys.stderr,
+    )
+    results = []
+    ctx = zmq.Context()
+    for mode in args.modes.split(","):
+        for n in ns:
+            proc, endpoint = start_server(args.model, mode == "batch", max(256, n))
+            try:
+                request_stats(ctx, endpoint)  # waits until the server is up
+                cpu0, w0 = cpu_seconds(proc.pid), time.monotonic()
+                r = run_clients(endpoint, n, args.seconds, args.warmup, args.chunk, deadline)
+                st = request_stats(ctx, endpoint)
+                cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - w0)
+            finally:
+                stop_server(proc)
+            tick = st["tick_infer_ms"]
+            r |= {
+                "mode": mode,
+                "n": n,
+                "tick_p50_ms": tick["p50"],
+                "tick_p99_ms": tick["p99"],
+                "rows_per_tick": st["rows_per_tick"]["mean"],
+                "server_cpu": cpu,
+                "server_overruns": st["overruns"],
+            }
+            r["realtime"] = (
+                r["late_pct"] < 1.0
+                and r["dropped"] == 0
+                and r["client_lag_p99_ms"] < 1e3 * args.chunk / 16_000
+            )
+            results.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    ctx.term()
+    cols = (
+        "| mode | N | tick infer p50 / p99 ms | rows/tick | answer p50 / p99 ms | late % "
+        "| dropped | server CPU | client lag p99 ms | real time |"
+    )
+    print(cols)
+    print("|---" * (cols.count("|") - 1) + "|")
+    for r in results:
+
+        def f(v: float | None, d: int = 2) -> str:
+            return "-" if v is None else f"{v:.{d}f}"
+
+        print(
+            f"| {r['mode']} | {r['n']} | {f(r['tick_p50_ms'])} / {f(r['tick_p99_ms'])} "
+            f"| {f(r['rows_per_tick'], 1)} | {f(r['lat_p50_ms'])} / {f(r['lat_p99_ms'])} "
+            f"| {r['late_pct']:.2f} | {r['dropped']} | {100 * r['server_cpu']:.0f} % "
+            f"| {f(r['client_lag_p99_ms'])} | {'yes' if r['realtime'] else 'no'} |"
+        )
+    for mode in args.modes.split(","):
+        best = None
+        for r in sorted((r for r in results if r["mode"] == mode), key=lambda r: r["n"]):
+            if not r["realtime"]:
+                break
+            best = r["n"]
+        print(f"\nlargest real-time N ({mode}): {best if best else 'none'} of {ns}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
