@@ -53,8 +53,6 @@ ERROR_CODES: dict[str, str] = {
     "seq_gap": "the sequence number skips ahead of the next expected one",
     "too_large": "the PCM frame is larger than the server's message limit",
     "queue_full": "the session's input queue is full; resend the same seq later",
-    "timeout": "the session was idle longer than the server's idle timeout",
-    "shutdown": "the server is shutting down",
     "internal": "the server failed processing this session",
 }
 
