@@ -283,15 +283,18 @@ def score_pair(pair: Pair) -> FileResult:
 # --------------------------------------------------------------------------------------
 def means(
     results: list[FileResult], label: str, keys: Sequence[str]
-) -> tuple[Scores, dict[str, int]]:
-    """Mean of each metric over the files where it could be computed, and that count."""
+) -> tuple[Scores, Scores, dict[str, int]]:
+    """Mean and sample standard deviation of each metric over the files where it could be
+    computed, and that number of files."""
     avg: Scores = {}
+    std: Scores = {}
     count: dict[str, int] = {}
     for k in keys:
         vals = [r.scores[label][k] for r in results if r.scores[label].get(k) is not None]
         count[k] = len(vals)
         avg[k] = float(np.mean(vals)) if vals else None
-    return avg, count
+        std[k] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return avg, std, count
 
 
 def _fmt(v: float | None, decimals: int) -> str:
@@ -574,7 +577,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     rows: list[tuple[str, Scores]] = []
     report_systems = []
     for s in systems:
-        avg, count = means(results, s.label, keys)
+        avg, std, count = means(results, s.label, keys)
         rows.append((s.label, avg))
         report_systems.append(
             {
@@ -582,6 +585,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "kind": s.kind,
                 "pack": packs[s.label] or None,
                 "means": avg,
+                "std": std,
                 "counts": count,
                 "per_file": {r.name: r.scores[s.label] for r in results},
             }

@@ -116,6 +116,7 @@ def test_passthrough_scores_equal_unprocessed(
             vals = [f[key] for f in sys_["per_file"].values()]
             assert None not in vals and sys_["counts"][key] == 3
             assert sys_["means"][key] == pytest.approx(np.mean(vals), abs=1e-12)
+            assert sys_["std"][key] == pytest.approx(np.std(vals, ddof=1), abs=1e-12)
     # the real check: an identity model through the engine scores as its input
     for key, tol in TOL.items():
         assert pt["means"][key] == pytest.approx(unp["means"][key], abs=tol), key
