@@ -189,6 +189,10 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     [
         (lambda d: d / "missing.h5", "no such file"),
         (lambda d: (d / "bad.h5").write_text("hello") and d / "bad.h5", "not an HDF5 file"),
+        (
+            lambda d: write_keras_h5(d / "w.h5", DTLN(), drop_layer="lstm_2"),
+            "w.h5: not a DTLN weight file (layer 'lstm_2' is missing)",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, make, message):
