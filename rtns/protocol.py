@@ -215,7 +215,7 @@ def parse_client(frames: list[bytes]) -> Hello | Audio | Close | StatsRequest | 
         )
     try:
         obj = json.loads(head)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("bad_json", "header frame is not UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_json", "header frame is JSON but not an object")

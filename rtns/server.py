@@ -608,6 +608,8 @@ class Server:
         return len(streams)
 
     def _answer(self, s: Session) -> None:
+        if self.sessions.get(s.ident) is not s:
+            return  # ended during this tick (its client vanished)
         shift = s.served.model.block_shift
         hop_waiting = s.streams[0].pending >= shift
         while s.unanswered and s.unanswered[0][1] == 0 and not hop_waiting:

@@ -39,6 +39,8 @@ def test_good_messages_parse():
         ([b"\xff\xfe"], "bad_json"),
         ([b"[1, 2]"], "bad_json"),
         ([b"x" * (P.MAX_HEADER_BYTES + 1)], "bad_json"),
+        ([b"[" * P.MAX_HEADER_BYTES], "bad_json"),  # nesting past the recursion limit
+        ([b'{"type":"audio","seq":1e400}', b""], "bad_message"),
         ([b'{"type":"dance"}'], "unknown_type"),
         ([b'{"seq":1}'], "unknown_type"),
         ([b'{"type":"audio","seq":1}'], "bad_frames"),

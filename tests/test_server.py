@@ -222,6 +222,15 @@ def test_non_loopback_bind_needs_curve(passthrough_pack):
         Server(ServerConfig(bind="tcp://*:5555", models=[str(passthrough_pack)]))
 
 
+def test_serve_cli_refuses_plaintext_off_loopback(passthrough_pack, capsys):
+    from rtns.cli import main
+
+    assert main(["serve", "--bind", "tcp://0.0.0.0:5555", "-m", str(passthrough_pack)]) == 1
+    assert "requires CurveZMQ" in capsys.readouterr().err
+    assert main(["serve", "--require-curve", "-m", str(passthrough_pack)]) == 1
+    assert "--curve-secret" in capsys.readouterr().err
+
+
 def test_curve_allows_listed_clients_only(passthrough_pack, tmp_path):
     from rtns.cli.serve import write_keypair
 
@@ -249,9 +258,12 @@ def test_curve_allows_listed_clients_only(passthrough_pack, tmp_path):
             pytest.raises(NoReply),
         ):
             c.hello()
-        with Client(srv.endpoint, timeout=1.0) as c, pytest.raises(NoReply):
+        with Client(srv.endpoint, timeout=0.5) as c, pytest.raises(NoReply):
             c.hello()  # plaintext client
-        assert srv.stats()["counters"].get("sessions_opened") == 1
+        with Client(
+            srv.endpoint, server_key=server_pub, client_key=tmp_path / "allowed/alice.key_secret"
+        ) as c:
+            assert c.stats()["counters"]["sessions_opened"] == 1
 
 
 def _free_port() -> int:
@@ -283,7 +295,7 @@ def test_sigterm_flushes_open_sessions(passthrough_pack):
                 assert msg.samples_in == n and msg.samples_out == n + 384
         assert proc.wait(15) == 0
         events = [json.loads(line)["event"] for line in proc.stderr.read().splitlines()]
-        assert {"listening", "open", "shutdown", "close", "stopped"} <= set(events)
+        assert {"curve", "listening", "open", "shutdown", "close", "stopped"} <= set(events)
     finally:
         if proc.poll() is None:
             proc.kill()
