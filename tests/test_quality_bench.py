@@ -164,13 +164,24 @@ def test_write_manifest_round_trip_and_jobs(
     assert after.model_dump(exclude={"scores"}) == before.model_dump(exclude={"scores"})
     verify_files(pack, after)  # graphs untouched
 
-    # a second set is added beside the first; the process pool gave the same numbers
+    # a second set is added beside the first; the process pool gave the same numbers; a
+    # labelled peer pack (--official-dtln) is another row, also written
+    peer = tmp_path / "peer_copy"
+    shutil.copytree(passthrough_pack, peer)
     out1 = tmp_path / "q1.json"
-    assert quality.main(argv + ["--set-name", "tiny2", "--limit", "2", "--json", str(out1)]) == 0
+    extra = ["--set-name", "tiny2", "--limit", "2", "--official-dtln", f"Peer X={peer}"]
+    assert quality.main(argv + extra + ["--json", str(out1)]) == 0
     rep1 = json.loads(out1.read_text())
+    assert [(s["label"], s["kind"]) for s in rep1["systems"]] == [
+        ("unprocessed", "unprocessed"),
+        ("passthrough", "pack"),
+        ("Peer X", "peer"),
+    ]
     assert set(read_manifest(pack).scores) == {"tiny", "tiny2"}
+    assert set(read_manifest(peer).scores) == {"tiny2"}
     for name in ("a.flac", "b.flac"):
         assert rep1["systems"][1]["per_file"][name] == rep["systems"][1]["per_file"][name]
+        assert rep1["systems"][2]["per_file"][name] == rep["systems"][1]["per_file"][name]
     assert "wrote scores['tiny2']" in capsys.readouterr().err
 
 
