@@ -60,6 +60,10 @@ RING_SECONDS = 2.0
 #: Python switches threads every 5 ms by default, so a worker holding the GIL could delay
 #: the callback by 5 ms; 0.5 ms keeps the callback on time (measured: AUDIO_TESTING.md).
 SWITCH_INTERVAL_S = 0.0005
+#: SCHED_FIFO priority asked for the worker: below JACK's client threads (5 with jackd's
+#: default -P 10) so the callback still preempts it, above every normal process so that
+#: background load cannot starve inference. Needs root, CAP_SYS_NICE or RLIMIT_RTPRIO.
+WORKER_RT_PRIORITY = 4
 
 PORTAUDIO_MISSING = (
     "the PortAudio library is not installed; install the system package libportaudio2 "
@@ -255,8 +259,17 @@ class LiveRunner:
     :meth:`step` (or :meth:`start`).
     """
 
-    def __init__(self, model: Model, device_rate: int, ring_seconds: float = RING_SECONDS) -> None:
+    def __init__(
+        self,
+        model: Model,
+        device_rate: int,
+        ring_seconds: float = RING_SECONDS,
+        rt_priority: int = WORKER_RT_PRIORITY,
+    ) -> None:
         self.model = model
+        self.rt_priority = rt_priority
+        #: How the worker thread is scheduled ("SCHED_FIFO 4" or why it is not real-time).
+        self.worker_scheduling = "not started"
         self.stream = model.stream()
         self.rate = model.sample_rate
         self.hop = model.block_shift
@@ -404,7 +417,23 @@ class LiveRunner:
                 self.stream.atten_lim_db = value
                 self.atten_lim_db = value
 
+    def _make_realtime(self) -> None:
+        """Ask for SCHED_FIFO on the calling (worker) thread; record the outcome."""
+        if self.rt_priority <= 0:
+            self.worker_scheduling = "normal (real-time priority not requested)"
+            return
+        if not hasattr(os, "sched_setscheduler"):
+            self.worker_scheduling = "normal (no real-time scheduling on this OS)"
+            return
+        try:
+            # pid 0 = the calling thread on Linux.
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
+            self.worker_scheduling = f"SCHED_FIFO {self.rt_priority}"
+        except OSError as e:
+            self.worker_scheduling = f"normal (no permission for real-time priority: {e.strerror})"
+
     def _run(self) -> None:
+        self._make_realtime()
         try:
             while not self._stop.is_set():
                 ready, _, _ = select.select([self._wake_r], [], [], 0.1)

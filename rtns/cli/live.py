@@ -79,6 +79,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="PortAudio suggested latency: low, high or seconds (default: low)",
     )
     p.add_argument("--duration", type=float, metavar="SEC", help="stop after SEC seconds")
+    p.add_argument(
+        "--rt-priority",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SCHED_FIFO priority of the inference thread (default: 4, below JACK's client "
+        "threads; 0: normal scheduling)",
+    )
     p.add_argument("--bypass", action="store_true", help="start in bypass")
     p.add_argument("-q", "--quiet", action="store_true", help="no once-a-second status line")
     p.set_defaults(func=run_live)
@@ -208,7 +216,7 @@ def _stdin_controls(runner: Any, stop: threading.Event) -> None:
 
 def run_live(args: argparse.Namespace) -> int:
     from rtns.audio import LiveRunner, import_sounddevice
-    from rtns.config import EngineConfig
+    from rtns.config import SAMPLE_RATE, EngineConfig
     from rtns.engine import Model
 
     sd = import_sounddevice()
@@ -219,9 +227,11 @@ def run_live(args: argparse.Namespace) -> int:
     o = _pick_device(sd, args.output, devices, "output")
     if args.blocksize < 0:
         raise UserInputError(f"--blocksize must be >= 0, got {args.blocksize}")
+    # Devices first: their errors are cheaper to find than a pack's.
+    rate = _pick_rate(sd, i, o, devices, args.samplerate, SAMPLE_RATE)
     model = Model(args.model, EngineConfig(threads=1))
-    rate = _pick_rate(sd, i, o, devices, args.samplerate, model.sample_rate)
-    runner = LiveRunner(model, rate)
+    rt = {} if args.rt_priority is None else {"rt_priority": args.rt_priority}
+    runner = LiveRunner(model, rate, **rt)
     if args.atten_lim is not None:
         runner.set_atten_lim_db(args.atten_lim)
     if args.bypass:
@@ -270,6 +280,11 @@ def run_live(args: argparse.Namespace) -> int:
         lat = runner.latency(stream.latency)
         lat_ms = lat.total_s * 1e3
         print(f"rtns: {lat.describe()}", file=sys.stderr, flush=True)
+        print(
+            f"rtns: inference thread scheduling: {runner.worker_scheduling}",
+            file=sys.stderr,
+            flush=True,
+        )
         threading.Thread(target=_stdin_controls, args=(runner, stop), daemon=True).start()
         t_end = None if args.duration is None else time.monotonic() + args.duration
         next_status = time.monotonic() + 1.0

@@ -1,0 +1,214 @@
+"""``rtns devices`` and ``rtns run`` on a real PortAudio duplex stream (JACK dummy server).
+
+Each test wires a player client into rtns's input and rtns's output into a recorder client
+(tests/jack_harness.py) and runs the real CLI as a subprocess. Needs jackd2,
+libportaudio2 and JACK-Client; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jack_harness import (
+    LATENCY_RX,
+    SUMMARY_RX,
+    JackServer,
+    Loopback,
+    RtnsProcess,
+    band_limited_noise,
+    click_train,
+    run_click_measurement,
+    skip_reason,
+)
+
+REASON = skip_reason()
+pytestmark = [pytest.mark.jack, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+DEVICE_ARGS = ["-i", "system", "-o", "system"]
+BLOCK_16K = 128  # "within one block": 128 samples at 16 kHz = 8 ms
+
+
+@pytest.fixture(scope="module")
+def server16():
+    with JackServer(16000) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server48():
+    with JackServer(48000) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def dtln_args(request) -> list[str]:
+    """The default pack (models/rtns-dtln) when installed, else a random-init DTLN of the
+    same size, as ``-m PACK`` arguments."""
+    from rtns.pack import PackError, resolve_pack
+
+    try:
+        resolve_pack(None)
+        return []
+    except PackError:
+        return ["-m", str(request.getfixturevalue("random_dtln_pack"))]
+
+
+def in_process_frames(lat: dict) -> float:
+    """Reported delay minus PortAudio's buffering, in device frames: what the in-graph
+    player -> rtns -> recorder path sees (it bypasses the system ports)."""
+    ms = sum(float(lat[k]) for k in ("alg", "worker", "align", "rs"))
+    return ms * int(lat["rate"]) / 1000
+
+
+def total_frames(lat: dict) -> float:
+    return float(lat["total"]) * int(lat["rate"]) / 1000
+
+
+def test_devices_lists_the_jack_device(server16: JackServer) -> None:
+    for args in (["--list-devices"], ["devices"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "rtns", *args],
+            env=server16.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        rows = [line.split() for line in r.stdout.splitlines()]
+        assert rows[0][:2] == ["idx", "name"]
+        assert rows[1][:2] == ["0", "system"]
+        assert "JACK" in r.stdout and "16000" in rows[1]
+        assert r.stdout.splitlines()[1].endswith("input, output")
+
+
+def test_run_reports_device_errors(server16: JackServer, passthrough_pack: Path) -> None:
+    pack = ["-m", str(passthrough_pack)]
+    r = subprocess.run(
+        [sys.executable, "-m", "rtns", "run", *pack, "-i", "no-such-mic", "-o", "0"],
+        env=server16.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "rtns: error: no input device matches 'no-such-mic'; run `rtns devices`" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "rtns", "run", *pack, "-i", "0", "-o", "0", "--samplerate", "44100"],
+        env=server16.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "do not run at 44100 Hz" in r.stderr
+
+
+def test_passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) -> None:
+    """Clicks come out exactly as they went in, delayed by the reported in-process latency;
+    the reported total (which adds PortAudio's output latency) is within one block."""
+    res = run_click_measurement(server16, ["-m", str(passthrough_pack), *DEVICE_ARGS])
+    lat, summary = res["latency"], res["summary"]
+    assert res["rc"] == 0, res["output"]  # Ctrl-C (SIGINT) stops cleanly
+    assert int(lat["rate"]) == 16000 and float(lat["rs"]) == 0.0
+    d = res["measured"]
+    print(f"\n16 kHz passthrough: measured {d} samples, reported {lat}")
+    assert d == round(in_process_frames(lat)) == 512
+    assert abs(d - total_frames(lat)) <= BLOCK_16K
+    x, rec = res["signal"], res["recording"]
+    np.testing.assert_allclose(rec[d : d + x.shape[0]], x, atol=1e-5)
+    assert int(summary["underruns"]) == 0
+
+
+def test_resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) -> None:
+    """With the server at 48 kHz rtns resamples itself; measured delay = reported."""
+    r = 48000
+    x = band_limited_noise(2 * r, r, top_hz=6000) + click_train(2 * r, r // 3, r // 7)
+    res = run_click_measurement(server48, ["-m", str(passthrough_pack), *DEVICE_ARGS], signal=x)
+    lat = res["latency"]
+    assert res["rc"] == 0, res["output"]
+    assert int(lat["rate"]) == r and float(lat["rs"]) > 0
+    d = res["measured"]
+    print(f"\n48 kHz passthrough: measured {d} frames, reported {lat}")
+    assert abs(d - in_process_frames(lat)) <= 1
+    assert abs(d - total_frames(lat)) <= BLOCK_16K * r // 16000
+    # Below 6 kHz the two resamplers pass the signal through.
+    noise = band_limited_noise(2 * r, r, top_hz=6000)
+    rec = res["recording"][d : d + x.shape[0]]
+    # Clicks come back band-limited, so compare away from them.
+    mask = np.ones(x.shape[0], dtype=bool)
+    for c in np.flatnonzero(click_train(2 * r, r // 3, r // 7)):
+        mask[max(c - 200, 0) : c + 200] = False
+    mask[: r // 10] = False
+    err = np.sqrt(np.mean((rec[mask] - noise[mask]) ** 2)) / np.sqrt(np.mean(noise[mask] ** 2))
+    assert err < 0.01, err
+    assert int(res["summary"]["underruns"]) == 0
+
+
+def test_dtln_changes_the_signal_and_bypass_restores_it(
+    server16: JackServer, dtln_args: list[str]
+) -> None:
+    r = 16000
+    n = 5 * r
+    t = np.arange(n) / r
+    x = band_limited_noise(n, r, 7000, seed=1, rms=0.05) + 0.1 * np.sin(2 * np.pi * 440 * t)
+    x = x.astype(np.float32)
+    loop = Loopback(server16)
+    proc = RtnsProcess(["run", *dtln_args, *DEVICE_ARGS, "--quiet"], server16.env)
+    try:
+        lat = proc.wait_for(LATENCY_RX).groupdict()
+        loop.wire()
+        loop.play(x, tail=r // 5)
+        assert loop.t0 is not None
+        while loop.recorder.frame_time < loop.t0 + n // 2:
+            time.sleep(0.02)
+        proc.send("b\n")
+        proc.wait_for("bypass toggled")
+        rec = loop.wait()
+        proc.interrupt()
+        assert proc.finish() == 0, proc.output
+        summary = proc.wait_for(SUMMARY_RX).groupdict()
+    finally:
+        proc.kill()
+        loop.close()
+    d = round(in_process_frames(lat))
+    y = rec[d : d + n]
+    first, last = slice(r // 2, 2 * r), slice(7 * r // 2, n)
+    rms = np.sqrt(np.mean(y[first] ** 2))
+    diff = np.sqrt(np.mean((y[first] - x[first]) ** 2)) / np.sqrt(np.mean(x[first] ** 2))
+    print(f"\nDTLN: output rms {rms:.4f}, relative difference from the input {diff:.3f}")
+    assert rms > 1e-3, "the model's output is silent"
+    assert diff > 0.05, "the model's output equals its input"
+    # Bypass: the dry input with the same delay, exactly.
+    np.testing.assert_allclose(y[last], x[last], atol=1e-6)
+    assert int(summary["underruns"]) == 0
+
+
+@pytest.mark.slow
+def test_sixty_seconds_without_underruns(server16: JackServer, dtln_args: list[str]) -> None:
+    r, secs = 16000, 60
+    x = band_limited_noise(secs * r, r, 7000, seed=2, rms=0.05)
+    loop = Loopback(server16)
+    xruns_before = server16.xruns()
+    proc = RtnsProcess(
+        ["run", *dtln_args, *DEVICE_ARGS, "--quiet", "--duration", str(secs + 1)], server16.env
+    )
+    try:
+        proc.wait_for(LATENCY_RX)
+        loop.wire()
+        loop.play(x, tail=r // 5, lead_s=0.1)
+        rec = loop.wait(timeout=secs + 30)
+        assert proc.finish(timeout=30) == 0, proc.output
+        summary = proc.wait_for(SUMMARY_RX).groupdict()
+    finally:
+        proc.kill()
+        loop.close()
+    print(f"\n60 s: {summary}; jackd xruns {server16.xruns() - xruns_before}")
+    assert int(summary["underruns"]) == 0, proc.output
+    assert int(summary["callbacks"]) >= secs * r // 128
+    assert float(summary["rtf"]) < 1.0
+    assert np.sqrt(np.mean(rec[r:] ** 2)) > 1e-3  # the model produced audio throughout
