@@ -601,7 +601,7 @@ class Server:
         i = 0
         for s in group:
             n = s.channels
-            hop = np.stack(outs[i : i + n], axis=1)
+            hop = outs[i][:, None] if n == 1 else np.stack(outs[i : i + n], axis=1)
             i += n
             s.out.append(hop)
             s.produced_16k += hop.shape[0]
