@@ -364,3 +364,61 @@ def test_import_cli_stays_light():
     )
     mods = out.stderr
     assert "zmq" not in mods and "torch" not in mods and "soxr" not in mods
+
+
+def test_ipc_endpoint(passthrough_pack, tmp_path):
+    x = noise(3000)
+    with running_server([passthrough_pack], bind=f"ipc://{tmp_path}/rtns.sock") as srv:
+        assert srv.endpoint.startswith("ipc://")
+        with Client(srv.endpoint) as c:
+            y = c.enhance(x, chunk=256)
+    np.testing.assert_array_equal(y, enhance_array(Model(passthrough_pack), x))
+
+
+def test_keys_cli(tmp_path, capsys):
+    import zmq.auth
+
+    from rtns.cli import main
+
+    assert main(["keys", str(tmp_path / "k"), "--name", "srv"]) == 0
+    pub, none = zmq.auth.load_certificate(str(tmp_path / "k/srv.key"))
+    pub2, secret = zmq.auth.load_certificate(str(tmp_path / "k/srv.key_secret"))
+    assert none is None and pub == pub2 and len(secret) == 40
+    assert (tmp_path / "k/srv.key_secret").stat().st_mode & 0o777 == 0o600
+    assert main(["keys", str(tmp_path / "k"), "--name", "srv"]) == 1  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_serve_and_stream_cli_with_curve(passthrough_pack, tmp_path):
+    """The command-line wiring of CURVE: `rtns serve --curve ...` and `rtns stream` with keys."""
+    import soundfile as sf
+
+    from rtns.cli import main
+
+    assert main(["keys", str(tmp_path / "srv"), "--name", "server"]) == 0
+    assert main(["keys", str(tmp_path / "ok"), "--name", "alice"]) == 0
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", str(passthrough_pack)]
+    cmd += ["--curve", "--curve-secret", str(tmp_path / "srv/server.key_secret")]
+    cmd += ["--allowed-clients", str(tmp_path / "ok"), "--log-format", "kv"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        x = noise(4000)
+        sf.write(tmp_path / "in.wav", x, 16000, subtype="FLOAT")
+        common = ["stream", str(tmp_path / "in.wav"), "-e", endpoint, "--fast", "-q"]
+        keys = ["--server-key", str(tmp_path / "srv/server.key")]
+        keys += ["--client-key", str(tmp_path / "ok/alice.key_secret")]
+        assert main([*common[:2], str(tmp_path / "out.wav"), *common[2:], *keys]) == 0
+        y, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+        np.testing.assert_array_equal(y, enhance_array(Model(passthrough_pack), x))
+        # Without keys the same server gives a plaintext client nothing.
+        args = [*common[:2], str(tmp_path / "no.wav"), *common[2:], "--timeout", "0.5"]
+        assert main(args) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        log = proc.stderr.read()
+        assert "event=curve" in log and "CurveZMQ on" in log and "keys=1" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
