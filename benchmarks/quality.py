@@ -187,7 +187,16 @@ def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray, FileResult]:
 # --------------------------------------------------------------------------------------
 # Scoring (runs in worker processes when --jobs > 1)
 # --------------------------------------------------------------------------------------
-_WORKER: dict[str, object] = {}
+@dataclass
+class _Worker:
+    """What one process needs to score pairs: the rows and their loaded packs."""
+
+    systems: list[System]
+    models: dict[str, object]  # label -> rtns.engine.Model
+    dnsmos: bool
+
+
+_WORKER: _Worker | None = None
 
 
 def _single_thread_dnsmos() -> None:
@@ -201,20 +210,21 @@ def _single_thread_dnsmos() -> None:
         import onnxruntime as ort
         from speechmos import dnsmos as sm
 
-        base = Path(sm.__file__).resolve().parent / "dnsmos_models"
+        # the very path string speechmos.dnsmos.run compares with
+        base = os.path.join(os.path.dirname(os.path.abspath(sm.__file__)), "dnsmos_models")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         obj = sm.DNSMOS.__new__(sm.DNSMOS)
-        obj.primary_model_path = os.path.join(str(base), "sig_bak_ovr.onnx")
+        obj.primary_model_path = os.path.join(base, "sig_bak_ovr.onnx")
         providers = ["CPUExecutionProvider"]
         obj.onnx_sess = ort.InferenceSession(obj.primary_model_path, opts, providers=providers)
         obj.p808_onnx_sess = ort.InferenceSession(
-            str(base / "model_v8.onnx"), opts, providers=providers
+            os.path.join(base, "model_v8.onnx"), opts, providers=providers
         )
         sm.dnsmos = obj
-    except Exception:  # noqa: BLE001 - an optimisation only
+    except Exception:  # an optimisation only
         pass
 
 
@@ -223,10 +233,10 @@ def _init_worker(systems: list[System], with_dnsmos: bool) -> None:
     from rtns.config import EngineConfig
     from rtns.engine import Model
 
+    global _WORKER
     cfg = EngineConfig(threads=1)
-    _WORKER["models"] = {s.label: Model(s.path, cfg) for s in systems if s.kind != "unprocessed"}
-    _WORKER["systems"] = systems
-    _WORKER["dnsmos"] = with_dnsmos
+    models = {s.label: Model(s.path, cfg) for s in systems if s.kind != "unprocessed"}
+    _WORKER = _Worker(systems, models, with_dnsmos)  # type: ignore[arg-type]
     if with_dnsmos:
         _single_thread_dnsmos()
 
@@ -268,11 +278,12 @@ def score_pair(pair: Pair) -> FileResult:
     """Run every system on one pair and score it (needs :func:`_init_worker` first)."""
     from rtns.engine import enhance_array
 
+    w = _WORKER
+    assert w is not None, "call _init_worker first"
     clean, noisy, res = load_pair(pair)
-    models = _WORKER["models"]
-    for s in _WORKER["systems"]:  # type: ignore[attr-defined]
-        est = noisy if s.kind == "unprocessed" else enhance_array(models[s.label], noisy)  # type: ignore[index]
-        scores, errors = score_signal(clean, est, bool(_WORKER["dnsmos"]))
+    for s in w.systems:
+        est = noisy if s.kind == "unprocessed" else enhance_array(w.models[s.label], noisy)  # type: ignore[arg-type]
+        scores, errors = score_signal(clean, est, w.dnsmos)
         res.scores[s.label] = scores
         res.errors += [f"{s.label}: {e}" for e in errors]
     return res
