@@ -27,6 +27,7 @@ The timings depend on the CPU; the table is printed as Markdown, raw numbers as 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import signal
@@ -111,7 +112,8 @@ def run_clients(
             raise RuntimeError(f"hello refused: {msg}")
     index = {s: i for i, s in enumerate(socks)}
     t0 = time.monotonic() + 0.05
-    phase = [i * period / n for i in range(n)]
+    due_heap = [(t0 + i * period / n, i) for i in range(n)]
+    heapq.heapify(due_heap)
     next_seq = [0] * n
     sent_at: list[dict[int, float]] = [{} for _ in range(n)]
     t_measure = t0 + warmup
@@ -130,23 +132,22 @@ def run_clients(
             now = time.monotonic()
         if now >= t_end + 0.5:
             break
-        # Send every chunk that is due.
-        soonest = now + 0.01
-        for i, s in enumerate(socks):
-            due = t0 + phase[i] + next_seq[i] * period
-            if due <= now and due < t_end:
-                seq = next_seq[i]
-                s.send_multipart([P.encode(P.Audio(seq=seq)), pcm], copy=False)
-                sent = time.monotonic()
-                sent_at[i][seq] = due
-                if due >= t_measure:
-                    lag.append(sent - due)
-                    sent_measured += 1
-                next_seq[i] += 1
-                due += period
-            soonest = min(soonest, due)
-        timeout = max(0.0, soonest - time.monotonic())
-        for s, _ in poller.poll(timeout * 1000):
+        # Send every chunk that is due (a heap of (due time, client)).
+        while due_heap and due_heap[0][0] <= now:
+            due, i = heapq.heappop(due_heap)
+            seq = next_seq[i]
+            socks[i].send_multipart([P.encode(P.Audio(seq=seq)), pcm], copy=False)
+            sent = time.monotonic()
+            sent_at[i][seq] = due
+            if due >= t_measure:
+                lag.append(sent - due)
+                sent_measured += 1
+            next_seq[i] += 1
+            if due + period < t_end:
+                heapq.heappush(due_heap, (due + period, i))
+        soonest = due_heap[0][0] if due_heap else now + 0.01
+        wait_ms = 1e3 * (soonest - time.monotonic())
+        for s, _ in poller.poll(0 if wait_ms < 0.5 else max(1, round(wait_ms))):
             i = index[s]
             while True:
                 try:
@@ -197,6 +198,12 @@ def main() -> int:
     ap.add_argument("--deadline-ms", type=float, default=None, help="default: chunk duration")
     ap.add_argument("--modes", default="batch,nobatch")
     ap.add_argument("--json", metavar="FILE", help="also write raw results here")
+    ap.add_argument(
+        "--search",
+        action="store_true",
+        help="after the list, search the largest real-time N (x1.5 steps, then bisection)",
+    )
+    ap.add_argument("--max-n", type=int, default=512, help="upper bound of --search")
     args = ap.parse_args()
     ns = [int(v) for v in args.ns.split(",")]
     deadline = args.deadline_ms or 1e3 * args.chunk / 16_000
@@ -209,34 +216,57 @@ def main() -> int:
     )
     results = []
     ctx = zmq.Context()
+    chunk_ms = 1e3 * args.chunk / 16_000
+
+    def run_one(mode: str, n: int) -> dict:
+        proc, endpoint = start_server(args.model, mode == "batch", max(256, n))
+        try:
+            request_stats(ctx, endpoint)  # waits until the server is up
+            cpu0, w0 = cpu_seconds(proc.pid), time.monotonic()
+            r = run_clients(endpoint, n, args.seconds, args.warmup, args.chunk, deadline)
+            st = request_stats(ctx, endpoint)
+            cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - w0)
+        finally:
+            stop_server(proc)
+        tick = st["tick_infer_ms"]
+        r |= {
+            "mode": mode,
+            "n": n,
+            "tick_p50_ms": tick["p50"],
+            "tick_p99_ms": tick["p99"],
+            "rows_per_tick": st["rows_per_tick"]["mean"],
+            "server_cpu": cpu,
+            "server_overruns": st["overruns"],
+        }
+        r["realtime"] = (
+            r["late_pct"] < 1.0 and r["dropped"] == 0 and r["client_lag_p99_ms"] < chunk_ms
+        )
+        results.append(r)
+        print(json.dumps(r), file=sys.stderr)
+        return r
+
+    best: dict[str, int | None] = {}
     for mode in args.modes.split(","):
+        lo, hi = None, None
         for n in ns:
-            proc, endpoint = start_server(args.model, mode == "batch", max(256, n))
-            try:
-                request_stats(ctx, endpoint)  # waits until the server is up
-                cpu0, w0 = cpu_seconds(proc.pid), time.monotonic()
-                r = run_clients(endpoint, n, args.seconds, args.warmup, args.chunk, deadline)
-                st = request_stats(ctx, endpoint)
-                cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - w0)
-            finally:
-                stop_server(proc)
-            tick = st["tick_infer_ms"]
-            r |= {
-                "mode": mode,
-                "n": n,
-                "tick_p50_ms": tick["p50"],
-                "tick_p99_ms": tick["p99"],
-                "rows_per_tick": st["rows_per_tick"]["mean"],
-                "server_cpu": cpu,
-                "server_overruns": st["overruns"],
-            }
-            r["realtime"] = (
-                r["late_pct"] < 1.0
-                and r["dropped"] == 0
-                and r["client_lag_p99_ms"] < 1e3 * args.chunk / 16_000
-            )
-            results.append(r)
-            print(json.dumps(r), file=sys.stderr)
+            if run_one(mode, n)["realtime"]:
+                lo = n if hi is None else lo
+            elif hi is None:
+                hi = n
+        if args.search and lo is not None:
+            while hi is None and lo < args.max_n:  # all passed: go up by half each time
+                n = min(args.max_n, int(lo * 1.5))
+                if run_one(mode, n)["realtime"]:
+                    lo = n
+                else:
+                    hi = n
+            while hi is not None and hi - lo > max(2, lo // 8):
+                n = (lo + hi) // 2
+                if run_one(mode, n)["realtime"]:
+                    lo = n
+                else:
+                    hi = n
+        best[mode] = lo
     ctx.term()
     cols = (
         "| mode | N | tick infer p50 / p99 ms | rows/tick | answer p50 / p99 ms | late % "
@@ -244,7 +274,7 @@ def main() -> int:
     )
     print(cols)
     print("|---" * (cols.count("|") - 1) + "|")
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["mode"] != "batch", r["n"])):
 
         def f(v: float | None, d: int = 2) -> str:
             return "-" if v is None else f"{v:.{d}f}"
@@ -255,13 +285,14 @@ def main() -> int:
             f"| {r['late_pct']:.2f} | {r['dropped']} | {100 * r['server_cpu']:.0f} % "
             f"| {f(r['client_lag_p99_ms'])} | {'yes' if r['realtime'] else 'no'} |"
         )
-    for mode in args.modes.split(","):
-        best = None
-        for r in sorted((r for r in results if r["mode"] == mode), key=lambda r: r["n"]):
-            if not r["realtime"]:
-                break
-            best = r["n"]
-        print(f"\nlargest real-time N ({mode}): {best if best else 'none'} of {ns}")
+    for mode, n in best.items():
+        first_fail = min(
+            (r["n"] for r in results if r["mode"] == mode and not r["realtime"]), default=None
+        )
+        print(
+            f"\nlargest real-time N ({mode}): {n if n else 'none'}"
+            + (f" (first failure at N = {first_fail})" if first_fail else " (no failure seen)")
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

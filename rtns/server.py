@@ -275,7 +275,11 @@ class Server:
             )
         else:
             _log("curve", note="CurveZMQ off: plaintext, loopback only")
-        sock.bind(self.config.bind)
+        try:
+            sock.bind(self.config.bind)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise UserInputError(f"cannot bind {self.config.bind}: {e.strerror}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.config.bind
         self.sock = sock
         self.poller = zmq.Poller()
@@ -294,8 +298,8 @@ class Server:
 
     def run(self) -> None:
         """Serve until :meth:`stop`; then flush every open session and close the socket."""
-        self._open()
         try:
+            self._open()
             next_expiry = time.monotonic() + 0.5
             while not self._stop.is_set():
                 busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
@@ -310,7 +314,8 @@ class Server:
                     next_expiry = now + 0.5
             self._shutdown()
         finally:
-            self.sock.close(linger=1000)
+            if self.sock is not None:
+                self.sock.close(linger=1000)
             if self._auth is not None:
                 self._auth.stop()
             if self._own_ctx:

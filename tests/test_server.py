@@ -366,6 +366,13 @@ def test_import_cli_stays_light():
     assert "zmq" not in mods and "torch" not in mods and "soxr" not in mods
 
 
+def test_address_in_use_is_one_clear_error(passthrough_pack):
+    with running_server([passthrough_pack]) as srv:
+        other = Server(ServerConfig(bind=srv.endpoint, models=[str(passthrough_pack)]))
+        with pytest.raises(UserInputError, match="cannot bind .*in use"):
+            other.run()
+
+
 def test_ipc_endpoint(passthrough_pack, tmp_path):
     x = noise(3000)
     with running_server([passthrough_pack], bind=f"ipc://{tmp_path}/rtns.sock") as srv:
