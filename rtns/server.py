@@ -14,10 +14,10 @@ Batch independence: a session's output must not depend on which other sessions a
 onnxruntime's CPU kernels (MLAS GEMM/LSTM, element-wise kernels) and numpy's FFT compute
 each row with the same instruction sequence whatever the batch size on the machines we
 measured (tests/test_server.py checks bit identity alone vs among 50 others), but nothing
-in their contracts promises it. So at start the server probes each model
-(:func:`batch_invariant`) and, if any row differs in any bit between batch 1 and larger
-batches, runs that model one row per call (which is independent by construction) and logs
-why. See docs/protocol.md, "Batching".
+in their contracts promises it. So the server runs at most ``max_batch`` rows per call, and
+at start probes each model at every batch size up to that (:func:`batch_invariant`); if any
+row differs in any bit from batch 1, that model runs one row per call (independent by
+construction) and the log says why. See docs/protocol.md, "Batching".
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +74,9 @@ class ServerConfig(BaseModel):
     hops_per_tick: int = Field(8, ge=1)
     #: False: one infer per session and hop (for comparison; ``--no-batch``).
     batch: bool = True
+    #: Most rows in one infer call; more ready rows run in several calls. The start-up
+    #: probe checks every batch size up to this one.
+    max_batch: int = Field(64, ge=1, le=1024)
     #: Skip the batch-invariance probe (tests that want a known mode).
     probe: bool = True
     poll_ms: int = Field(50, ge=1, le=1000)
@@ -96,20 +98,22 @@ def is_loopback(endpoint: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def batch_invariant(model: Model, sizes: Sequence[int] = (2, 3, 8, 17, 64), hops: int = 3) -> bool:
-    """Do rows of one ``infer`` call equal, bit for bit, the same rows run alone?
+def batch_invariant(model: Model, max_batch: int = 64, hops: int = 3) -> bool:
+    """Does every row of every ``infer`` call of 2..max_batch rows equal, bit for bit, the
+    same row run alone (batch 1)? Outputs and states are compared.
 
-    Runs ``hops`` hops of random blocks (state carried) at batch max(sizes), then compares
-    every row of every batch size with the batch-1 result, outputs and states.
+    Runs ``hops - 1`` hops of random blocks at batch ``max_batch`` to get non-trivial states,
+    then one more hop at every batch size, so every (batch size, row position) the server
+    can use with this ``max_batch`` is checked once.
     """
     rng = np.random.default_rng(1234)
-    n = max(sizes)
+    n = max_batch
     state = model.initial_state(n)
     blocks = (0.1 * rng.standard_normal((hops, n, model.block_len))).astype(np.float32)
     for h in range(hops - 1):
         _, state = model.infer(blocks[h], state)
     alone = [model.infer(blocks[-1][b : b + 1], _rows(state, b, b + 1)) for b in range(n)]
-    for size in sizes:
+    for size in range(2, n + 1):
         y, st = model.infer(blocks[-1][:size], _rows(state, 0, size))
         for b in range(size):
             if not np.array_equal(y[b], alone[b][0][0]):
@@ -215,8 +219,9 @@ class Server:
                 served = _Served(model, False, "--no-batch")
             elif not config.probe:
                 served = _Served(model, True, "probe skipped")
-            elif batch_invariant(model):
-                served = _Served(model, True, "rows bit-identical at batch 1..64")
+            elif batch_invariant(model, config.max_batch):
+                why = f"rows bit-identical at every batch size 1..{config.max_batch}"
+                served = _Served(model, True, why)
             else:
                 served = _Served(model, False, "batched rows differ from batch 1 on this CPU")
             self.models[model.name] = served
@@ -592,10 +597,14 @@ class Server:
         streams = [st for s in group for st in s.streams]
         blocks = np.stack([st.take_hop() for st in streams])  # type: ignore[misc]
         if served.batched:
-            state = {k: np.concatenate([st.state[k] for st in streams]) for k in streams[0].state}
-            y, new = model.infer(blocks, state)
-            self.counters["infer_calls"] += 1
-            outs = [st.finish_hop(y[i], _rows(new, i, i + 1)) for i, st in enumerate(streams)]
+            outs = []
+            step = self.config.max_batch
+            for a in range(0, len(streams), step):
+                part = streams[a : a + step]
+                state = {k: np.concatenate([st.state[k] for st in part]) for k in part[0].state}
+                y, new = model.infer(blocks[a : a + step], state)
+                self.counters["infer_calls"] += 1
+                outs += [st.finish_hop(y[i], _rows(new, i, i + 1)) for i, st in enumerate(part)]
         else:
             outs = []
             for i, st in enumerate(streams):

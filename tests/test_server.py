@@ -89,9 +89,23 @@ def test_every_audio_message_answered_in_order(passthrough_pack):
     assert sum(n for _, n in got) + tail.shape[0] == pos + 384
 
 
-def test_batch_invariance_probe(random_dtln_pack):
-    """The measurement behind batching: rows at batch 1..64 are bit-identical to batch 1."""
+def test_batch_invariance_probe(random_dtln_pack, passthrough_stft_pack):
+    """The measurement behind batching: rows at batch 2..64 are bit-identical to batch 1."""
     assert batch_invariant(Model(random_dtln_pack))
+    assert batch_invariant(Model(passthrough_stft_pack), 20)
+
+
+def test_probe_detects_batch_dependent_rows(passthrough_pack):
+    """A model whose rows depend on the batch (here: on the batch mean) fails the probe."""
+    model = Model(passthrough_pack)
+    infer = model.infer
+
+    def leaky(blocks, state):
+        y, st = infer(blocks, state)
+        return y + 1e-7 * blocks.mean(), st
+
+    model.infer = leaky  # type: ignore[method-assign]
+    assert not batch_invariant(model, 8)
 
 
 def _crowd(srv: Server, x: np.ndarray, others: int, chunk: int = 256) -> np.ndarray:
@@ -118,10 +132,12 @@ def _crowd(srv: Server, x: np.ndarray, others: int, chunk: int = 256) -> np.ndar
             c.close()
 
 
-def test_output_independent_of_other_sessions(random_dtln_pack):
+@pytest.mark.parametrize("max_batch", [64, 16])
+def test_output_independent_of_other_sessions(random_dtln_pack, max_batch):
     x = noise(16_000, seed=7)
     # probe=False: batch whatever the probe would say, so this test checks batching itself.
-    with running_server([random_dtln_pack], probe=False) as srv:
+    # max_batch=16 splits the 51 rows into calls of 16, 16, 16 and 3.
+    with running_server([random_dtln_pack], probe=False, max_batch=max_batch) as srv:
         alone = _crowd(srv, x, 0)
         with Client(srv.endpoint) as c:
             c.stats(reset=True)
@@ -138,7 +154,7 @@ def test_unbatched_fallback_is_exact(random_dtln_pack, monkeypatch):
     """If the probe finds batch-dependent rows, the model runs one row per call."""
     import rtns.server
 
-    monkeypatch.setattr(rtns.server, "batch_invariant", lambda model: False)
+    monkeypatch.setattr(rtns.server, "batch_invariant", lambda model, max_batch: False)
     x = noise(8000, seed=3)
     with running_server([random_dtln_pack]) as srv:
         assert not srv.models["random-dtln"].batched

@@ -56,6 +56,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-batch", action="store_true", help="one inference per session and hop (comparison)"
     )
+    p.add_argument(
+        "--max-batch",
+        type=_pos_int,
+        default=64,
+        metavar="N",
+        help="most rows per inference call; the start-up probe checks every size up to it (64)",
+    )
     p.add_argument("--threads", type=_pos_int, default=1, help="onnxruntime threads (1)")
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key (NAME.key_secret)")
     p.add_argument(
@@ -186,6 +193,7 @@ def run_serve(args: argparse.Namespace) -> int:
         queue_limit=max(128, round(args.queue_seconds * 16_000)),
         max_message_bytes=args.max_message_bytes,
         batch=not args.no_batch,
+        max_batch=args.max_batch,
         curve=curve,
         engine=EngineConfig(threads=args.threads),
     )
