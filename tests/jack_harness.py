@@ -169,6 +169,15 @@ class Loopback:
         self.recording = np.zeros(self.signal.shape[0] + tail, dtype=np.float32)
         self.t0 = self.player.frame_time + int(lead_s * self.server.rate)
 
+    def wait_until(self, index: int, timeout: float = 60.0) -> None:
+        """Block until the recorder has passed signal index ``index``."""
+        assert self.t0 is not None
+        deadline = time.monotonic() + timeout
+        while self.recorder.frame_time < self.t0 + index:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the JACK clock did not reach signal index {index}")
+            time.sleep(0.01)
+
     def wait(self, timeout: float = 120.0) -> np.ndarray:
         """Block until the recording is complete; returns it (float32 [n + tail])."""
         assert self.t0 is not None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +121,8 @@ def test_passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) 
     x, rec = res["signal"], res["recording"]
     np.testing.assert_allclose(rec[d : d + x.shape[0]], x, atol=1e-5)
     assert int(summary["underruns"]) == 0
+    status = [line for line in res["output"].splitlines() if line.startswith("[")]
+    assert status and all("RTF" in line and "under-runs 0" in line for line in status)
 
 
 def test_resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) -> None:
@@ -152,8 +153,11 @@ def test_resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) ->
 def test_dtln_changes_the_signal_and_bypass_restores_it(
     server16: JackServer, dtln_args: list[str]
 ) -> None:
+    """Model on for 2.5 s, bypass on (stdin `b`) for 2.5 s, off again (SIGUSR1)."""
+    import signal
+
     r = 16000
-    n = 5 * r
+    n = 15 * r // 2
     t = np.arange(n) / r
     x = band_limited_noise(n, r, 7000, seed=1, rms=0.05) + 0.1 * np.sin(2 * np.pi * 440 * t)
     x = x.astype(np.float32)
@@ -163,11 +167,12 @@ def test_dtln_changes_the_signal_and_bypass_restores_it(
         lat = proc.wait_for(LATENCY_RX).groupdict()
         loop.wire()
         loop.play(x, tail=r // 5)
-        assert loop.t0 is not None
-        while loop.recorder.frame_time < loop.t0 + n // 2:
-            time.sleep(0.02)
+        loop.wait_until(5 * r // 2)
         proc.send("b\n")
-        proc.wait_for("bypass toggled")
+        proc.wait_for("bypass toggled$")
+        loop.wait_until(5 * r)
+        proc.proc.send_signal(signal.SIGUSR1)
+        proc.wait_for(r"bypass toggled \(SIGUSR1\)")
         rec = loop.wait()
         proc.interrupt()
         assert proc.finish() == 0, proc.output
@@ -177,14 +182,24 @@ def test_dtln_changes_the_signal_and_bypass_restores_it(
         loop.close()
     d = round(in_process_frames(lat))
     y = rec[d : d + n]
-    first, last = slice(r // 2, 2 * r), slice(7 * r // 2, n)
-    rms = np.sqrt(np.mean(y[first] ** 2))
-    diff = np.sqrt(np.mean((y[first] - x[first]) ** 2)) / np.sqrt(np.mean(x[first] ** 2))
-    print(f"\nDTLN: output rms {rms:.4f}, relative difference from the input {diff:.3f}")
+
+    def rel_diff(seg: slice) -> float:
+        return float(np.sqrt(np.mean((y[seg] - x[seg]) ** 2) / np.mean(x[seg] ** 2)))
+
+    model_on, bypassed, model_again = (
+        slice(r // 2, 2 * r),
+        slice(3 * r, 9 * r // 2),
+        slice(6 * r, n),
+    )
+    rms = np.sqrt(np.mean(y[model_on] ** 2))
+    print(
+        f"\nDTLN: output rms {rms:.4f}, relative difference from the input {rel_diff(model_on):.3f}"
+    )
     assert rms > 1e-3, "the model's output is silent"
-    assert diff > 0.05, "the model's output equals its input"
+    assert rel_diff(model_on) > 0.05, "the model's output equals its input"
     # Bypass: the dry input with the same delay, exactly.
-    np.testing.assert_allclose(y[last], x[last], atol=1e-6)
+    np.testing.assert_allclose(y[bypassed], x[bypassed], atol=1e-6)
+    assert rel_diff(model_again) > 0.05, "SIGUSR1 did not turn bypass off"
     assert int(summary["underruns"]) == 0
 
 

@@ -244,7 +244,9 @@ def run_live(args: argparse.Namespace) -> int:
         stop.set()
 
     def on_usr1(signum: int, frame: Any) -> None:
+        # Python runs signal handlers on the main thread, between bytecodes: printing is safe.
         runner.set_bypass(None)
+        print("rtns: bypass toggled (SIGUSR1)", file=sys.stderr, flush=True)
 
     old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
     if hasattr(signal, "SIGUSR1"):
