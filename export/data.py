@@ -199,7 +199,8 @@ class Mixer:
         kind = augment.choose_noise_kind(a, rng)
         self.stats.sources[kind] = self.stats.sources.get(kind, 0) + 1
         if kind == "babble":
-            others = [i for i in rng.choice(len(self.speech), 12, replace=False) if i != speech_idx]
+            pool = rng.choice(len(self.speech), min(12, len(self.speech)), replace=False)
+            others = [int(i) for i in pool if i != speech_idx]
             k = int(rng.integers(a.babble_talkers[0], a.babble_talkers[1] + 1))
             talkers = [random_segment(self.speech[i], n, rng) for i in others[:k]]
             noise = augment.babble(talkers, rng)
@@ -264,3 +265,60 @@ def fingerprint(names: Sequence[str], arrays: Sequence[np.ndarray]) -> str:
         json.dumps([[n, int(a.shape[0])] for n, a in zip(names, arrays, strict=False)]).encode()
     )
     return h.hexdigest()[:12]
+
+
+class TestsetError(DataError):
+    """make-testset cannot run with these arguments; one sentence."""
+
+
+def make_testset(
+    clean_dir: Path,
+    noise_dir: Path,
+    out_dir: Path,
+    *,
+    count: int = 50,
+    snr_db: tuple[float, float] = (-5.0, 20.0),
+    level_dbfs: tuple[float, float] = (-35.0, -15.0),
+    max_seconds: float = 10.0,
+    seed: int = 0,
+) -> int:
+    """Write a fixed paired test set: ``out/clean/NAME.wav`` and ``out/noisy/NAME.wav``
+    (16 kHz, 16-bit) with equal names, plus ``out/mixes.csv`` (name, clean file, noise
+    file, snr_db, level_dbfs, rescaled). Utterances are taken in a seeded random order
+    (each once while there are enough), cropped to ``max_seconds`` from the start; each
+    gets a noise excerpt from a random file at an SNR and level drawn uniformly from the
+    ranges. No audio is cached. Returns the number of pairs."""
+    import csv
+
+    import soundfile as sf
+
+    if count < 1:
+        raise TestsetError("--count must be at least 1")
+    if snr_db[0] > snr_db[1] or level_dbfs[0] > level_dbfs[1] or level_dbfs[1] > 0:
+        raise TestsetError("--snr and --level take LOW HIGH (level at most 0 dBFS)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise TestsetError(f"output folder {out_dir} is not empty")
+    speech, snames = load_folder(clean_dir, cache_dir=None)
+    noise, nnames = load_folder(noise_dir, cache_dir=None)
+    rng = np.random.default_rng(seed)
+    order = np.concatenate(
+        [rng.permutation(len(speech)) for _ in range(int(np.ceil(count / len(speech))))]
+    )[:count]
+    (out_dir / "clean").mkdir(parents=True, exist_ok=True)
+    (out_dir / "noisy").mkdir(parents=True, exist_ok=True)
+    with (out_dir / "mixes.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "clean_file", "noise_file", "snr_db", "level_dbfs", "rescaled"])
+        for k, i in enumerate(order):
+            clean = speech[i][: int(max_seconds * SAMPLE_RATE)]
+            j = int(rng.integers(len(noise)))
+            nz = looped_segment(noise[j], clean.shape[0], rng)
+            snr = float(rng.uniform(*snr_db))
+            level = float(rng.uniform(*level_dbfs))
+            c, y, rescaled = mix_at(clean, nz, snr, level)
+            name = f"{k:04d}_{Path(snames[i]).stem}.wav"
+            sf.write(str(out_dir / "clean" / name), c, SAMPLE_RATE, subtype="PCM_16")
+            sf.write(str(out_dir / "noisy" / name), y, SAMPLE_RATE, subtype="PCM_16")
+            w.writerow([name, snames[i], nnames[j], f"{snr:.2f}", f"{level:.2f}", int(rescaled)])
+    return count

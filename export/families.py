@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from rtns.pack import Provenance
+from rtns_export import frcrn
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def _export_dtln(
 
 FAMILIES: dict[str, Family] = {
     "dtln": Family("dtln", _build_dtln, _export_dtln),
+    "frcrn": Family("frcrn", frcrn.build_frcrn, frcrn.export_frcrn_pack),
 }
 
 

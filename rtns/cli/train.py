@@ -132,11 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_make_testset(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    try:
-        import soundfile  # noqa: F401
-    except ImportError:
-        raise RtnsError("make-testset needs soundfile: pip install soundfile") from None
-    from rtns.testset import TestsetError, make_testset
+    from rtns_export.data import DataError, make_testset
 
     try:
         n = make_testset(
@@ -149,7 +145,7 @@ def run_make_testset(args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds,
             seed=args.seed,
         )
-    except TestsetError as e:
+    except DataError as e:
         raise UserInputError(str(e)) from None
     print(f"wrote {n} pairs to {args.out}/clean and {args.out}/noisy (list in mixes.csv)")
     return 0
