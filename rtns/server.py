@@ -23,6 +23,7 @@ construction) and the log says why. See docs/protocol.md, "Batching".
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import logging
 import math
@@ -94,8 +95,15 @@ def is_loopback(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # an interface name, '*', or a host name: not provably loopback
+        return False
 
 
 def batch_invariant(model: Model, max_batch: int = 64, hops: int = 3) -> bool:

@@ -24,7 +24,7 @@ from rtns import protocol as P  # noqa: E402
 from rtns.client import Client, NoReply, ServerError  # noqa: E402
 from rtns.engine import Model, enhance_array  # noqa: E402
 from rtns.errors import UserInputError  # noqa: E402
-from rtns.server import CurveConfig, Server, ServerConfig, batch_invariant  # noqa: E402
+from rtns.server import CurveConfig, Server, ServerConfig, batch_invariant, is_loopback  # noqa: E402
 
 
 @contextmanager
@@ -229,6 +229,27 @@ def test_stats_and_ping(passthrough_pack):
         assert isinstance(msg, P.Pong)
         assert c.stats(reset=True)["blocks_processed"] == 7
         assert c.stats()["blocks_processed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loop"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.2:*", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("ipc:///tmp/x.sock", True),
+        ("inproc://x", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://eth0:5555", False),
+        ("tcp://10.0.0.5:5555", False),
+        ("tcp://127.0.0.1.evil.com:5555", False),
+        ("udp://127.0.0.1:5555", False),
+    ],
+)
+def test_is_loopback(endpoint, loop):
+    assert is_loopback(endpoint) is loop
 
 
 def test_non_loopback_bind_needs_curve(passthrough_pack):
