@@ -364,3 +364,36 @@ def test_importing_the_cli_loads_no_audio_library() -> None:
     code = "import sys, rtns.cli; rtns.cli.build_parser(); print('sounddevice' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+class FakeSd:
+    """The parts of sounddevice that device and rate selection use."""
+
+    class default:  # noqa: N801 - mirrors sounddevice.default
+        device = [3, -1]
+
+    def __init__(self, rates: dict[int, set[int]]) -> None:
+        self.rates = rates  # device index -> rates it accepts
+
+    def check_input_settings(self, device: int, channels: int, dtype: str, samplerate: int) -> None:
+        if samplerate not in self.rates[device]:
+            raise ValueError("Invalid sample rate [PaErrorCode -9997]")
+
+    check_output_settings = check_input_settings
+
+
+def test_rate_and_default_device_selection() -> None:
+    from rtns.cli.live import _pick_device, _pick_rate
+
+    sd = FakeSd({0: {44100, 48000}, 3: {16000, 44100}, 4: {16000, 44100, 48000}})
+    assert _pick_device(sd, None, DEVICES, "input") == 3
+    with pytest.raises(UserInputError, match="no default output device"):
+        _pick_device(sd, None, DEVICES, "output")
+    assert _pick_rate(sd, 3, 4, DEVICES, None, 16000) == 16000
+    assert _pick_rate(sd, 0, 4, DEVICES, None, 16000) == 48000  # the input's default rate
+    assert _pick_rate(sd, 3, 4, DEVICES, 44100, 16000) == 44100
+    with pytest.raises(UserInputError, match="do not run at 48000 Hz"):
+        _pick_rate(sd, 3, 4, DEVICES, 48000, 16000)
+    sd.rates[4] = {32000}
+    with pytest.raises(UserInputError, match="no common sample rate.*--samplerate"):
+        _pick_rate(sd, 0, 4, DEVICES, None, 16000)
