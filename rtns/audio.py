@@ -238,6 +238,8 @@ class Stats(BaseModel):
     pa_output_underflow: int
     pa_output_overflow: int
     hops: int
+    #: Engine audio processed by the worker (hops * hop / engine rate), seconds.
+    processed_s: float
     busy_s: float
     max_hop_s: float
     bypass: bool
@@ -245,9 +247,8 @@ class Stats(BaseModel):
 
     @property
     def rtf(self) -> float:
-        """Worker compute time / audio time it processed (the engine rate's hops)."""
-        audio = self.hops * 0.008
-        return self.busy_s / audio if audio else 0.0
+        """Worker compute time / audio time it processed."""
+        return self.busy_s / self.processed_s if self.processed_s else 0.0
 
 
 class LiveRunner:
@@ -522,6 +523,7 @@ class LiveRunner:
             pa_output_underflow=self.pa_output_underflow,
             pa_output_overflow=self.pa_output_overflow,
             hops=self.hops,
+            processed_s=self.hops * self.hop / self.rate,
             busy_s=self.busy_s,
             max_hop_s=self.max_hop_s,
             bypass=self.bypass,
