@@ -150,13 +150,14 @@ def test_output_independent_of_other_sessions(random_dtln_pack, max_batch):
     np.testing.assert_array_equal(alone[384 : 384 + x.size], ref)
 
 
-def test_unbatched_fallback_is_exact(random_dtln_pack, monkeypatch):
-    """If the probe finds batch-dependent rows, the model runs one row per call."""
+@pytest.mark.parametrize("how", ["probe fails", "--no-batch"])
+def test_unbatched_paths_are_exact(random_dtln_pack, monkeypatch, how):
+    """If the probe finds batch-dependent rows (or --no-batch), one row per call."""
     import rtns.server
 
     monkeypatch.setattr(rtns.server, "batch_invariant", lambda model, max_batch: False)
     x = noise(8000, seed=3)
-    with running_server([random_dtln_pack]) as srv:
+    with running_server([random_dtln_pack], batch=how != "--no-batch") as srv:
         assert not srv.models["random-dtln"].batched
         with Client(srv.endpoint) as c:
             y = c.enhance(x, chunk=300)
