@@ -593,12 +593,29 @@ class Server:
             t0 = time.perf_counter()
             rows = 0
             for name, group in groups.items():
-                rows += self._run_group(self.models[name], group)
+                try:
+                    rows += self._run_group(self.models[name], group)
+                except Exception:  # a bug must cost these sessions, never the daemon
+                    log.exception("inference failed", extra={"fields": {"model": name}})
+                    for g in group:
+                        self._fail(g)
+                    active = [a for a in active if a not in group]
             self.infer_ms.append((time.perf_counter() - t0) * 1e3)
             self.rows_per_tick.append(rows)
             self.counters["ticks"] += 1
         for s in active:
-            self._answer(s)
+            try:
+                self._answer(s)
+            except Exception:
+                log.exception("answer failed", extra={"fields": {"session": s.sid}})
+                self._fail(s)
+
+    def _fail(self, s: Session) -> None:
+        """End a session that hit a server bug: a fatal ``internal`` error, no tail."""
+        self.dropped["internal"] += 1
+        self._end(s, "error", send=False)
+        msg = "the server failed processing this session; it has been ended"
+        self._send(s.ident, P.Error(code="internal", message=msg, fatal=True))
 
     def _run_group(self, served: _Served, group: list[Session]) -> int:
         model = served.model

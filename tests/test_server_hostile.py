@@ -280,3 +280,24 @@ def test_client_vanishing_mid_stream(passthrough_pack):
 def test_no_reply_from_nowhere():
     with Client("tcp://127.0.0.1:9", timeout=0.3) as c, pytest.raises(NoReply, match="rtns serve"):
         c.hello()
+
+
+def test_a_failing_session_does_not_take_the_daemon_down(passthrough_pack, monkeypatch):
+    """An exception while answering one session (a server bug) ends only that session."""
+    import rtns.server
+
+    real = rtns.server.Server._to_client
+
+    def flaky(self, sess, y16, last):
+        if sess.channels == 2:  # only the stereo session trips the "bug"
+            raise RuntimeError("boom")
+        return real(self, sess, y16, last)
+
+    monkeypatch.setattr(rtns.server.Server, "_to_client", flaky)
+    with running_server([passthrough_pack]) as srv, bystander(srv.endpoint, passthrough_pack):
+        with Client(srv.endpoint) as c:
+            c.hello(channels=2)
+            c.send_audio(noise(1000, channels=2))
+            msg, _ = c.recv(5)
+            assert isinstance(msg, P.Error) and msg.code == "internal" and msg.fatal
+        assert stats(srv.endpoint)["dropped"]["internal"] == 1
