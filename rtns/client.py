@@ -157,6 +157,8 @@ class Client:
                 self.closed = msg
                 assert pcm is not None
                 return before, pcm
+            if isinstance(msg, P.Error) and (msg.fatal or msg.code == "no_session"):
+                raise ServerError(msg)  # no closed will come
             before.append((msg, pcm))
 
     def close(self) -> None:

@@ -383,7 +383,7 @@ class Server:
         if isinstance(msg, P.Audio):
             if sess is None or sess.closing:
                 raise P.ProtocolError(
-                    "no_session", "audio before hello; send a hello first", msg.seq
+                    "no_session", "no open session on this connection; send a hello first", msg.seq
                 )
             self._audio(sess, msg.seq, frames[1])
         elif isinstance(msg, P.Hello):
