@@ -251,9 +251,17 @@ def test_models_when_none_installed(tmp_path):
 
 
 # -- import weight (torch must stay out of the runtime) ----------------------------------------------------------------------------
-def test_runtime_imports_do_not_load_torch():
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import rtns.cli, rtns.engine, rtns.audio_io",
+        # building the parser imports every sub-command module
+        "import rtns.cli, rtns.engine, rtns.audio_io; rtns.cli.build_parser()",
+    ],
+)
+def test_runtime_imports_do_not_load_torch(code):
     r = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import rtns.cli, rtns.engine, rtns.audio_io"],
+        [sys.executable, "-X", "importtime", "-c", code],
         cwd=REPO,
         capture_output=True,
         text=True,
