@@ -5,12 +5,15 @@ then this process plays N clients (one DEALER socket each, one event loop, every
 sending one chunk per chunk duration with its own phase) for ``--seconds`` after a warm-up,
 and reports:
 
-* tick inference time (server ``stats``: wall time of the infer calls of one round), p50/p99;
-* rows per tick (how many hops one batched call carried);
+* tick inference time (server ``stats``: wall time of one round, i.e. its infer calls plus
+  state gather/scatter and overlap-add; with ``--no-batch`` a round is one call per
+  session, one after the other), p50/p99;
+* rows per tick (how many hops one round carried);
 * answer latency (send -> answer received, per message), p50/p99;
-* late blocks: answers that arrived more than ``--deadline-ms`` after their chunk was sent
+* late blocks: answers that arrived more than ``--deadline-ms`` after their chunk was due
   (default: one chunk duration, the most a one-chunk playout buffer absorbs), and dropped
-  blocks (errors such as ``queue_full``, or never answered);
+  blocks (refused with an error such as ``queue_full``, or not answered by 0.5 s after the
+  run: an overloaded server falls further behind every second);
 * server CPU use (fraction of one core) and how late this client process itself sent
   (if that is large, the client, not the server, was the bottleneck);
 * the largest N that stays real time (late < 1 %, nothing dropped, client lag p99 < one
