@@ -478,3 +478,35 @@ def run_training(
         )
         result = (manifest, parity)
     return tr, result
+
+
+def read_valid_log(run_dir: str | Path) -> list[dict[str, float]]:
+    """Rows of a run's valid.csv as floats (step, elapsed_s, loss, si_sdr, pesq, best)."""
+    with (Path(run_dir) / "valid.csv").open(newline="") as f:
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
+def best_within(rows: list[dict[str, float]], seconds: float, key: str) -> dict[str, float]:
+    """The validation row with the highest ``key`` among rows at <= ``seconds`` of training."""
+    cand = [
+        r for r in rows if r["elapsed_s"] <= seconds + 1e-6 and math.isfinite(r.get(key, math.nan))
+    ]
+    if not cand:
+        raise ValueError(f"no validation row within {seconds:.0f} s")
+    return max(cand, key=lambda r: r[key])
+
+
+def compare_runs(run_dirs: list[str | Path], key: str = "pesq") -> dict[str, Any]:
+    """Compare runs at equal training time (the shortest run's last validation): for each,
+    the best validation row (by ``key``) reached within that time, and the last row."""
+    logs = {Path(d).name: read_valid_log(d) for d in run_dirs}
+    budget = min(rows[-1]["elapsed_s"] for rows in logs.values())
+    out: dict[str, Any] = {"equal_training_seconds": round(budget, 1), "select": key, "runs": {}}
+    for name, rows in logs.items():
+        best = best_within(rows, budget, key)
+        out["runs"][name] = {
+            "best_at_equal_time": {k: round(v, 4) for k, v in best.items() if k != "best"},
+            "last": {k: round(v, 4) for k, v in rows[-1].items() if k != "best"},
+        }
+    out["winner"] = max(out["runs"], key=lambda n: out["runs"][n]["best_at_equal_time"][key])
+    return out

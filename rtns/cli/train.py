@@ -34,6 +34,12 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", default=None, help="pack folder for --export-only")
     p.add_argument(
+        "--provenance",
+        default=None,
+        metavar="JSON_FILE",
+        help="extra fields (a JSON object) to record in the exported manifest's provenance",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -104,7 +110,16 @@ def run_train(args: argparse.Namespace) -> int:
             tr = Trainer(cfg, threads=args.threads, progress=False)
             if not (tr.run_dir / "best.pt").exists():
                 raise UserInputError(f"no best checkpoint in {tr.run_dir}; train first")
-            manifest, parity = tr.export(args.out)
+            extra = None
+            if args.provenance:
+                try:
+                    with open(args.provenance) as f:
+                        extra = json.load(f)
+                except (OSError, json.JSONDecodeError) as e:
+                    raise UserInputError(f"--provenance {args.provenance}: {e}") from None
+                if not isinstance(extra, dict):
+                    raise UserInputError(f"--provenance {args.provenance}: not a JSON object")
+            manifest, parity = tr.export(args.out, extra_provenance=extra)
             print(
                 f"exported {manifest.name} ({manifest.provenance.steps} steps) to "
                 f"{args.out or cfg.export.out_dir or tr.run_dir / 'pack'}; parity max error "
