@@ -163,9 +163,12 @@ def _pa_latency(text: str) -> str | float:
         raise UserInputError(f"--pa-latency must be low, high or seconds, got {text!r}") from None
 
 
-def _status_line(stats: Any, lat_ms: float) -> str:
+def _status_line(stats: Any, prev: Any, lat_ms: float) -> str:
+    """One status line; RTF over the interval since ``prev`` (an earlier snapshot)."""
+    audio = stats.processed_s - prev.processed_s
+    rtf = (stats.busy_s - prev.busy_s) / audio if audio > 0 else 0.0
     return (
-        f"[{stats.seconds:7.1f} s] RTF {stats.rtf:.3f} (max hop {stats.max_hop_s * 1e3:.2f} ms)"
+        f"[{stats.seconds:7.1f} s] RTF {rtf:.3f} (max hop {stats.max_hop_s * 1e3:.2f} ms)"
         f"  under-runs {stats.underruns}  PortAudio in-overflow {stats.pa_input_overflow}"
         f" out-underflow {stats.pa_output_underflow}  latency {lat_ms:.1f} ms"
         f"  bypass {'on' if stats.bypass else 'off'}"
@@ -290,6 +293,7 @@ def run_live(args: argparse.Namespace) -> int:
         threading.Thread(target=_stdin_controls, args=(runner, stop), daemon=True).start()
         t_end = None if args.duration is None else time.monotonic() + args.duration
         next_status = time.monotonic() + 1.0
+        prev = runner.stats()
         while not stop.is_set():
             now = time.monotonic()
             wait = next_status - now
@@ -306,7 +310,9 @@ def run_live(args: argparse.Namespace) -> int:
             if now >= next_status:
                 next_status += 1.0
                 if not args.quiet:
-                    print(_status_line(runner.stats(), lat_ms), file=sys.stderr, flush=True)
+                    stats = runner.stats()
+                    print(_status_line(stats, prev, lat_ms), file=sys.stderr, flush=True)
+                    prev = stats
     except KeyboardInterrupt:
         pass
     finally:
