@@ -397,3 +397,29 @@ def test_rate_and_default_device_selection() -> None:
     sd.rates[4] = {32000}
     with pytest.raises(UserInputError, match="no common sample rate.*--samplerate"):
         _pick_rate(sd, 0, 4, DEVICES, None, 16000)
+
+
+def test_stdin_controls(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import io
+    import threading
+
+    from rtns.cli.live import _stdin_controls
+
+    calls: list[tuple[str, object]] = []
+
+    class Runner:
+        def set_bypass(self, on: bool | None) -> None:
+            calls.append(("bypass", on))
+
+        def set_atten_lim_db(self, db: float | None) -> None:
+            if db is not None and db < 0:
+                raise UserInputError("attenuation limit must be a non-negative number of dB")
+            calls.append(("atten", db))
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a 6\nb\nhelp\na -1\na\nq\nb\n"))
+    stop = threading.Event()
+    _stdin_controls(Runner(), stop)
+    assert calls == [("atten", 6.0), ("bypass", None), ("atten", None)]
+    assert stop.is_set()  # "q" quits; the "b" after it is not read
+    err = capsys.readouterr().err
+    assert "controls: b (bypass)" in err and "non-negative" in err
