@@ -162,6 +162,33 @@ def test_resampled_delay_is_the_reported_latency(
         assert runner.underruns == 0
 
 
+@pytest.mark.parametrize(
+    ("rate", "block"), [(16000, 128), (16000, 64), (48000, 128), (44100, 256), (48000, 1024)]
+)
+def test_worker_budget_is_exactly_the_worker_term(
+    passthrough_model: Model, rate: int, block: int
+) -> None:
+    """A worker that finishes each block's input within worker_frames / block callbacks
+    never under-runs; one callback later it does: the prefill is the minimum."""
+    x = np.random.default_rng(0).standard_normal(block * (rate // block)).astype(np.float32)
+    results = []
+    for extra in (0, 1):
+        with LiveRunner(passthrough_model, rate) as runner:
+            runner.callback(
+                np.zeros((block, 1), np.float32),
+                np.zeros((block, 1), np.float32),
+                block,
+                None,
+                None,
+            )
+            runner.step()
+            assert runner.plan is not None
+            budget = runner.plan.worker_frames // block
+            drive(runner, x, block, step_every=budget + extra)
+            results.append(runner.underruns)
+    assert results[0] == 0 and results[1] > 0, results
+
+
 def test_late_worker_gives_silence_counts_underruns_and_keeps_the_delay(
     passthrough_model: Model,
 ) -> None:
