@@ -545,6 +545,7 @@ def evaluate(
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    date = datetime.now(UTC).isoformat(timespec="seconds")  # the run's start
     if args.limit is not None and args.limit < 1:
         raise UserInputError(f"--limit must be at least 1, got {args.limit}")
     if args.jobs < 1:
@@ -618,7 +619,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             )
 
     command = shlex.join(["python", "benchmarks/quality.py", *argv])
-    date = datetime.now(UTC).isoformat(timespec="seconds")
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(f"{title}; {date}; `{command}`\n\n{table}", encoding="utf-8")
@@ -628,6 +629,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "command": command,
             "argv": list(argv),
             "date": date,
+            "finished": finished,
             "machine": machine_info(),
             "repo_commit": repo_commit(),
             "set": {
