@@ -132,3 +132,14 @@ def test_export_only_cli_and_errors(synth_data, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"name": "x", "family": "nope"}')
     assert main(["train", "--config", str(bad), "--set", "optim.steps=1"]) == 1
+
+
+def test_train_without_torch_says_what_to_install(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from rtns.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    assert main(["train", "--config", str(tmp_path / "c.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'rtns[train]'" in err[0]
