@@ -185,8 +185,9 @@ def default_pack_name(path: str | Path) -> str:
 def import_dtln(
     h5_path: str | Path, out_dir: str | Path, *, name: str | None = None
 ) -> tuple[Manifest, float]:
-    """Read an official DTLN .h5, export it as a pack in ``out_dir`` (parity-checked by the
-    exporter), and return (manifest, max abs parity error)."""
+    """Read an official DTLN .h5, export it as a pack in ``out_dir`` (created with its
+    parents; must be new or empty; parity-checked by the exporter), and return (manifest,
+    max abs parity error)."""
     h5_path = Path(h5_path)
     out_dir = Path(out_dir)
     weights = read_keras_h5(h5_path)
@@ -197,8 +198,6 @@ def import_dtln(
         raise UserInputError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise UserInputError(f"{out_dir}: folder is not empty; give a new or empty folder")
-    if not out_dir.parent.is_dir():
-        raise UserInputError(f"{out_dir.parent}: no such folder")
     model = build_dtln(weights)
     variant = "log-magnitude iLN (norm)" if weights.norm else "no input normalization"
     provenance = Provenance(

@@ -205,6 +205,27 @@ def test_cli_errors_are_one_line(tmp_path, make, message):
     assert not (tmp_path / "pack").exists()
 
 
+def test_synthetic_import_end_to_end(tmp_path):
+    """The whole import (h5 -> DTLN -> ONNX pack -> parity) without the official files;
+    missing parent folders of OUT_DIR are created."""
+    from rtns.pack import read_manifest, sha256_file
+    from rtns_export.exporter import offline_reference
+
+    torch.manual_seed(5)
+    ref = DTLN(DTLNConfig(norm=True)).eval()
+    h5 = write_keras_h5(tmp_path / "DTLN_norm_40h.h5", ref)
+    out = tmp_path / "a" / "b" / "pack"
+    manifest, err = import_dtln(h5, out)
+    assert err <= 1e-4 and manifest.name == "dtln-official-norm-40h"
+    assert read_manifest(out).provenance.model_dump()["source_sha256"] == sha256_file(h5)
+    x = np.random.default_rng(2).standard_normal(16_000).astype(np.float32) * 0.1
+    y = enhance_array(Model(out), x)
+    # trailing zeros: the engine's flush feeds zeros through the last blocks too
+    tail = np.zeros(512, np.float32)
+    want = offline_reference(ref, np.concatenate([x, tail]), 384)[384 : 384 + x.shape[0]]
+    np.testing.assert_allclose(y, want, atol=1e-4, rtol=0)
+
+
 def test_refuses_non_empty_out_dir(tmp_path):
     torch.manual_seed(0)
     p = write_keras_h5(tmp_path / "w.h5", DTLN())
