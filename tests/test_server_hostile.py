@@ -301,3 +301,43 @@ def test_a_failing_session_does_not_take_the_daemon_down(passthrough_pack, monke
             msg, _ = c.recv(5)
             assert isinstance(msg, P.Error) and msg.code == "internal" and msg.fatal
         assert stats(srv.endpoint)["dropped"]["internal"] == 1
+
+
+def test_client_that_never_reads_cannot_block_the_server(passthrough_pack):
+    """Answers to a client whose pipe is full are dropped and counted (never a blocking send);
+    other sessions go on exactly."""
+    ctx = zmq.Context()
+    srv = Server(
+        ServerConfig(bind="inproc://slow", models=[str(passthrough_pack)], hwm=10), context=ctx
+    )
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    assert srv.bound.wait(10)
+    slow = ctx.socket(zmq.DEALER)
+    try:
+        slow.setsockopt(zmq.LINGER, 0)
+        slow.setsockopt(zmq.RCVHWM, 1)
+        slow.connect("inproc://slow")
+        slow.send(hello())
+        assert slow.poll(5000)
+        slow.recv_multipart()
+        for seq in range(200):  # 200 answers owed; the pipe holds a few
+            slow.send_multipart(audio(seq, noise(128)))
+        x = noise(5000, seed=1)
+        with Client("inproc://slow", context=ctx) as c:
+            y = c.enhance(x, chunk=500)
+            np.testing.assert_array_equal(y, enhance_array(Model(passthrough_pack), x))
+            # Every answer owed to the slow client was either delivered or counted.
+            delivered, dropped = 0, 0
+            deadline = time.monotonic() + 10
+            while delivered + dropped < 200 and time.monotonic() < deadline:
+                while slow.poll(50):
+                    slow.recv_multipart()
+                    delivered += 1
+                dropped = c.stats()["dropped"].get("send_hwm", 0)
+        assert dropped > 0 and delivered + dropped == 200
+    finally:
+        slow.close(linger=0)
+        srv.stop()
+        th.join(10)
+        ctx.term()
