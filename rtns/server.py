@@ -81,6 +81,8 @@ class ServerConfig(BaseModel):
     #: Skip the batch-invariance probe (tests that want a known mode).
     probe: bool = True
     poll_ms: int = Field(50, ge=1, le=1000)
+    #: Log a ``stats`` line every this many seconds (0: never).
+    stats_every: float = Field(60.0, ge=0)
     curve: CurveConfig | None = None
     #: Refuse non-loopback binds without CURVE (always True outside tests of that check).
     require_curve_off_loopback: bool = True
@@ -314,6 +316,7 @@ class Server:
         try:
             self._open()
             next_expiry = time.monotonic() + 0.5
+            next_stats = time.monotonic() + self.config.stats_every
             while not self._stop.is_set():
                 busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
                 events = self.poller.poll(0 if busy else self.config.poll_ms)
@@ -325,6 +328,18 @@ class Server:
                 if now >= next_expiry:
                     self._expire(now)
                     next_expiry = now + 0.5
+                if self.config.stats_every and now >= next_stats:
+                    st = self.stats()
+                    _log(
+                        "stats",
+                        sessions=st["sessions"],
+                        blocks=st["blocks_processed"],
+                        overruns=st["overruns"],
+                        dropped=sum(st["dropped"].values()),
+                        tick_p50_ms=st["tick_infer_ms"]["p50"],
+                        tick_p99_ms=st["tick_infer_ms"]["p99"],
+                    )
+                    next_stats = now + self.config.stats_every
             self._shutdown()
         finally:
             if self.sock is not None:

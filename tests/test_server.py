@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -314,7 +315,8 @@ def test_sigterm_flushes_open_sessions(passthrough_pack):
     port = _free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", str(passthrough_pack)],
+        [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", str(passthrough_pack)]
+        + ["--stats-every", "0.2"],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -326,6 +328,7 @@ def test_sigterm_flushes_open_sessions(passthrough_pack):
             a.send_audio(x)
             b.send_audio(x[:1000])
             assert isinstance(a.recv()[0], P.AudioOut) and isinstance(b.recv()[0], P.AudioOut)
+            time.sleep(0.5)  # at least one periodic stats line
             proc.send_signal(signal.SIGTERM)
             for c, n in ((a, 5000), (b, 1000)):
                 msg, tail = c.recv(10)
@@ -333,7 +336,9 @@ def test_sigterm_flushes_open_sessions(passthrough_pack):
                 assert msg.samples_in == n and msg.samples_out == n + 384
         assert proc.wait(15) == 0
         events = [json.loads(line)["event"] for line in proc.stderr.read().splitlines()]
-        assert {"curve", "listening", "open", "shutdown", "close", "stopped"} <= set(events)
+        assert {"curve", "listening", "open", "stats", "shutdown", "close", "stopped"} <= set(
+            events
+        )
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -74,6 +74,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="refuse to start without CURVE keys, even on loopback",
     )
+    p.add_argument(
+        "--stats-every",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="log a stats line every S seconds (60; 0: never)",
+    )
     p.add_argument("--log-format", choices=("json", "kv"), default="json")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
     p.set_defaults(func=run_serve)
@@ -194,6 +201,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         batch=not args.no_batch,
         max_batch=args.max_batch,
+        stats_every=args.stats_every,
         curve=curve,
         engine=EngineConfig(threads=args.threads),
     )
