@@ -76,7 +76,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--stats-every",
-        type=float,
+        type=_nonneg_float,
         default=60.0,
         metavar="S",
         help="log a stats line every S seconds (60; 0: never)",
