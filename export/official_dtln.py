@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rtns.engine import session_options
+
 BLOCK_LEN = 512
 BLOCK_SHIFT = 128
 #: Output sample n estimates input sample n - LATENCY.
@@ -27,14 +29,10 @@ LATENCY = BLOCK_LEN - BLOCK_SHIFT
 def _session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    # The same settings as the engine, so timings compare like with like.
+    return ort.InferenceSession(
+        str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 class _Stage:

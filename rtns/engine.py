@@ -35,7 +35,8 @@ from rtns.pack import (
 State = dict[str, np.ndarray]
 
 
-def _make_session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
+def session_options(threads: int):  # -> onnxruntime.SessionOptions
+    """onnxruntime settings for one block per call (shared with the reference loops)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -46,6 +47,13 @@ def _make_session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
     # Spinning threads burn a core between 8 ms hops for nothing.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    return opts
+
+
+def _make_session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    opts = session_options(threads)
     try:
         return ort.InferenceSession(
             str(path), sess_options=opts, providers=["CPUExecutionProvider"]
