@@ -252,6 +252,10 @@ def run_live(args: argparse.Namespace) -> int:
         print("rtns: bypass toggled (SIGUSR1)", file=sys.stderr, flush=True)
 
     old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C must stop the stream even when rtns was started with SIGINT ignored (a
+    # background job of a non-interactive shell inherits SIG_IGN, and Python then never
+    # installs its KeyboardInterrupt handler).
+    old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, on_term)
     if hasattr(signal, "SIGUSR1"):
         old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
 
