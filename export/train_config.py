@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rtns.errors import first_validation_error
+
 Range = tuple[float, float]
 
 
@@ -170,6 +172,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise ConfigError(f"training config {p}: {where}: {err['msg']}") from None
+        where, msg = first_validation_error(e)
+        raise ConfigError(f"training config {p}: {where}: {msg}") from None

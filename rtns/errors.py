@@ -7,3 +7,10 @@ class RtnsError(Exception):
 
 class UserInputError(RtnsError):
     """Bad input from the user: a missing or unreadable file, a bad option value."""
+
+
+def first_validation_error(exc: Exception) -> tuple[str, str]:
+    """(dotted location, message) of the first error of a pydantic ValidationError, so a
+    boundary can report it as one sentence."""
+    first = exc.errors()[0]  # type: ignore[attr-defined]
+    return ".".join(str(p) for p in first["loc"]) or "(top level)", first["msg"]

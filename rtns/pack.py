@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rtns.config import FrameSpec
-from rtns.errors import RtnsError
+from rtns.errors import RtnsError, first_validation_error
 
 MANIFEST = "manifest.json"
 PACK_FORMAT = "rtns-pack/1"
@@ -187,9 +187,8 @@ def read_manifest(pack_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise PackError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+        where, msg = first_validation_error(e)
+        raise PackError(f"{path}: invalid manifest at {where}: {msg}") from None
 
 
 def write_manifest(pack_dir: Path, manifest: Manifest) -> Path:
