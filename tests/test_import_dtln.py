@@ -8,8 +8,6 @@ written in the official layout.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 h5py = pytest.importorskip("h5py")
+
+from cli_helpers import run_rtns  # noqa: E402
 
 from rtns.engine import Model, enhance_array  # noqa: E402
 from rtns.errors import UserInputError  # noqa: E402
@@ -173,17 +173,6 @@ def test_default_names():
     assert default_pack_name("DTLN_norm_40h.h5") == "dtln-official-norm-40h"
 
 
-def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rtns", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-
-
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -197,7 +186,7 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 )
 def test_cli_errors_are_one_line(tmp_path, make, message):
     path = make(tmp_path)
-    r = _run_cli("import-dtln", str(path), str(tmp_path / "pack"), cwd=tmp_path)
+    r = run_rtns("import-dtln", str(path), str(tmp_path / "pack"), cwd=tmp_path)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -284,7 +273,7 @@ def official_pack(official_dir, tmp_path_factory) -> Path:
     """model.h5 imported through the CLI (run from the repo root) into a tmp folder."""
     before = _pack_files_in_repo()
     out = tmp_path_factory.mktemp("official") / "dtln-official"
-    r = _run_cli("import-dtln", str(official_dir / "model.h5"), str(out), cwd=REPO)
+    r = run_rtns("import-dtln", str(official_dir / "model.h5"), str(out), cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert _pack_files_in_repo() == before, "import-dtln wrote into the repository"

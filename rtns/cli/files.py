@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from rtns.cli import options
 from rtns.errors import RtnsError, UserInputError
 
 #: Files longer than this many seconds get a progress bar (when stderr is a terminal).
@@ -35,23 +36,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "output", metavar="OUT", help="output audio file; its extension picks the format"
     )
-    p.add_argument(
-        "--model",
-        "-m",
-        metavar="PACK",
-        help="pack name (see `rtns models`) or pack folder; default: rtns-dtln",
-    )
-    p.add_argument(
-        "--threads", type=_positive_int, default=1, metavar="N", help="onnxruntime threads (1)"
-    )
-    p.add_argument(
-        "--atten-lim",
-        type=_non_negative_db,
-        default=None,
-        metavar="DB",
-        help="remove at most this many dB of noise (default: unlimited)",
-    )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    options.add_model(p)
+    options.add_threads(p)
+    options.add_atten_lim(p)
+    options.add_quiet(p)
     p.set_defaults(func=run_enhance)
 
     p = sub.add_parser(
@@ -75,26 +63,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) folder for the pack")
     p.add_argument("--name", help="pack name (default from the file name, e.g. dtln-official)")
     p.set_defaults(func=run_import_dtln)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError(f"{n} is out of range 1..64")
-    return n
-
-
-def _non_negative_db(text: str) -> float:
-    try:
-        db = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of dB") from None
-    if not math.isfinite(db) or db < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the limit must be a non-negative number of dB")
-    return db
 
 
 def _err(msg: str) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from rtns.cli import options
 from rtns.errors import RtnsError, UserInputError
 
 RUN_HELP = """\
@@ -48,26 +49,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="SPK",
         help="output device: index or name part (default: system default)",
     )
-    p.add_argument(
-        "-m", "--model", metavar="PACK", help="model pack name or folder (default: rtns-dtln)"
-    )
-    p.add_argument(
-        "--atten-lim",
-        "--atten-lim-db",
-        dest="atten_lim",
-        type=float,
-        metavar="DB",
-        help="at most DB dB of noise reduction (default: unlimited)",
-    )
+    options.add_model(p)
+    options.add_atten_lim(p)
     p.add_argument(
         "--samplerate",
-        type=int,
+        type=options.positive_int,
         metavar="HZ",
         help="device sample rate (default: 16000 if both devices support it, else the input's default rate)",
     )
     p.add_argument(
         "--blocksize",
-        type=int,
+        type=options.non_negative_int,
         default=0,
         metavar="FRAMES",
         help="frames per callback; 0 (default) lets the host API choose, which adds no buffering",
@@ -78,17 +70,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="L",
         help="PortAudio suggested latency: low, high or seconds (default: low)",
     )
-    p.add_argument("--duration", type=float, metavar="SEC", help="stop after SEC seconds")
+    p.add_argument(
+        "--duration", type=options.positive_float, metavar="SEC", help="stop after SEC seconds"
+    )
     p.add_argument(
         "--rt-priority",
-        type=int,
+        type=options.non_negative_int,
         default=None,
         metavar="N",
         help="SCHED_FIFO priority of the inference thread (default: 4, below JACK's client "
         "threads; 0: normal scheduling)",
     )
     p.add_argument("--bypass", action="store_true", help="start in bypass")
-    p.add_argument("-q", "--quiet", action="store_true", help="no once-a-second status line")
+    options.add_quiet(p, "no once-a-second status line")
     p.set_defaults(func=run_live)
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from rtns.cli import options
 from rtns.errors import UserInputError
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -35,20 +36,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="PACK",
         help="pack name or folder; repeat to serve several (the first is the default)",
     )
-    p.add_argument("--max-sessions", type=_pos_int, default=256, metavar="N")
+    p.add_argument("--max-sessions", type=options.positive_int, default=256, metavar="N")
     p.add_argument(
-        "--idle-timeout", type=_pos_float, default=30.0, metavar="S", help="seconds (30)"
+        "--idle-timeout",
+        type=options.positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds (30)",
     )
     p.add_argument(
         "--queue-seconds",
-        type=_pos_float,
+        type=options.positive_float,
         default=6.0,
         metavar="S",
         help="input queued per session before queue_full (6 s)",
     )
     p.add_argument(
         "--max-message-bytes",
-        type=_pos_int,
+        type=options.positive_int,
         default=262_144,
         metavar="B",
         help="ZMQ_MAXMSGSIZE: larger frames drop the connection (262144)",
@@ -58,12 +63,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-batch",
-        type=_pos_int,
+        type=options.positive_int,
         default=64,
         metavar="N",
         help="most rows per inference call; the start-up probe checks every size up to it (64)",
     )
-    p.add_argument("--threads", type=_pos_int, default=1, help="onnxruntime threads (1)")
+    options.add_threads(p)
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key (NAME.key_secret)")
     p.add_argument(
         "--allowed-clients", metavar="DIR", help="folder of allowed clients' public *.key files"
@@ -76,7 +81,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--stats-every",
-        type=_nonneg_float,
+        type=options.non_negative_float,
         default=60.0,
         metavar="S",
         help="log a stats line every S seconds (60; 0: never)",
@@ -100,13 +105,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", metavar="NAME", help="model name on the server")
     p.add_argument("--fast", action="store_true", help="as fast as the server allows")
     p.add_argument(
-        "--chunk", type=_pos_int, default=320, metavar="N", help="samples per message at 16 kHz"
+        "--chunk",
+        type=options.positive_int,
+        default=320,
+        metavar="N",
+        help="samples per message at 16 kHz",
     )
-    p.add_argument("--atten-lim", type=_nonneg_float, default=None, metavar="DB")
-    p.add_argument("--timeout", type=_pos_float, default=10.0, metavar="S")
+    options.add_atten_lim(p)
+    p.add_argument("--timeout", type=options.positive_float, default=10.0, metavar="S")
     p.add_argument("--server-key", metavar="FILE", help="server public key (enables CURVE)")
     p.add_argument("--client-key", metavar="FILE", help="this client's secret key")
-    p.add_argument("--quiet", "-q", action="store_true")
+    options.add_quiet(p, "no summary")
     p.set_defaults(func=run_stream)
 
     p = sub.add_parser(
@@ -120,36 +129,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--name", default="rtns", help="file name stem (rtns)")
     p.set_defaults(func=run_keys)
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {v}")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number: {text}")
-    return v
 
 
 def setup_logging(fmt: str = "json", level: str = "info") -> None:

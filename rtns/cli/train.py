@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any
 
+from rtns.cli import options
 from rtns.errors import RtnsError, UserInputError
 
 TRAIN_EXTRA = "rtns train needs PyTorch and the training extras: pip install 'rtns[train]'"
@@ -24,7 +25,7 @@ def add_parsers(sub: Any) -> None:
         "checkpoint and export it to a pack. Re-running the same command resumes.",
     )
     p.add_argument("--config", required=True, help="training config (JSON, see configs/)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    options.add_threads(p, "torch CPU", default=None)
     p.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
     p.add_argument("--no-export", action="store_true", help="do not export a pack at the end")
     p.add_argument(
@@ -46,7 +47,7 @@ def add_parsers(sub: Any) -> None:
         metavar="KEY=JSON",
         help="override a config value, e.g. --set optim.steps=50 (repeatable)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_quiet(p, "no progress bar")
     p.set_defaults(func=run_train)
 
     m = sub.add_parser(
@@ -58,7 +59,9 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--clean", required=True, help="folder of clean speech (wav/flac, any rate)")
     m.add_argument("--noise", required=True, help="folder of noise (wav/flac, any rate)")
     m.add_argument("--out", required=True, help="output folder (created; must be empty)")
-    m.add_argument("--count", type=int, default=50, help="number of pairs (default 50)")
+    m.add_argument(
+        "--count", type=options.positive_int, default=50, help="number of pairs (default 50)"
+    )
     m.add_argument("--snr", type=float, nargs=2, default=(-5.0, 20.0), metavar=("LOW", "HIGH"))
     m.add_argument(
         "--level",
@@ -69,7 +72,10 @@ def add_parsers(sub: Any) -> None:
         help="RMS level of the noisy file in dBFS",
     )
     m.add_argument(
-        "--max-seconds", type=float, default=10.0, help="crop longer utterances (default 10)"
+        "--max-seconds",
+        type=options.positive_float,
+        default=10.0,
+        help="crop longer utterances (default 10)",
     )
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=run_make_testset)
@@ -104,8 +110,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, _overrides(args.set))
-        if args.threads is not None and args.threads < 1:
-            raise UserInputError("--threads must be at least 1")
         if args.export_only:
             tr = Trainer(cfg, threads=args.threads, progress=False)
             if not (tr.run_dir / "best.pt").exists():

@@ -1,0 +1,90 @@
+"""Argument types and options shared by the sub-commands, so every command checks a number
+or names a model the same way."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+#: onnxruntime / torch thread counts above this are refused as a likely typo.
+MAX_THREADS = 64
+
+
+def _number(text: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        v = kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def positive_int(text: str) -> int:
+    v = int(_number(text, int))
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def thread_count(text: str) -> int:
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{v} is out of range 1..{MAX_THREADS}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    v = int(_number(text, int))
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must not be negative")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(_number(text, float))
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = float(_number(text, float))
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number")
+    return v
+
+
+def add_model(p: argparse.ArgumentParser, **kw) -> None:
+    """``--model/-m PACK``: a pack name on the search path or a pack folder."""
+    kw.setdefault("metavar", "PACK")
+    kw.setdefault("help", "pack name (see `rtns models`) or pack folder; default: rtns-dtln")
+    p.add_argument("--model", "-m", **kw)
+
+
+def add_threads(p: argparse.ArgumentParser, what: str = "onnxruntime", default: int | None = 1):
+    shown = "all cores" if default is None and what == "torch" else default
+    p.add_argument(
+        "--threads",
+        type=thread_count,
+        default=default,
+        metavar="N",
+        help=f"{what} threads ({shown})",
+    )
+
+
+def add_atten_lim(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--atten-lim",
+        "--atten-lim-db",
+        dest="atten_lim",
+        type=non_negative_float,
+        default=None,
+        metavar="DB",
+        help="remove at most DB dB of noise (default: unlimited)",
+    )
+
+
+def add_quiet(p: argparse.ArgumentParser, what: str = "no progress bar or summary") -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help=what)
