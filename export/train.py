@@ -37,7 +37,7 @@ from rtns.pack import Provenance
 from rtns_export.data import Mixer, fingerprint, load_folder, validation_set
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss
-from rtns_export.train_config import ScheduleConfig, TrainConfig
+from rtns_export.train_config import ConfigError, ScheduleConfig, TrainConfig
 
 
 # -- learning-rate schedule ---------------------------------------------------------------
@@ -108,8 +108,8 @@ def enhance_batch(
 
 
 def score_pairs(clean: np.ndarray, est: np.ndarray, pesq_items: int) -> dict[str, float]:
-    """Mean SI-SDR over all rows and mean PESQ-WB over the first ``pesq_items`` rows of
-    clean/est [B, N] (N equal); rows where PESQ finds no utterance are skipped."""
+    """Mean SI-SDR over all rows, and mean PESQ-WB and STOI over the first ``pesq_items``
+    rows of clean/est [B, N] (N equal); rows where PESQ finds no utterance are skipped."""
     sdr = [metrics.si_sdr(c, e) for c, e in zip(clean, est, strict=False)]
     out = {"si_sdr": float(np.mean(sdr))}
     if pesq_items:
@@ -120,6 +120,8 @@ def score_pairs(clean: np.ndarray, est: np.ndarray, pesq_items: int) -> dict[str
             except Exception:  # pesq's NoUtterancesError and friends
                 continue
         out["pesq"] = float(np.mean(vals)) if vals else float("nan")
+        pairs = zip(clean[:pesq_items], est[:pesq_items], strict=False)
+        out["stoi"] = float(np.mean([metrics.stoi(c, e) for c, e in pairs]))
     return out
 
 
@@ -130,12 +132,20 @@ class RunState:
     best_score: float = -math.inf
     best_step: int = -1
     history: list[dict[str, float]] = field(default_factory=list)
+    #: Where the weights started when the run is a fine-tuning stage (``init_from``).
+    init: dict[str, Any] | None = None
 
 
 class _CsvLog:
+    """Append-only CSV. A log that already exists keeps its own header (a run resumed by a
+    newer trainer that logs more columns writes only the columns the file has)."""
+
     def __init__(self, path: Path, fields: list[str]) -> None:
         self.path, self.fields = path, fields
-        if not path.exists():
+        if path.exists() and path.stat().st_size:
+            with path.open(newline="") as f:
+                self.fields = next(csv.reader(f))
+        else:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(fields)
 
@@ -157,6 +167,10 @@ def _truncate_csv(path: Path, max_step: int) -> None:
     keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= max_step]
     with path.open("w", newline="") as f:
         csv.writer(f).writerows(keep)
+
+
+class SelectionError(RuntimeError):
+    """No validated checkpoint met the config's selection rule, so there is nothing to export."""
 
 
 # -- the trainer --------------------------------------------------------------------------
@@ -247,6 +261,26 @@ class Trainer:
         self._log(f"resumed from step {self.state.step} ({self.state.elapsed_s / 60:.1f} min)")
         return True
 
+    def init_weights(self, path: str | Path) -> None:
+        """Load model weights (only) from another run's checkpoint, for fine-tuning."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"init_from: no checkpoint at {p}")
+        try:
+            ck = torch.load(p, map_location=self.device, weights_only=False)
+            src = ck.get("config", {})
+        except Exception as e:  # a truncated or foreign file
+            raise ConfigError(f"init_from: {p} is not a readable rtns checkpoint ({e})") from None
+        if src.get("family") != self.cfg.family or src.get("model") != self.cfg.model:
+            raise ConfigError(
+                f"init_from: {p} holds a {src.get('family')} model {src.get('model')}, "
+                f"but this run builds {self.cfg.family} {self.cfg.model}"
+            )
+        self.model.load_state_dict(ck["model"])
+        step = ck.get("step", ck.get("run", {}).get("step"))
+        self.state.init = {"init_from": str(p), "init_step": step, "init_valid": ck.get("valid")}
+        self._log(f"initialised from {p} (step {step}); optimizer and schedule start fresh")
+
     # -- one step / validation --------------------------------------------------------------
     def train_step(
         self, clean: np.ndarray, noisy: np.ndarray
@@ -282,11 +316,19 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, o, v = self.cfg, self.cfg.optim, self.cfg.valid
+        fresh = not (resume and (self.run_dir / "last.pt").exists())
+        if fresh and cfg.init_from:
+            self.init_weights(cfg.init_from)  # before the data, so a bad path fails fast
         if self.mixer is None:
             self.load_data()
         (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-        if resume:
+        if not fresh:
             self.resume()
+        elif cfg.init_from:
+            res = self.validate()
+            assert self.state.init is not None
+            self.state.init["init_valid_now"] = res
+            self._log("starting point: valid " + ", ".join(f"{k} {x:.3f}" for k, x in res.items()))
         assert self.mixer is not None
         part_names = [t.name for t in cfg.losses]
         tlog = _CsvLog(
@@ -294,7 +336,8 @@ class Trainer:
             ["step", "elapsed_s", "lr", "loss", *part_names, "grad_norm", "audio_s_per_s"],
         )
         vlog = _CsvLog(
-            self.run_dir / "valid.csv", ["step", "elapsed_s", "loss", "si_sdr", "pesq", "best"]
+            self.run_dir / "valid.csv",
+            ["step", "elapsed_s", "loss", "si_sdr", "pesq", "stoi", "best"],
         )
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         seg_s = self.mixer.seg_len / 16000
@@ -358,8 +401,12 @@ class Trainer:
     def _validation(self, vlog: _CsvLog) -> None:
         t0 = time.time()
         res = self.validate()
-        score = res.get(self.cfg.valid.select, float("nan"))
+        v = self.cfg.valid
+        score = res.get(v.select, float("nan"))
         improved = math.isfinite(score) and score > self.state.best_score
+        if improved and v.min_stoi_gain is not None:
+            floor = self.valid_input.get("stoi", float("nan")) + v.min_stoi_gain
+            improved = res.get("stoi", float("nan")) >= floor
         if improved:
             self.state.best_score, self.state.best_step = score, self.state.step
             _atomic_save(
@@ -369,6 +416,7 @@ class Trainer:
                     "valid": res,
                     "elapsed_s": self.state.elapsed_s,
                     "config": self.cfg.model_dump(mode="json"),
+                    "init": self.state.init,
                 },
                 self.run_dir / "best.pt",
             )
@@ -398,26 +446,39 @@ class Trainer:
             {"train_speech": cfg.data.train_speech, "train_noise": cfg.data.train_noise},
         )
         d = cfg.data
+        init = best.get("init") or self.state.init
+        if init is None and cfg.init_from:
+            init = {"init_from": cfg.init_from}
+        origin = f"trained from scratch with `rtns train` (run {cfg.name!r}, seed {cfg.seed})"
+        if init:
+            origin += (
+                f", fine-tuned from this project's own checkpoint {init['init_from']} "
+                "(itself trained from scratch)"
+            )
+        sel = cfg.valid.select
+        if cfg.valid.min_stoi_gain is not None:
+            sel += f" among checkpoints with STOI >= input + {cfg.valid.min_stoi_gain:g}"
         return Provenance(
-            origin=f"trained from scratch with `rtns train` (run {cfg.name!r}, seed {cfg.seed})",
+            origin=origin,
             training_data=(
                 f"speech {info['train_speech']}; noise {info['train_noise']}; online mixing, "
                 f"{d.segment_seconds:g} s segments, SNR {d.snr_db[0]:g}..{d.snr_db[1]:g} dB, "
                 f"level {d.level_dbfs[0]:g}..{d.level_dbfs[1]:g} dBFS, augmentation "
                 + json.dumps(d.augment.model_dump())
             ),
-            steps=int(best.get("step", self.state.step)),
+            steps=int(best.get("step", self.state.step)) + int((init or {}).get("init_step") or 0),
             losses=self.loss_fn.describe(),
             notes=(
                 f"Adam lr {cfg.optim.lr:g}, clipnorm {cfg.optim.clipnorm}, batch {cfg.optim.batch}, "
                 f"schedule {cfg.optim.schedule.kind}; best checkpoint by validation "
-                f"{cfg.valid.select} ({cfg.valid.items} fixed pairs of {cfg.valid.seconds:g} s, "
-                f"PESQ on {cfg.valid.pesq_items})"
+                f"{sel} ({cfg.valid.items} fixed pairs of {cfg.valid.seconds:g} s, "
+                f"PESQ and STOI on {cfg.valid.pesq_items})"
             ),
             model=cfg.model,
             validation={k: float(v) for k, v in best.get("valid", {}).items()},
             validation_input=getattr(self, "valid_input", None),
             train_minutes=round(float(best.get("elapsed_s", self.state.elapsed_s)) / 60, 1),
+            **({"init": init} if init else {}),
             **(extra or {}),
         )
 
@@ -432,6 +493,12 @@ class Trainer:
     ):
         """Export the best (or last) weights to a pack; returns (manifest, parity report)."""
         path = self.run_dir / f"{which}.pt"
+        if which == "best" and not path.exists() and (self.run_dir / "last.pt").exists():
+            raise SelectionError(
+                f"{self.run_dir}: no checkpoint met the selection rule (valid.select="
+                f"{self.cfg.valid.select!r}, min_stoi_gain={self.cfg.valid.min_stoi_gain}); "
+                "see valid.csv, or export the last weights instead"
+            )
         best: dict[str, Any] = {}
         if path.exists():
             ck = torch.load(path, map_location="cpu", weights_only=False)

@@ -119,7 +119,10 @@ class ValidConfig(_Strict):
     pesq_items: int = Field(16, ge=0)
     every_steps: int = Field(200, ge=1)
     #: The metric that picks the best checkpoint.
-    select: Literal["pesq", "si_sdr"] = "pesq"
+    select: Literal["pesq", "si_sdr", "stoi"] = "pesq"
+    #: If set, a checkpoint can only become "best" when its validation STOI is at least the
+    #: unprocessed input's STOI plus this margin (an enhancer must not cost intelligibility).
+    min_stoi_gain: float | None = None
     seed: int = 1234
 
 
@@ -141,6 +144,10 @@ class TrainConfig(_Strict):
     valid: ValidConfig = ValidConfig()
     export: ExportConfig = ExportConfig()
     seed: int = 0
+    #: Start from the model weights of this checkpoint (``best.pt`` or ``last.pt`` of an
+    #: earlier run) with a fresh optimizer and schedule: a fine-tuning stage. Ignored when the
+    #: run resumes from its own ``last.pt``.
+    init_from: str | None = None
     out_dir: str = "runs"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)

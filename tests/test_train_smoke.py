@@ -143,3 +143,104 @@ def test_train_without_torch_says_what_to_install(monkeypatch, capsys, tmp_path)
     assert main(["train", "--config", str(tmp_path / "c.json")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'rtns[train]'" in err[0]
+
+
+def test_fine_tune_from_own_checkpoint(synth_data, tmp_path):
+    from rtns.pack import read_manifest
+
+    base = tiny_config(synth_data, tmp_path / "base", steps=20)
+    run_training(base, threads=1, progress=False, export=False)
+    start = torch.load(base.run_dir / "last.pt", weights_only=False)["model"]
+
+    ft = tiny_config(
+        synth_data,
+        tmp_path / "ft",
+        steps=20,
+        init_from=str(base.run_dir / "last.pt"),
+        optim={"lr": 0.001, "batch": 8, "steps": 20, "schedule": {"kind": "cosine"}},
+    )
+    # Step 0 of the fine-tune validates the loaded weights: they are the base run's last ones.
+    tr, result = run_training(ft, threads=1, progress=False)
+    assert tr.state.init["init_step"] == 20
+    assert tr.state.init["init_valid_now"]["si_sdr"] == pytest.approx(
+        base_last_si_sdr(base), abs=1e-6
+    )
+    assert result is not None
+    prov = read_manifest(ft.run_dir / "pack").provenance.model_dump()
+    assert "fine-tuned from" in prov["origin"] and "from scratch" in prov["origin"]
+    assert prov["steps"] == 20 + tr.state.best_step  # counted from scratch
+    assert prov["init"]["init_from"].endswith("last.pt")
+    now = torch.load(ft.run_dir / "last.pt", weights_only=False)["model"]
+    assert any(not torch.equal(start[k], now[k]) for k in start)  # it trained on
+
+    # A resumed fine-tune does not reload init_from (it continues from its own last.pt).
+    more = ft.model_copy(update={"optim": ft.optim.model_copy(update={"steps": 25})})
+    tr2, _ = run_training(more, threads=1, progress=False, export=False)
+    assert tr2.state.step == 25 and tr2.state.init["init_step"] == 20
+
+
+def base_last_si_sdr(cfg: TrainConfig) -> float:
+    """SI-SDR of the run's last weights on its validation set, measured afresh."""
+    from rtns_export.train import Trainer
+
+    tr = Trainer(cfg, threads=1, progress=False)
+    tr.load_data()
+    tr.model.load_state_dict(torch.load(cfg.run_dir / "last.pt", weights_only=False)["model"])
+    return tr.validate()["si_sdr"]
+
+
+def test_fine_tune_refuses_a_checkpoint_of_another_shape(synth_data, tmp_path, capsys):
+    from rtns.cli import main
+
+    base = tiny_config(synth_data, tmp_path / "base", steps=10)
+    run_training(base, threads=1, progress=False, export=False)
+    other = tiny_config(synth_data, tmp_path / "other", steps=10)
+    other = other.model_copy(
+        update={"model": {**other.model, "hidden": 8}, "init_from": str(base.run_dir / "last.pt")}
+    )
+    path = tmp_path / "other.json"
+    path.write_text(other.model_dump_json())
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init_from" in err[0] and "'hidden': 8" in err[0]
+    missing = other.model_copy(update={"init_from": str(tmp_path / "nope.pt")})
+    path.write_text(missing.model_dump_json())
+    assert main(["train", "--config", str(path), "--quiet"]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_stoi_floor_can_refuse_every_checkpoint(synth_data, tmp_path, capsys):
+    """With an unreachable STOI floor no checkpoint becomes best, and export says so."""
+    from rtns.cli import main
+
+    cfg = tiny_config(synth_data, tmp_path, steps=20)
+    cfg = cfg.model_copy(
+        update={"valid": cfg.valid.model_copy(update={"min_stoi_gain": 1.0})}  # STOI <= 1
+    )
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.model_dump_json())
+    assert main(["train", "--config", str(path), "--threads", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint met the selection rule" in err and "min_stoi_gain=1.0" in err
+    assert not (cfg.run_dir / "best.pt").exists()
+    with (cfg.run_dir / "valid.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0 < float(r["stoi"]) <= 1 and r["best"] == "0" for r in rows)
+
+
+def test_resume_keeps_an_older_log_header(synth_data, tmp_path):
+    """A valid.csv written before the STOI column existed keeps its columns on resume."""
+    cfg = tiny_config(synth_data, tmp_path, steps=10)
+    run_training(cfg, threads=1, progress=False, export=False)
+    log = cfg.run_dir / "valid.csv"
+    with log.open() as f:
+        rows = list(csv.reader(f))
+    i = rows[0].index("stoi")
+    log.write_text("\n".join(",".join(r[:i] + r[i + 1 :]) for r in rows) + "\n")
+    more = tiny_config(synth_data, tmp_path, steps=20)
+    run_training(more, threads=1, progress=False, export=False)
+    with log.open() as f:
+        rows = list(csv.reader(f))
+    assert "stoi" not in rows[0] and all(len(r) == len(rows[0]) for r in rows)
+    assert [int(r[0]) for r in rows[1:]] == [10, 20]

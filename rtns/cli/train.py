@@ -105,15 +105,15 @@ def run_train(args: argparse.Namespace) -> int:
     _need_torch()
     from rtns_export.data import DataError
     from rtns_export.families import FamilyError
-    from rtns_export.train import Trainer, run_training
+    from rtns_export.train import SelectionError, Trainer, run_training
     from rtns_export.train_config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, _overrides(args.set))
         if args.export_only:
             tr = Trainer(cfg, threads=args.threads, progress=False)
-            if not (tr.run_dir / "best.pt").exists():
-                raise UserInputError(f"no best checkpoint in {tr.run_dir}; train first")
+            if not (tr.run_dir / "last.pt").exists():
+                raise UserInputError(f"no checkpoint in {tr.run_dir}; train first")
             extra = None
             if args.provenance:
                 try:
@@ -137,7 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
             export=False if args.no_export else None,
             progress=not args.quiet,
         )
-    except (ConfigError, DataError, FamilyError) as e:
+    except (ConfigError, DataError, FamilyError, SelectionError) as e:
         raise UserInputError(str(e)) from None
     s = tr.state
     print(
