@@ -78,6 +78,8 @@ class System:
     path: Path | None = None
     #: Imported into a temporary folder by this run (deleted at the end; never written).
     temporary: bool = False
+    #: Run with the pack's default attenuation limit lifted (``--pack-off``).
+    limit_off: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,14 @@ def score_pair(pair: Pair) -> FileResult:
     assert w is not None, "call _init_worker first"
     clean, noisy, res = load_pair(pair)
     for s in w.systems:
-        est = noisy if s.kind == "unprocessed" else enhance_array(w.models[s.label], noisy)  # type: ignore[arg-type]
+        if s.kind == "unprocessed":
+            est = noisy
+        else:
+            model = w.models[s.label]
+            stream = model.stream()
+            if s.limit_off:
+                stream.atten_lim_db = None
+            est = enhance_array(model, noisy, stream)
         scores, errors = score_signal(clean, est, w.dnsmos)
         res.scores[s.label] = scores
         res.errors += [f"{s.label}: {e}" for e in errors]
@@ -377,6 +386,8 @@ def pack_info(system: System) -> dict[str, object]:
         "family": m.family,
         "origin": m.provenance.origin,
         "graphs": {g.file: g.sha256 for g in m.graphs},
+        #: The attenuation limit the rows ran with (None: unlimited).
+        "atten_lim_db": None if system.limit_off else m.atten_lim_db,
     }
 
 
@@ -417,6 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[LABEL=]PACK",
         help="pack name or folder to evaluate (repeatable); LABEL= names its row "
         "(default: the manifest name). Default: every pack rtns finds.",
+    )
+    p.add_argument(
+        "--pack-off",
+        action="append",
+        default=[],
+        metavar="[LABEL=]PACK",
+        help="a pack run with its default attenuation limit lifted (repeatable; its row is "
+        "'NAME (limit off)' and is never written to the manifest)",
     )
     p.add_argument(
         "--official-dtln",
@@ -486,7 +505,7 @@ def resolve_systems(args: argparse.Namespace, tmp: Path) -> list[System]:
             label, target = _split_label(spec)
             path = resolve_pack(target)
             systems.append(System(label or read_manifest(path).name, "pack", path))
-    elif not args.official_dtln:
+    elif not args.official_dtln and not args.pack_off:
         for path, m in iter_packs():
             if isinstance(m, PackError):
                 print(f"quality: skipping broken pack: {m}", file=sys.stderr)
@@ -494,6 +513,11 @@ def resolve_systems(args: argparse.Namespace, tmp: Path) -> list[System]:
             systems.append(System(m.name, "pack", path))
         if len(systems) == 1:
             print("quality: no packs found; scoring the unprocessed input only", file=sys.stderr)
+    for spec in args.pack_off:
+        label, target = _split_label(spec)
+        path = resolve_pack(target)
+        label = label or f"{read_manifest(path).name} (limit off)"
+        systems.append(System(label, "pack", path, limit_off=True))
     for spec in args.official_dtln:
         label, target = _split_label(spec)
         p = Path(target).expanduser()
@@ -653,7 +677,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.write_manifest:
         for s, (_, avg) in zip(systems, rows, strict=True):
-            if s.path is None or s.temporary:
+            if s.path is None or s.temporary or s.limit_off:
                 continue
             got = {k: v for k, v in avg.items() if v is not None}
             got["files"] = float(len(results))

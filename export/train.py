@@ -25,6 +25,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from rtns import metrics
-from rtns.pack import Provenance
+from rtns.pack import Provenance, write_manifest
 from rtns_export.data import Mixer, fingerprint, load_folder, validation_set
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss
@@ -123,6 +124,37 @@ def score_pairs(clean: np.ndarray, est: np.ndarray, pesq_items: int) -> dict[str
         pairs = zip(clean[:pesq_items], est[:pesq_items], strict=False)
         out["stoi"] = float(np.mean([metrics.stoi(c, e) for c, e in pairs]))
     return out
+
+
+def with_atten_lim(est: np.ndarray, noisy: np.ndarray, db: float) -> np.ndarray:
+    """What the engine outputs with an attenuation limit of ``db`` (inf: ``est`` itself):
+    ``g * noisy + (1 - g) * est`` with ``g = 10^(-db/20)``; arrays time-aligned, [B, N]."""
+    if math.isinf(db):
+        return est
+    g = 10.0 ** (-db / 20.0)
+    return ((1.0 - g) * est + g * noisy).astype(np.float32)
+
+
+def tune_atten_lim(
+    clean: np.ndarray,
+    noisy: np.ndarray,
+    est: np.ndarray,
+    grid: Sequence[float],
+    pesq_items: int,
+    select: str,
+    stoi_floor: float,
+) -> dict[str, float]:
+    """Score ``est`` unlimited and at every limit of ``grid``; return the scores of the limit
+    with the best ``select`` among those whose STOI >= ``stoi_floor`` (all when the floor is
+    NaN or none reaches it), with ``atten_lim_db`` (inf: unlimited) and ``unlimited_<m>``."""
+    rows = {
+        db: score_pairs(clean, with_atten_lim(est, noisy, db), pesq_items)
+        for db in (math.inf, *sorted(set(grid), reverse=True))
+    }
+    ok = [db for db, r in rows.items() if r.get("stoi", math.nan) >= stoi_floor]
+    pick = max(ok or list(rows), key=lambda db: rows[db].get(select, -math.inf))
+    unlimited = {f"unlimited_{k}": x for k, x in rows[math.inf].items()}
+    return {**rows[pick], "atten_lim_db": pick, **unlimited}
 
 
 @dataclass
@@ -300,13 +332,26 @@ class Trainer:
         return float(loss.detach()), parts, float(gnorm)
 
     def validate(self) -> dict[str, float]:
-        v = self.cfg.valid
+        """Loss and scores on the validation set, of what the pack would output: with the
+        export's attenuation limit (``atten_lim_db`` in the result; inf: unlimited)."""
+        v, e = self.cfg.valid, self.cfg.export
         est = enhance_batch(self.model, self.valid_noisy, self.device)
         n = est.shape[1]
-        clean = self.valid_clean[:, :n]
+        clean, noisy = self.valid_clean[:, :n], self.valid_noisy[:, :n]
         with torch.no_grad():
             loss, _ = self.loss_fn(torch.from_numpy(est), torch.from_numpy(clean))
-        return {"loss": float(loss), **score_pairs(clean, est, v.pesq_items)}
+        out = {"loss": float(loss)}
+        if e.atten_lim == "auto":
+            floor = self.valid_input.get("stoi", math.nan) + (v.min_stoi_gain or 0.0)
+            return {
+                **out,
+                **tune_atten_lim(
+                    clean, noisy, est, e.atten_lim_grid, v.pesq_items, v.select, floor
+                ),
+            }
+        lim = math.inf if e.atten_lim is None else float(e.atten_lim)
+        scores = score_pairs(clean, with_atten_lim(est, noisy, lim), v.pesq_items)
+        return {**out, **scores, "atten_lim_db": lim}
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop = True
@@ -337,7 +382,7 @@ class Trainer:
         )
         vlog = _CsvLog(
             self.run_dir / "valid.csv",
-            ["step", "elapsed_s", "loss", "si_sdr", "pesq", "stoi", "best"],
+            ["step", "elapsed_s", "loss", "si_sdr", "pesq", "stoi", "atten_lim_db", "best"],
         )
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         seg_s = self.mixer.seg_len / 16000
@@ -475,7 +520,7 @@ class Trainer:
                 f"PESQ and STOI on {cfg.valid.pesq_items})"
             ),
             model=cfg.model,
-            validation={k: float(v) for k, v in best.get("valid", {}).items()},
+            validation={k: float(v) for k, v in best.get("valid", {}).items() if math.isfinite(v)},
             validation_input=getattr(self, "valid_input", None),
             train_minutes=round(float(best.get("elapsed_s", self.state.elapsed_s)) / 60, 1),
             **({"init": init} if init else {}),
@@ -497,7 +542,7 @@ class Trainer:
             raise SelectionError(
                 f"{self.run_dir}: no checkpoint met the selection rule (valid.select="
                 f"{self.cfg.valid.select!r}, min_stoi_gain={self.cfg.valid.min_stoi_gain}); "
-                "see valid.csv, or export the last weights instead"
+                "see valid.csv, or export the last weights (--export-only --checkpoint last)"
             )
         best: dict[str, Any] = {}
         if path.exists():
@@ -511,13 +556,27 @@ class Trainer:
         model = self.model.to("cpu").eval()
         out = Path(out_dir or self.cfg.export.out_dir or self.run_dir / "pack")
         fam = get_family(self.cfg.family)
-        return fam.export(
+        manifest, parity = fam.export(
             model,
             out,
             name=name or self.cfg.export.name,
             provenance=self.provenance(best, extra_provenance),
             scores=scores,
         )
+        # The parity check ran unlimited; the default limit is a property of the pack.
+        lim = self.export_atten_lim(best)
+        if lim is not None:
+            manifest = manifest.model_copy(update={"atten_lim_db": lim})
+            write_manifest(out, manifest)
+        return manifest, parity
+
+    def export_atten_lim(self, best: dict[str, Any]) -> float | None:
+        """The default limit to write into the pack (None: unlimited)."""
+        e = self.cfg.export
+        if e.atten_lim == "auto":
+            db = best.get("valid", {}).get("atten_lim_db", math.inf)
+            return None if math.isinf(db) else float(db)
+        return None if e.atten_lim is None else float(e.atten_lim)
 
 
 def run_training(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -131,6 +131,13 @@ class ExportConfig(_Strict):
     #: Pack folder; default <out_dir>/pack.
     out_dir: str | None = None
     enabled: bool = True
+    #: The pack's default attenuation limit in dB (``Manifest.atten_lim_db``): a number, None
+    #: (unlimited), or "auto": every validation scores the model unlimited and at each limit
+    #: of ``atten_lim_grid``, and keeps the one with the best ``valid.select`` among those
+    #: whose STOI is at least the input's (plus ``valid.min_stoi_gain``). Validation scores,
+    #: checkpoint selection and the exported pack all use the chosen limit.
+    atten_lim: Annotated[float, Field(ge=0, le=200)] | Literal["auto"] | None = None
+    atten_lim_grid: list[Annotated[float, Field(ge=0, le=200)]] = [30, 24, 18, 15, 12]
 
 
 class TrainConfig(_Strict):

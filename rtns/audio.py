@@ -305,7 +305,7 @@ class LiveRunner:
         self.output_dropped = 0
         self.error: str | None = None
         self.bypass = False
-        self.atten_lim_db: float | None = None
+        self.atten_lim_db: float | None = self.stream.atten_lim_db  # the pack's default
         # Plumbing.
         self.primed = threading.Event()
         self.failed = threading.Event()

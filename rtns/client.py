@@ -9,6 +9,7 @@ input's length, like :func:`rtns.engine.enhance_array`.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class Client:
             format=format,  # type: ignore[arg-type]
             channels=channels,
             model=model,
-            atten_lim_db=atten_lim_db,
+            atten_lim_db="off" if atten_lim_db == math.inf else atten_lim_db,
         )
         self.sock.send(P.encode(hello))
         try:

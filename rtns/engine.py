@@ -158,6 +158,7 @@ class Stream:
         #: Output the delayed input instead of the enhanced signal (latency unchanged).
         self.bypass = False
         self._dry_mix = 0.0
+        self.atten_lim_db = model.manifest.atten_lim_db
         self.samples_in = 0
         self.samples_out = 0
 
@@ -167,13 +168,14 @@ class Stream:
         """At most this many dB of noise reduction (None: unlimited).
 
         Implemented as a mix ``g * dry + (1 - g) * enhanced`` with ``g = 10^(-lim/20)``,
-        which bounds the attenuation of any component at ``lim`` dB.
+        which bounds the attenuation of any component at ``lim`` dB. A new stream starts with
+        the pack's ``atten_lim_db``; None or ``math.inf`` set it to unlimited.
         """
         return None if self._dry_mix == 0.0 else -20.0 * float(np.log10(self._dry_mix))
 
     @atten_lim_db.setter
     def atten_lim_db(self, db: float | None) -> None:
-        if db is None:
+        if db is None or db == np.inf:
             self._dry_mix = 0.0
             return
         if not np.isfinite(db) or db < 0:

@@ -135,6 +135,9 @@ class Manifest(BaseModel):
     frontend: FrontEnd
     graphs: list[GraphSpec]
     provenance: Provenance
+    #: The attenuation limit (dB) a stream of this pack starts with; None: unlimited. Users
+    #: override it (``--atten-lim DB`` or ``off``). Chosen on validation data at export.
+    atten_lim_db: float | None = Field(None, ge=0.0, le=200.0, allow_inf_nan=False)
     #: scores[test set][metric] = value, as measured by benchmarks/quality.py.
     scores: dict[str, dict[str, float]] = {}
 

@@ -42,7 +42,7 @@ ERROR_CODES: dict[str, str] = {
     "bad_rate": "the hello's sample rate is outside 8000..192000 Hz",
     "bad_channels": "the hello's channel count is outside 1..8",
     "bad_format": "the hello's sample format is not s16le or f32le",
-    "bad_atten": "the hello's attenuation limit is not a non-negative number of dB",
+    "bad_atten": 'the hello\'s attenuation limit is not a number of dB in 0..200 or "off"',
     "unknown_model": "the hello names a model this server does not serve",
     "server_full": "the server already has its maximum number of sessions",
     "already_open": "a hello arrived on a connection whose session is open",
@@ -83,8 +83,11 @@ class Hello(_Msg):
     channels: int = Field(1, ge=1, le=MAX_CHANNELS)
     #: Name of one of the server's models; None: the server's first (default) model.
     model: str | None = Field(None, max_length=200)
-    #: At most this many dB of noise reduction; None: unlimited.
-    atten_lim_db: float | None = Field(None, ge=0.0, le=200.0, allow_inf_nan=False)
+    #: At most this many dB of noise reduction; "off": unlimited; None: the model's default
+    #: (its pack's ``atten_lim_db``, shown in Ready).
+    atten_lim_db: (
+        Annotated[float, Field(ge=0.0, le=200.0, allow_inf_nan=False)] | Literal["off"] | None
+    ) = None
 
 
 class Audio(_Msg):
@@ -150,6 +153,8 @@ class Ready(_Msg):
     queue_limit: int
     #: Seconds without any message after which the server ends the session.
     idle_timeout: float
+    #: The session's attenuation limit in dB (None: unlimited).
+    atten_lim_db: float | None = None
 
 
 class AudioOut(_Msg):

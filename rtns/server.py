@@ -436,8 +436,9 @@ class Server:
             )
         model = served.model
         streams = [model.stream() for _ in range(msg.channels)]
-        for st in streams:
-            st.atten_lim_db = msg.atten_lim_db
+        if msg.atten_lim_db is not None:  # None: the pack's default
+            for st in streams:
+                st.atten_lim_db = None if msg.atten_lim_db == "off" else msg.atten_lim_db
         sess = Session(
             sid=secrets.token_hex(6),
             ident=ident,
@@ -483,6 +484,7 @@ class Server:
                 max_message_bytes=self.config.max_message_bytes,
                 queue_limit=self.config.queue_limit,
                 idle_timeout=self.config.idle_timeout,
+                atten_lim_db=streams[0].atten_lim_db,
             ),
         )
 

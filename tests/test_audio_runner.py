@@ -276,6 +276,15 @@ def test_controls_reach_the_engine_stream(passthrough_model: Model) -> None:
             runner.set_atten_lim_db(-3.0)
 
 
+def test_live_stream_starts_at_the_pack_default_limit(passthrough_pack: Path, tmp_path) -> None:
+    from test_engine import limited_copy
+
+    model = Model(limited_copy(passthrough_pack, tmp_path / "limited", 18.0))
+    with LiveRunner(model, 16000) as runner:
+        assert runner.stream.atten_lim_db == pytest.approx(18.0)
+        assert runner.stats().atten_lim_db == pytest.approx(18.0)
+
+
 def test_worker_thread_keeps_up(passthrough_model: Model) -> None:
     """The threaded worker, fed in real time at 48 kHz, leaves no gaps once primed."""
     import time

@@ -104,6 +104,27 @@ def test_enhance_real_model_changes_signal(random_dtln_pack, tmp_path):
     assert np.all(np.isfinite(y)) and np.max(np.abs(y - x[:, 0])) > 1e-3
 
 
+def test_enhance_uses_the_pack_default_limit_unless_told(random_dtln_pack, tmp_path):
+    from test_engine import limited_copy
+
+    limited = limited_copy(random_dtln_pack, tmp_path / "limited", 12.0)
+    x = tones(16_000, 16_000, 1)
+    sf.write(tmp_path / "in.wav", x, 16_000, subtype="FLOAT")
+    outs = {}
+    for label, pack, extra in (
+        ("default", limited, []),
+        ("twelve", random_dtln_pack, ["--atten-lim", "12"]),
+        ("off", limited, ["--atten-lim", "off"]),
+        ("plain", random_dtln_pack, []),
+    ):
+        r = rtns("enhance", "in.wav", f"{label}.wav", "-m", str(pack), *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        outs[label] = sf.read(tmp_path / f"{label}.wav", dtype="float32")[0]
+    np.testing.assert_array_equal(outs["default"], outs["twelve"])
+    np.testing.assert_array_equal(outs["off"], outs["plain"])
+    assert np.max(np.abs(outs["default"] - outs["off"])) > 1e-3
+
+
 def test_enhance_warns_when_integer_output_clips(passthrough_pack, tmp_path):
     x = tones(16_000, 16_000, 1, peak=1.6)
     sf.write(tmp_path / "in.wav", x, 16_000, subtype="FLOAT")
@@ -208,6 +229,7 @@ def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
     shutil.copytree(passthrough_pack, scored)
     text = (scored / MANIFEST).read_text()
     text = text.replace('"name": "passthrough"', '"name": "scored"')
+    text = text.replace('"atten_lim_db": null', '"atten_lim_db": 15.0')
     text = text.replace(
         '"scores": {}', '"scores": {"vbdemand36": {"PESQ": 2.91, "STOI": 0.935, "SI-SDR": 17.2}}'
     )
@@ -220,11 +242,11 @@ def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
     r = rtns("models", cwd=tmp_path, env={PACK_PATH_ENV: str(d), "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "FAMILY", "LATENCY", "SCORES", "PATH"]
+    assert lines[0].split() == ["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]
     rows = {Path(ln.split()[-1]).name: ln for ln in lines[1:]}  # keyed by pack folder
     assert set(rows) >= {"passthrough", "scored", "broken", "corrupt"}
-    assert rows["passthrough"].split()[:4] == ["passthrough", "passthrough", "32.0", "ms"]
-    assert rows["scored"].startswith("scored ")
+    assert rows["passthrough"].split()[:5] == ["passthrough", "passthrough", "32.0", "ms", "off"]
+    assert rows["scored"].startswith("scored ") and " 15 dB " in rows["scored"]
     assert "vbdemand36: PESQ 2.91 STOI 0.935 SI-SDR 17.2" in rows["scored"]
     assert "BROKEN" in rows["broken"] and "not readable JSON" in rows["broken"]
     assert "BROKEN" in rows["corrupt"] and "sha256" in rows["corrupt"]

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import math
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -96,6 +100,31 @@ def test_bypass_and_attenuation_limit(random_dtln_pack):
     np.testing.assert_allclose(mixed, g * x + (1 - g) * wet, atol=1e-6)
     with pytest.raises(ValueError):
         st.atten_lim_db = -3.0
+
+
+def limited_copy(pack: Path, dest: Path, db: float | None) -> Path:
+    """A copy of ``pack`` whose manifest sets the default attenuation limit to ``db``."""
+    from rtns.pack import read_manifest, write_manifest
+
+    shutil.copytree(pack, dest)
+    write_manifest(dest, read_manifest(dest).model_copy(update={"atten_lim_db": db}))
+    return dest
+
+
+def test_pack_default_attenuation_limit(random_dtln_pack, tmp_path):
+    """A pack's atten_lim_db is where every new stream starts; users can lift or change it."""
+    x = _signal()
+    wet = enhance_array(Model(random_dtln_pack), x)
+    model = Model(limited_copy(random_dtln_pack, tmp_path / "lim", 12.0))
+    st = model.stream()
+    assert st.atten_lim_db == pytest.approx(12.0)
+    g = 10 ** (-12 / 20)
+    np.testing.assert_allclose(enhance_array(model, x, st), g * x + (1 - g) * wet, atol=1e-6)
+    st.atten_lim_db = math.inf  # "off"
+    assert st.atten_lim_db is None
+    np.testing.assert_array_equal(enhance_array(model, x, st), wet)
+    st.reset()  # controls survive a reset; a new stream starts at the default again
+    assert st.atten_lim_db is None and model.stream().atten_lim_db == pytest.approx(12.0)
 
 
 def test_non_mono_input_rejected(passthrough_pack):

@@ -25,6 +25,7 @@ def code_of(frames: list[bytes]) -> str:
 def test_good_messages_parse():
     m = P.parse_client([hello(channels=2, model="x", atten_lim_db=12)])
     assert isinstance(m, P.Hello) and m.channels == 2 and m.atten_lim_db == 12
+    assert P.parse_client([hello(atten_lim_db="off")]).atten_lim_db == "off"
     a = P.parse_client([b'{"type":"audio","seq":7}', b"\0" * 8])
     assert isinstance(a, P.Audio) and a.seq == 7
     assert isinstance(P.parse_client([b'{"type":"close"}']), P.Close)
@@ -56,6 +57,7 @@ def test_good_messages_parse():
         ([hello(channels=9)], "bad_channels"),
         ([hello(format="mp3")], "bad_format"),
         ([hello(atten_lim_db=-3)], "bad_atten"),
+        ([hello(atten_lim_db="on")], "bad_atten"),
         ([], "bad_frames"),
     ],
 )

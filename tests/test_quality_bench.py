@@ -216,3 +216,32 @@ def test_clear_errors_for_bad_folders(quality, paired_set, passthrough_pack, tmp
 
     assert "no such model pack folder" in err(clean, noisy, "--pack", str(tmp_path / "nopack"))
     assert "two rows are labelled" in err(clean, noisy, "--pack", str(passthrough_pack))
+
+
+def test_pack_off_row_runs_unlimited_and_is_never_written(
+    quality, paired_set, random_dtln_pack, tmp_path
+):
+    """A pack with a default limit is scored as shipped (limited) and, with --pack-off, with
+    the limit lifted; only the shipped behaviour is written to its manifest."""
+    from test_engine import limited_copy
+
+    clean, noisy = paired_set
+    limited = limited_copy(random_dtln_pack, tmp_path / "limited", 6.0)
+    out = tmp_path / "q.json"
+    argv = [
+        "--pack",
+        str(limited),
+        "--pack-off",
+        str(limited),
+        "--pack",
+        f"plain={random_dtln_pack}",
+    ]
+    argv += ["--no-dnsmos", "--limit", "2", "--set-name", "t2", "--write-manifest"]
+    assert quality.main(_args(clean, noisy, *argv, "--json", str(out))) == 0
+    rows = {s["label"]: s for s in json.loads(out.read_text())["systems"]}
+    name = read_manifest(limited).name
+    assert rows[name]["pack"]["atten_lim_db"] == 6.0
+    assert rows[f"{name} (limit off)"]["pack"]["atten_lim_db"] is None
+    assert rows[f"{name} (limit off)"]["per_file"] == rows["plain"]["per_file"]
+    assert rows[name]["per_file"] != rows["plain"]["per_file"]
+    assert read_manifest(limited).scores["t2"]["si_sdr"] == rows[name]["means"]["si_sdr"]

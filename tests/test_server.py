@@ -213,6 +213,31 @@ def test_models_by_name_and_attenuation(passthrough_pack, random_dtln_pack):
     np.testing.assert_array_equal(y, enhance_array(m, x, st))
 
 
+def test_pack_default_limit_and_off(random_dtln_pack, tmp_path):
+    """A hello without a limit gets the pack's default; "off" (math.inf in the client) lifts it."""
+    import math
+
+    from test_engine import limited_copy
+
+    limited = limited_copy(random_dtln_pack, tmp_path / "limited", 12.0)
+    x = noise(4000, seed=3)
+    m = Model(limited)
+    with running_server([limited]) as srv:
+        with Client(srv.endpoint) as c:
+            assert c.hello().atten_lim_db == pytest.approx(12.0)
+        with Client(srv.endpoint) as c:
+            y_default = c.enhance(x)
+        with Client(srv.endpoint) as c:
+            assert c.hello(atten_lim_db=math.inf).atten_lim_db is None
+        with Client(srv.endpoint) as c:
+            y_off = c.enhance(x, atten_lim_db=math.inf)
+    np.testing.assert_array_equal(y_default, enhance_array(m, x))
+    st = m.stream()
+    st.atten_lim_db = None
+    np.testing.assert_array_equal(y_off, enhance_array(m, x, st))
+    assert np.max(np.abs(y_default - y_off)) > 1e-4
+
+
 def test_stats_and_ping(passthrough_pack):
     with running_server([passthrough_pack]) as srv, Client(srv.endpoint) as c:
         c.hello()

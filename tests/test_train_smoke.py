@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,11 @@ def test_stoi_floor_can_refuse_every_checkpoint(synth_data, tmp_path, capsys):
     with (cfg.run_dir / "valid.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows and all(0 < float(r["stoi"]) <= 1 and r["best"] == "0" for r in rows)
+    # The last weights can still be exported on purpose.
+    out = tmp_path / "last-pack"
+    argv = ["train", "--config", str(path), "--export-only", "--checkpoint", "last"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert (out / "manifest.json").is_file()
 
 
 def test_resume_keeps_an_older_log_header(synth_data, tmp_path):
@@ -244,3 +250,44 @@ def test_resume_keeps_an_older_log_header(synth_data, tmp_path):
         rows = list(csv.reader(f))
     assert "stoi" not in rows[0] and all(len(r) == len(rows[0]) for r in rows)
     assert [int(r[0]) for r in rows[1:]] == [10, 20]
+
+
+def test_tune_atten_lim_picks_by_rule():
+    """Unit test on arrays: a model that removes the noise but also half of the speech."""
+    from rtns_export.train import tune_atten_lim, with_atten_lim
+
+    rng = np.random.default_rng(0)
+    clean = np.stack([_voiced(2.0, f0, rng) for f0 in (120.0, 180.0)])
+    noisy = clean + 0.01 * rng.standard_normal(clean.shape).astype(np.float32)
+    est = 0.5 * clean
+    est[:, ::2] = 0.0  # heavy distortion
+    np.testing.assert_array_equal(with_atten_lim(est, noisy, math.inf), est)
+    g = 10 ** (-6 / 20)
+    np.testing.assert_allclose(with_atten_lim(est, noisy, 6.0), g * noisy + (1 - g) * est)
+    res = tune_atten_lim(clean, noisy, est, [20, 6], 2, "si_sdr", stoi_floor=math.nan)
+    assert res["atten_lim_db"] == 6.0  # the most dry signal restores the most
+    assert res["si_sdr"] > res["unlimited_si_sdr"]
+    # No limit reaches an impossible floor: the best by the metric is still reported.
+    res = tune_atten_lim(clean, noisy, est, [20, 6], 2, "si_sdr", stoi_floor=2.0)
+    assert res["atten_lim_db"] == 6.0
+
+
+def test_auto_limit_is_validated_and_exported(synth_data, tmp_path):
+    from rtns.pack import read_manifest
+
+    cfg = tiny_config(synth_data, tmp_path, steps=20)
+    cfg = cfg.model_copy(
+        update={
+            "export": cfg.export.model_copy(update={"atten_lim": "auto", "atten_lim_grid": [18, 9]})
+        }
+    )
+    tr, result = run_training(cfg, threads=1, progress=False)
+    assert result is not None
+    with (cfg.run_dir / "valid.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["atten_lim_db"]) in (math.inf, 18.0, 9.0) for r in rows)
+    best = torch.load(cfg.run_dir / "best.pt", weights_only=False)["valid"]
+    m = read_manifest(cfg.run_dir / "pack")
+    want = None if math.isinf(best["atten_lim_db"]) else best["atten_lim_db"]
+    assert m.atten_lim_db == want
+    assert "unlimited_pesq" in m.provenance.model_dump()["validation"]

@@ -96,13 +96,15 @@ def enhance_channels(
     progress: bool = False,
 ) -> np.ndarray:
     """Enhance float32 [frames, channels] at the model rate, each channel an independent
-    stream of ``model``; returns float32 [frames, channels], time-aligned with the input."""
+    stream of ``model``; returns float32 [frames, channels], time-aligned with the input.
+    ``atten_lim_db``: None keeps the pack's default limit, ``math.inf`` removes it."""
     from tqdm import tqdm
 
     n, channels = x.shape
     streams = [model.stream() for _ in range(channels)]
-    for st in streams:
-        st.atten_lim_db = atten_lim_db
+    if atten_lim_db is not None:  # None: each stream keeps the pack's default
+        for st in streams:
+            st.atten_lim_db = atten_lim_db
     lat = model.latency
     out = np.zeros((n + lat + model.block_shift, channels), dtype=np.float32)
     filled = [0] * channels
@@ -179,25 +181,27 @@ def _score_text(scores: dict[str, dict[str, float]]) -> str:
 
 
 def models_table() -> list[list[str]]:
-    """Rows [name, family, latency ms, scores, path] (the header first) for every pack on the
-    search path; a broken pack has family 'BROKEN' and its error in the scores column."""
+    """Rows [name, family, latency ms, default attenuation limit, scores, path] (the header
+    first) for every pack on the search path; a broken pack has family 'BROKEN' and its
+    error in the scores column."""
     from rtns.pack import DEFAULT_PACK, PackError, iter_packs, verify_files
 
-    rows = [["NAME", "FAMILY", "LATENCY", "SCORES", "PATH"]]
+    rows = [["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]]
     for path, man in iter_packs():
         if isinstance(man, PackError):
-            rows.append([path.name, "BROKEN", "-", str(man), str(path)])
+            rows.append([path.name, "BROKEN", "-", "-", str(man), str(path)])
             continue
         try:
             verify_files(path, man)
         except PackError as e:
-            rows.append([man.name, "BROKEN", "-", str(e), str(path)])
+            rows.append([man.name, "BROKEN", "-", "-", str(e), str(path)])
             continue
         # Algorithmic latency: the output lags the input by latency_samples once a hop is
         # complete, and a hop takes block_shift samples to arrive.
         ms = 1000.0 * (man.latency_samples + man.frames.block_shift) / man.frames.sample_rate
         name = man.name + (" (default)" if man.name == DEFAULT_PACK else "")
-        rows.append([name, man.family, f"{ms:.1f} ms", _score_text(man.scores), str(path)])
+        limit = "off" if man.atten_lim_db is None else f"{man.atten_lim_db:g} dB"
+        rows.append([name, man.family, f"{ms:.1f} ms", limit, _score_text(man.scores), str(path)])
     return rows
 
 

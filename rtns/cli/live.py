@@ -4,6 +4,7 @@ between a microphone and a speaker through a PortAudio duplex stream."""
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -229,8 +230,8 @@ def run_live(args: argparse.Namespace) -> int:
     model = Model(args.model, EngineConfig(threads=1))
     rt = {} if args.rt_priority is None else {"rt_priority": args.rt_priority}
     runner = LiveRunner(model, rate, **rt)
-    if args.atten_lim is not None:
-        runner.set_atten_lim_db(args.atten_lim)
+    if args.atten_lim is not None:  # else the pack's default
+        runner.set_atten_lim_db(None if math.isinf(args.atten_lim) else args.atten_lim)
     if args.bypass:
         runner.set_bypass(True)
 

@@ -56,6 +56,13 @@ def non_negative_float(text: str) -> float:
     return v
 
 
+def atten_limit(text: str) -> float:
+    """An attenuation limit in dB, or ``off`` (math.inf: no limit)."""
+    if text.strip().lower() in ("off", "none", "inf", "unlimited"):
+        return math.inf
+    return non_negative_float(text)
+
+
 def add_model(p: argparse.ArgumentParser, **kw) -> None:
     """``--model/-m PACK``: a pack name on the search path or a pack folder."""
     kw.setdefault("metavar", "PACK")
@@ -79,10 +86,11 @@ def add_atten_lim(p: argparse.ArgumentParser) -> None:
         "--atten-lim",
         "--atten-lim-db",
         dest="atten_lim",
-        type=non_negative_float,
+        type=atten_limit,
         default=None,
         metavar="DB",
-        help="remove at most DB dB of noise (default: unlimited)",
+        help="remove at most DB dB of noise, or 'off' for no limit (default: the pack's "
+        "own, shown by `rtns models`)",
     )
 
 

@@ -35,6 +35,12 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", default=None, help="pack folder for --export-only")
     p.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which weights --export-only exports (best: by the config's validation rule)",
+    )
+    p.add_argument(
         "--provenance",
         default=None,
         metavar="JSON_FILE",
@@ -123,7 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
                     raise UserInputError(f"--provenance {args.provenance}: {e}") from None
                 if not isinstance(extra, dict):
                     raise UserInputError(f"--provenance {args.provenance}: not a JSON object")
-            manifest, parity = tr.export(args.out, extra_provenance=extra)
+            manifest, parity = tr.export(args.out, which=args.checkpoint, extra_provenance=extra)
             print(
                 f"exported {manifest.name} ({manifest.provenance.steps} steps) to "
                 f"{args.out or cfg.export.out_dir or tr.run_dir / 'pack'}; parity max error "
