@@ -165,7 +165,8 @@ def run_enhance(args: argparse.Namespace) -> int:
         took = time.perf_counter() - t0
         _err(
             f"rtns: {out_path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
-            f"{audio.channels} ch, {report.subtype}, model {model.name}, "
+            f"{audio.channels} ch, {report.subtype}, model {model.name} (attenuation limit "
+            f"{options.limit_text(model.manifest.atten_lim_db if args.atten_lim is None else args.atten_lim)}), "
             f"{took:.2f} s ({took / audio.duration:.3f} x real time)"
         )
     return 0

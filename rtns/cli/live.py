@@ -166,7 +166,7 @@ def _status_line(stats: Any, prev: Any, lat_ms: float) -> str:
         f"[{stats.seconds:7.1f} s] RTF {rtf:.3f} (max hop {stats.max_hop_s * 1e3:.2f} ms)"
         f"  under-runs {stats.underruns}  PortAudio in-overflow {stats.pa_input_overflow}"
         f" out-underflow {stats.pa_output_underflow}  latency {lat_ms:.1f} ms"
-        f"  bypass {'on' if stats.bypass else 'off'}"
+        f"  bypass {'on' if stats.bypass else 'off'}  limit {options.limit_text(stats.atten_lim_db)}"
     )
 
 
@@ -195,7 +195,7 @@ def _stdin_controls(runner: Any, stop: threading.Event) -> None:
                 db = float(cmd[1]) if len(cmd) > 1 and cmd[1] != "off" else None
                 runner.set_atten_lim_db(db)
                 print(
-                    f"rtns: attenuation limit {db if db is not None else 'off'}",
+                    f"rtns: attenuation limit {options.limit_text(db)}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -271,7 +271,8 @@ def run_live(args: argparse.Namespace) -> int:
         ) from None
 
     print(
-        f"rtns: {model.name} from [{i}] {devices[i]['name']} to [{o}] {devices[o]['name']} at {rate} Hz",
+        f"rtns: {model.name} from [{i}] {devices[i]['name']} to [{o}] {devices[o]['name']} "
+        f"at {rate} Hz, attenuation limit {options.limit_text(runner.stream.atten_lim_db)}",
         file=sys.stderr,
         flush=True,
     )

@@ -63,6 +63,11 @@ def atten_limit(text: str) -> float:
     return non_negative_float(text)
 
 
+def limit_text(db: float | None) -> str:
+    """An attenuation limit for people: '18 dB' or 'off' (None or inf)."""
+    return "off" if db is None or math.isinf(db) else f"{db:g} dB"
+
+
 def add_model(p: argparse.ArgumentParser, **kw) -> None:
     """``--model/-m PACK``: a pack name on the search path or a pack folder."""
     kw.setdefault("metavar", "PACK")
