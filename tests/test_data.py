@@ -212,7 +212,7 @@ def test_shipped_configs_are_valid():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.name for p in root.glob("*.json"))
-    assert {"dtln_snr.json", "dtln_sisnr_lms.json", "tiny.json"} <= set(names)
+    assert {"dtln_snr.json", "dtln_sisnr_lms.json", "dtln_snr_ft.json", "tiny.json"} <= set(names)
     for n in names:
         load_config(root / n)
 
