@@ -35,7 +35,7 @@ import torch
 
 from rtns import metrics
 from rtns.pack import Provenance, write_manifest
-from rtns_export.data import Mixer, fingerprint, load_folder, validation_set
+from rtns_export.data import DataError, Mixer, fingerprint, load_folder, validation_set
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss
 from rtns_export.train_config import ConfigError, ScheduleConfig, TrainConfig
@@ -462,6 +462,7 @@ class Trainer:
                     "elapsed_s": self.state.elapsed_s,
                     "config": self.cfg.model_dump(mode="json"),
                     "init": self.state.init,
+                    "valid_input": self.valid_input,
                 },
                 self.run_dir / "best.pt",
             )
@@ -496,9 +497,10 @@ class Trainer:
             init = {"init_from": cfg.init_from}
         origin = f"trained from scratch with `rtns train` (run {cfg.name!r}, seed {cfg.seed})"
         if init:
-            origin += (
-                f", fine-tuned from this project's own checkpoint {init['init_from']} "
-                "(itself trained from scratch)"
+            origin = (
+                f"trained from scratch with `rtns train` in stages: run {cfg.name!r} (seed "
+                f"{cfg.seed}) fine-tuned this project's own checkpoint {init['init_from']}, "
+                "itself trained from scratch"
             )
         sel = cfg.valid.select
         if cfg.valid.min_stoi_gain is not None:
@@ -521,7 +523,7 @@ class Trainer:
             ),
             model=cfg.model,
             validation={k: float(v) for k, v in best.get("valid", {}).items() if math.isfinite(v)},
-            validation_input=getattr(self, "valid_input", None),
+            validation_input=best.get("valid_input") or getattr(self, "valid_input", None),
             train_minutes=round(float(best.get("elapsed_s", self.state.elapsed_s)) / 60, 1),
             **({"init": init} if init else {}),
             **(extra or {}),
@@ -553,6 +555,11 @@ class Trainer:
                 if which == "best"
                 else {"step": ck["run"]["step"], "elapsed_s": ck["run"]["elapsed_s"]}
             )
+        if best and "valid_input" not in best and not hasattr(self, "valid_input"):
+            try:  # an older checkpoint: score the validation input for the provenance
+                self.load_data()
+            except DataError as e:
+                self._log(f"validation input not scored for the provenance: {e}")
         model = self.model.to("cpu").eval()
         out = Path(out_dir or self.cfg.export.out_dir or self.run_dir / "pack")
         fam = get_family(self.cfg.family)

@@ -168,7 +168,7 @@ def test_fine_tune_from_own_checkpoint(synth_data, tmp_path):
     )
     assert result is not None
     prov = read_manifest(ft.run_dir / "pack").provenance.model_dump()
-    assert "fine-tuned from" in prov["origin"] and "from scratch" in prov["origin"]
+    assert "fine-tuned this project" in prov["origin"] and "from scratch" in prov["origin"]
     assert prov["steps"] == 20 + tr.state.best_step  # counted from scratch
     assert prov["init"]["init_from"].endswith("last.pt")
     now = torch.load(ft.run_dir / "last.pt", weights_only=False)["model"]
