@@ -21,38 +21,31 @@ def _number(text: str, kind: type[int] | type[float]) -> int | float:
     return v
 
 
-def positive_int(text: str) -> int:
-    v = int(_number(text, int))
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def _at_least(kind: type[int] | type[float], low: float, *, strict: bool, message: str):
+    """An argparse type: a finite ``kind`` >= ``low`` (> when ``strict``); ``message`` may
+    use {text} and {v}."""
+
+    def parse(text: str):
+        v = kind(_number(text, kind))
+        if v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(message.format(text=repr(text), v=v))
+        return v
+
+    return parse
+
+
+positive_int = _at_least(int, 1, strict=False, message="{v} must be at least 1")
+non_negative_int = _at_least(int, 0, strict=False, message="{v} must not be negative")
+positive_float = _at_least(float, 0.0, strict=True, message="{text} must be a positive number")
+non_negative_float = _at_least(
+    float, 0.0, strict=False, message="{text} must be a non-negative number"
+)
 
 
 def thread_count(text: str) -> int:
     v = positive_int(text)
     if v > MAX_THREADS:
         raise argparse.ArgumentTypeError(f"{v} is out of range 1..{MAX_THREADS}")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    v = int(_number(text, int))
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must not be negative")
-    return v
-
-
-def positive_float(text: str) -> float:
-    v = float(_number(text, float))
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return v
-
-
-def non_negative_float(text: str) -> float:
-    v = float(_number(text, float))
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number")
     return v
 
 
