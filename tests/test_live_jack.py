@@ -21,6 +21,7 @@ from jack_harness import (
     RtnsProcess,
     band_limited_noise,
     click_train,
+    retry_on_host_xruns,
     run_click_measurement,
     skip_reason,
 )
@@ -127,6 +128,10 @@ def test_passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) 
 
 def test_resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) -> None:
     """With the server at 48 kHz rtns resamples itself; measured delay = reported."""
+    retry_on_host_xruns(server48, lambda: _resampled_delay_at_48k(server48, passthrough_pack))
+
+
+def _resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) -> None:
     r = 48000
     x = band_limited_noise(2 * r, r, top_hz=6000) + click_train(2 * r, r // 3, r // 7)
     res = run_click_measurement(server48, ["-m", str(passthrough_pack), *DEVICE_ARGS], signal=x)
@@ -154,6 +159,10 @@ def test_dtln_changes_the_signal_and_bypass_restores_it(
     server16: JackServer, dtln_args: list[str]
 ) -> None:
     """Model on for 2.5 s, bypass on (stdin `b`) for 2.5 s, off again (SIGUSR1)."""
+    retry_on_host_xruns(server16, lambda: _dtln_and_bypass(server16, dtln_args))
+
+
+def _dtln_and_bypass(server16: JackServer, dtln_args: list[str]) -> None:
     import signal
 
     r = 16000
@@ -205,6 +214,10 @@ def test_dtln_changes_the_signal_and_bypass_restores_it(
 
 @pytest.mark.slow
 def test_sixty_seconds_without_underruns(server16: JackServer, dtln_args: list[str]) -> None:
+    retry_on_host_xruns(server16, lambda: _sixty_seconds(server16, dtln_args))
+
+
+def _sixty_seconds(server16: JackServer, dtln_args: list[str]) -> None:
     r, secs = 16000, 60
     x = band_limited_noise(secs * r, r, 7000, seed=2, rms=0.05)
     loop = Loopback(server16)
