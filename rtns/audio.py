@@ -416,7 +416,7 @@ class LiveRunner:
                 self.stream.bypass = self.bypass
             elif what == "atten":
                 self.stream.atten_lim_db = value
-                self.atten_lim_db = value
+                self.atten_lim_db = self.stream.atten_lim_db  # inf reads back as None
 
     def _make_realtime(self) -> None:
         """Ask for SCHED_FIFO on the calling (worker) thread; record the outcome."""
@@ -452,8 +452,8 @@ class LiveRunner:
         self._controls.put(("bypass", on))
 
     def set_atten_lim_db(self, db: float | None) -> None:
-        """At most ``db`` dB of noise reduction (None: unlimited)."""
-        if db is not None and (not math.isfinite(db) or db < 0):
+        """At most ``db`` dB of noise reduction (None or ``math.inf``: unlimited)."""
+        if db is not None and db != math.inf and (not math.isfinite(db) or db < 0):
             raise UserInputError(f"attenuation limit must be a non-negative number of dB, got {db}")
         self._controls.put(("atten", db))
 

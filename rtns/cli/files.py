@@ -201,7 +201,7 @@ def models_table() -> list[list[str]]:
         # complete, and a hop takes block_shift samples to arrive.
         ms = 1000.0 * (man.latency_samples + man.frames.block_shift) / man.frames.sample_rate
         name = man.name + (" (default)" if man.name == DEFAULT_PACK else "")
-        limit = "off" if man.atten_lim_db is None else f"{man.atten_lim_db:g} dB"
+        limit = options.limit_text(man.atten_lim_db)
         rows.append([name, man.family, f"{ms:.1f} ms", limit, _score_text(man.scores), str(path)])
     return rows
 

@@ -4,7 +4,6 @@ between a microphone and a speaker through a PortAudio duplex stream."""
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import threading
@@ -231,7 +230,7 @@ def run_live(args: argparse.Namespace) -> int:
     rt = {} if args.rt_priority is None else {"rt_priority": args.rt_priority}
     runner = LiveRunner(model, rate, **rt)
     if args.atten_lim is not None:  # else the pack's default
-        runner.set_atten_lim_db(None if math.isinf(args.atten_lim) else args.atten_lim)
+        runner.set_atten_lim_db(args.atten_lim)
     if args.bypass:
         runner.set_bypass(True)
 

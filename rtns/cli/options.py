@@ -61,15 +61,18 @@ def limit_text(db: float | None) -> str:
     return "off" if db is None or math.isinf(db) else f"{db:g} dB"
 
 
-def add_model(p: argparse.ArgumentParser, **kw) -> None:
+def add_model(p: argparse.ArgumentParser) -> None:
     """``--model/-m PACK``: a pack name on the search path or a pack folder."""
-    kw.setdefault("metavar", "PACK")
-    kw.setdefault("help", "pack name (see `rtns models`) or pack folder; default: rtns-dtln")
-    p.add_argument("--model", "-m", **kw)
+    p.add_argument(
+        "--model",
+        "-m",
+        metavar="PACK",
+        help="pack name (see `rtns models`) or pack folder; default: rtns-dtln",
+    )
 
 
 def add_threads(p: argparse.ArgumentParser, what: str = "onnxruntime", default: int | None = 1):
-    shown = "all cores" if default is None and what == "torch" else default
+    shown = "the library's default" if default is None else default
     p.add_argument(
         "--threads",
         type=thread_count,
