@@ -247,7 +247,7 @@ def score_signal(
     clean: np.ndarray, estimate: np.ndarray, with_dnsmos: bool
 ) -> tuple[Scores, list[str]]:
     """Every metric of ``estimate`` [N] against ``clean`` [N]; a metric that fails is None."""
-    from rtns import metrics
+    from rtns_export import metrics
 
     out: Scores = {}
     errors: list[str] = []

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rtns import metrics
 from rtns.pack import Provenance, write_manifest
+from rtns_export import metrics
 from rtns_export.data import DataError, Mixer, fingerprint, load_folder, validation_set
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss

@@ -65,8 +65,8 @@ def test_default_pack_improves_pesq_on_test_pairs(shared_dir):
     pytest.importorskip("pesq")
     import soundfile as sf
 
-    from rtns import metrics
     from rtns.engine import Model, enhance_array
+    from rtns_export import metrics
 
     folder = shared_dir / "data" / "test" / "vbdemand36"
     names = sorted(p.name for p in (folder / "noisy").iterdir())[::6]  # 6 of 36, spread

@@ -1,7 +1,10 @@
-"""Objective speech-quality metrics on float arrays at 16 kHz.
+"""Objective speech-quality metrics on float arrays at 16 kHz (``rtns_export.metrics``).
 
-SI-SDR is computed here; PESQ (``pesq``), STOI (``pystoi``) and DNSMOS P.835 (``speechmos``)
-come from their packages, imported on first use (install the ``bench`` or ``test`` extra).
+Scoring, not runtime: the trainer's validation (``export/train.py``), ``benchmarks/quality.py``
+and the tests use it; the runtime package ``rtns`` never does. It imports neither torch nor
+anything the runtime does not have: SI-SDR is computed here; PESQ (``pesq``), STOI
+(``pystoi``) and DNSMOS P.835 (``speechmos``) come from their packages, imported on first use
+(install the ``bench``, ``train`` or ``test`` extra).
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from rtns.config import SAMPLE_RATE
 from rtns.errors import RtnsError
+
+#: The rate every metric here is defined at: ITU-T P.862.2 (wide-band PESQ) takes 16 kHz and
+#: DNSMOS P.835's models were trained at 16 kHz. It is the engine's rate too, but it is the
+#: metrics' own: a model running at another rate would still be scored at this one.
+SAMPLE_RATE = 16_000
 
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-10) -> float:
