@@ -1,30 +1,15 @@
-"""Fixed framing of every rtns model and the typed runtime settings.
+"""Typed runtime settings, and the framing names other modules still import from here.
 
-All models run at 16 kHz on 32 ms blocks advanced by 8 ms: these numbers are fixed by
-training (DTLN, see shared/MODELS.md) and shared by every family so one engine serves all.
+The framing (16 kHz, 512/128 and what derives from them) lives in :mod:`rtns.framing`.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SAMPLE_RATE = 16_000
-#: 32 ms analysis block at 16 kHz.
-BLOCK_LEN = 512
-#: 8 ms hop: each model call consumes this many new samples and emits as many.
-BLOCK_SHIFT = 128
-#: rfft bins of one block.
-N_BINS = BLOCK_LEN // 2 + 1
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS, SAMPLE_RATE, FrameSpec
 
-
-class FrameSpec(BaseModel):
-    """Framing a pack was trained with; the engine refuses any other."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    sample_rate: int = Field(SAMPLE_RATE, gt=0)
-    block_len: int = Field(BLOCK_LEN, gt=0)
-    block_shift: int = Field(BLOCK_SHIFT, gt=0)
+__all__ = ["BLOCK_LEN", "BLOCK_SHIFT", "N_BINS", "SAMPLE_RATE", "EngineConfig", "FrameSpec"]
 
 
 class EngineConfig(BaseModel):

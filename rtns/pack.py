@@ -5,23 +5,36 @@ model expects, which graph plays which role, every graph input and output with i
 and dtype, every recurrent state tensor with its shape and initial value, the sha256 of
 every file, and where the weights came from and what they scored. Loading checks all of
 it against the files and the real ONNX graphs, and fails with one sentence that names the
-file and the problem.
+file and the problem. A pack the engine cannot honour is refused when its manifest is read:
+a framing other than 16 kHz blocks of whole hops, a latency other than the one the framing
+implies, a state initial value that is not finite and small, a graph file outside the pack
+folder, or a family this build does not know.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator
-from pathlib import Path
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from rtns.config import FrameSpec
 from rtns.errors import RtnsError, first_validation_error
+from rtns.framing import FrameSpec
 
 MANIFEST = "manifest.json"
 PACK_FORMAT = "rtns-pack/1"
@@ -30,6 +43,31 @@ BATCH = "batch"
 #: Environment variable with extra folders (os.pathsep-separated) to search for packs.
 PACK_PATH_ENV = "RTNS_MODEL_PATH"
 DEFAULT_PACK = "rtns-dtln"
+#: Largest magnitude of a state's initial value. Recurrent states start at zero or near it
+#: (an LSTM cell, a running mean); 1e39 is already infinite in float32.
+MAX_STATE_INIT = 1e3
+
+#: Model families a manifest may name. The family labels the graphs' architecture for people
+#: and tools; the engine runs any family through the same front end. Tests and new exporters
+#: add theirs with :func:`register_family`.
+KNOWN_FAMILIES: set[str] = {"dtln", "frcrn", "gtcrn"}
+#: Environment variable with extra family names (comma-separated) accepted as known: how a
+#: family registered in one process reaches the rtns processes it starts (CLI, daemon).
+FAMILIES_ENV = "RTNS_EXTRA_FAMILIES"
+_FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def register_family(name: str) -> None:
+    """Accept ``name`` as the family of a pack from now on (in this process)."""
+    if not _FAMILY_NAME.match(name):
+        raise ValueError(f"family name {name!r} must be lower-case letters, digits, '_' or '-'")
+    KNOWN_FAMILIES.add(name)
+
+
+def known_families() -> list[str]:
+    """The registered families and those named in $RTNS_EXTRA_FAMILIES, sorted."""
+    extra = {n.strip() for n in os.environ.get(FAMILIES_ENV, "").split(",")}
+    return sorted(KNOWN_FAMILIES | {n for n in extra if _FAMILY_NAME.match(n)})
 
 
 class PackError(RtnsError):
@@ -67,8 +105,19 @@ class StateSpec(BaseModel):
     output: str
     shape: list[int | str]
     dtype: Literal["float32"] = "float32"
+    #: Value of every element of a new stream's state.
     init: float = 0.0
     description: str = ""
+
+    @field_validator("init")
+    @classmethod
+    def _small_init(cls, v: float, info: ValidationInfo) -> float:
+        if not math.isfinite(v) or abs(v) > MAX_STATE_INIT:
+            raise ValueError(
+                f"state {info.data.get('input', '?')!r} has init {v!r}; an initial value must "
+                f"be finite and at most {MAX_STATE_INIT:g} in magnitude"
+            )
+        return v
 
     @model_validator(mode="after")
     def _batch_first(self) -> StateSpec:
@@ -87,11 +136,30 @@ class GraphSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Literal["mask", "frame"]
+    #: Path of the ONNX file relative to the pack folder; it must stay inside the folder.
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     signal_in: TensorSpec
     signal_out: TensorSpec
     states: list[StateSpec] = []
+
+    @field_validator("file")
+    @classmethod
+    def _plain_relative(cls, v: str) -> str:
+        posix, windows = PurePosixPath(v), PureWindowsPath(v)
+        if (
+            not posix.parts
+            or posix.is_absolute()
+            or windows.is_absolute()
+            or windows.drive
+            or ".." in posix.parts
+            or ".." in windows.parts
+        ):
+            raise ValueError(
+                f"graph file {v!r} must be a relative path inside the pack folder "
+                "(no absolute path, no '..')"
+            )
+        return v
 
 
 class FrontEnd(BaseModel):
@@ -127,10 +195,12 @@ class Manifest(BaseModel):
 
     format: Literal["rtns-pack/1"] = PACK_FORMAT
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    family: Literal["dtln", "frcrn", "passthrough"]
+    #: One of :func:`known_families`.
+    family: str
     description: str = ""
     frames: FrameSpec = FrameSpec()
-    #: Output sample n is the estimate of input sample n - latency_samples.
+    #: Output sample n is the estimate of input sample n - latency_samples; must be what the
+    #: framing implies (``frames.latency_samples``), written out so readers need not derive it.
     latency_samples: int = Field(ge=0)
     frontend: FrontEnd
     graphs: list[GraphSpec]
@@ -141,12 +211,31 @@ class Manifest(BaseModel):
     #: scores[test set][metric] = value, as measured by benchmarks/quality.py.
     scores: dict[str, dict[str, float]] = {}
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        known = known_families()
+        if v not in known:
+            raise ValueError(f"unknown family {v!r}; known families: {', '.join(known)}")
+        return v
+
+    @field_validator("latency_samples")
+    @classmethod
+    def _latency_of_framing(cls, v: int, info: ValidationInfo) -> int:
+        frames = info.data.get("frames")
+        if frames is not None and v != frames.latency_samples:  # None: frames is invalid
+            raise ValueError(
+                f"latency_samples is {v} but the framing implies {frames.latency_samples} "
+                f"(block_len {frames.block_len} - block_shift {frames.block_shift})"
+            )
+        return v
+
     @model_validator(mode="after")
     def _graphs(self) -> Manifest:
         roles = [g.role for g in self.graphs]
         if roles not in (["mask"], ["mask", "frame"]):
             raise ValueError(f"graphs must be [mask] or [mask, frame] in that order, got {roles}")
-        bins = self.frames.block_len // 2 + 1
+        bins = self.frames.n_bins
         want_feat = (1 if self.frontend.mask == "magnitude" else 2, bins)
         mask = self.graphs[0]
         for t in (mask.signal_in, mask.signal_out):
@@ -188,10 +277,29 @@ def read_manifest(pack_dir: Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackError(f"{path}: not readable JSON ({e})") from None
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as e:
         where, msg = first_validation_error(e)
+        msg = msg.removeprefix("Value error, ")
         raise PackError(f"{path}: invalid manifest at {where}: {msg}") from None
+    check_files_inside(pack_dir, manifest)
+    return manifest
+
+
+def check_files_inside(pack_dir: Path, manifest: Manifest) -> None:
+    """Refuse a graph file that resolves (through symlinks too) outside ``pack_dir``."""
+    where = Path(pack_dir) / MANIFEST
+    try:
+        root = Path(pack_dir).resolve()
+        for g in manifest.graphs:
+            target = (root / g.file).resolve()
+            if not target.is_relative_to(root):
+                raise PackError(
+                    f"{where}: graph file {g.file!r} resolves to {target}, outside the pack "
+                    f"folder {root}"
+                )
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise PackError(f"{where}: a graph file path cannot be resolved ({e})") from None
 
 
 def write_manifest(pack_dir: Path, manifest: Manifest) -> Path:
@@ -201,7 +309,9 @@ def write_manifest(pack_dir: Path, manifest: Manifest) -> Path:
 
 
 def verify_files(pack_dir: Path, manifest: Manifest) -> None:
-    """Check that every graph file exists and has the sha256 the manifest records."""
+    """Check that every graph file lies in the pack folder, exists and has the sha256 the
+    manifest records."""
+    check_files_inside(pack_dir, manifest)
     for g in manifest.graphs:
         path = Path(pack_dir) / g.file
         if not path.is_file():
@@ -278,20 +388,62 @@ def iter_packs() -> Iterator[tuple[Path, Manifest | PackError]]:
                 yield sub, e
 
 
+PackList = Sequence[tuple[Path, "Manifest | PackError"]]
+
+
+def _find_by_name(name: str, packs: PackList | None = None) -> Path | None:
+    """The pack ``name`` means on the search path, or None.
+
+    A folder of that name wins (the first on the search path, as before manifest names were
+    accepted); otherwise the one pack whose manifest has that name. ``packs``: the result of
+    :func:`iter_packs`, when the caller already has it.
+    """
+    for d in search_path():
+        if (d / name / MANIFEST).is_file():
+            return d / name
+    listed = iter_packs() if packs is None else packs
+    named = [sub for sub, man in listed if isinstance(man, Manifest) and man.name == name]
+    if len(named) > 1:
+        raise PackError(
+            f"{name}: ambiguous pack name; the packs in {named[0]} and {named[1]} both have it "
+            "in their manifest (pass the folder instead)"
+        )
+    return named[0] if named else None
+
+
 def resolve_pack(spec: str | os.PathLike[str] | None) -> Path:
-    """A pack folder from a path, or a pack name found on the search path (None: default)."""
+    """A pack folder from a path, or a pack's folder or manifest name found on the search
+    path (None: the default pack)."""
     name = DEFAULT_PACK if spec is None else str(spec)
     p = Path(name).expanduser()
     if p.is_dir() or os.sep in name or name.startswith("."):
         if not p.is_dir():
             raise PackError(f"{p}: no such model pack folder")
         return p
-    for d in search_path():
-        if (d / name / MANIFEST).is_file():
-            return d / name
-    known = sorted({sub.name for sub, _ in iter_packs()})
+    found = _find_by_name(name)
+    if found is not None:
+        return found
+    packs = list(iter_packs())
+    known = sorted(
+        {sub.name for sub, _ in packs} | {m.name for _, m in packs if isinstance(m, Manifest)}
+    )
     hint = f"; known packs: {', '.join(known)}" if known else "; no packs are installed"
     raise PackError(f"{name}: no model pack of that name{hint} (see `rtns models`)")
+
+
+def model_arg(pack_dir: Path, manifest: Manifest | None, packs: PackList | None = None) -> str:
+    """What ``--model`` takes to reach the pack in ``pack_dir`` (a folder on the search path):
+    its manifest name, else its folder name, else (both mean another pack) the folder path.
+    ``packs``: the result of :func:`iter_packs`, when the caller already has it."""
+    names = ([manifest.name] if manifest is not None else []) + [pack_dir.name]
+    for name in names:
+        try:
+            found = _find_by_name(name, packs)
+        except PackError:  # ambiguous: this name reaches no pack
+            continue
+        if found is not None and found.resolve() == pack_dir.resolve():
+            return name
+    return str(pack_dir)
 
 
 def initial_states(manifest: Manifest, batch: int = 1) -> dict[str, np.ndarray]:

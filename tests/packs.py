@@ -1,23 +1,43 @@
-"""Model packs built by tests (never shipped): an exact pass-through and a random DTLN."""
+"""Model packs built by tests (never shipped): an exact pass-through and a random DTLN.
+
+Importing this module registers the tests' "passthrough" family, here and (through
+$RTNS_EXTRA_FAMILIES) in every rtns process a test starts afterwards.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, LATENCY_SAMPLES, N_BINS
 from rtns.pack import (
     BATCH,
+    FAMILIES_ENV,
     FrontEnd,
     GraphSpec,
     Manifest,
     Provenance,
     StateSpec,
     TensorSpec,
+    register_family,
     sha256_file,
     write_manifest,
 )
+
+#: Family of the identity packs below; the runtime does not ship it.
+PASSTHROUGH_FAMILY = "passthrough"
+
+
+def _register_passthrough() -> None:
+    register_family(PASSTHROUGH_FAMILY)
+    names = [n for n in os.environ.get(FAMILIES_ENV, "").split(",") if n]
+    if PASSTHROUGH_FAMILY not in names:
+        os.environ[FAMILIES_ENV] = ",".join([*names, PASSTHROUGH_FAMILY])
+
+
+_register_passthrough()
 
 
 def _save(graph, path: Path) -> None:
@@ -111,9 +131,9 @@ def build_passthrough_pack(out_dir: Path, window: str = "none", mask: str = "mag
         out_dir,
         Manifest(
             name="passthrough",
-            family="passthrough",
+            family=PASSTHROUGH_FAMILY,
             description="identity model for tests",
-            latency_samples=BLOCK_LEN - BLOCK_SHIFT,
+            latency_samples=LATENCY_SAMPLES,
             frontend=FrontEnd(window=window, mask=mask),
             graphs=graphs,
             provenance=Provenance(origin="built by tests/packs.py"),

@@ -183,24 +183,27 @@ def _score_text(scores: dict[str, dict[str, float]]) -> str:
 
 def models_table() -> list[list[str]]:
     """Rows [name, family, latency ms, default attenuation limit, scores, path] (the header
-    first) for every pack on the search path; a broken pack has family 'BROKEN' and its
-    error in the scores column."""
-    from rtns.pack import DEFAULT_PACK, PackError, iter_packs, verify_files
+    first) for every pack on the search path. The name is what ``--model`` takes to reach
+    that pack (its manifest name, else its folder name, else its path); a broken pack has
+    family 'BROKEN' and its error in the scores column."""
+    from rtns.pack import DEFAULT_PACK, PackError, iter_packs, model_arg, verify_files
 
     rows = [["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]]
-    for path, man in iter_packs():
+    packs = list(iter_packs())
+    for path, man in packs:
         if isinstance(man, PackError):
-            rows.append([path.name, "BROKEN", "-", "-", str(man), str(path)])
+            rows.append([model_arg(path, None, packs), "BROKEN", "-", "-", str(man), str(path)])
             continue
         try:
             verify_files(path, man)
         except PackError as e:
-            rows.append([man.name, "BROKEN", "-", "-", str(e), str(path)])
+            rows.append([model_arg(path, man, packs), "BROKEN", "-", "-", str(e), str(path)])
             continue
-        # Algorithmic latency: the output lags the input by latency_samples once a hop is
-        # complete, and a hop takes block_shift samples to arrive.
-        ms = 1000.0 * (man.latency_samples + man.frames.block_shift) / man.frames.sample_rate
-        name = man.name + (" (default)" if man.name == DEFAULT_PACK else "")
+        # Algorithmic latency, as everywhere else: output sample n estimates input sample
+        # n - latency_samples (24.0 ms for 512/128 at 16 kHz).
+        ms = 1000.0 * man.latency_samples / man.frames.sample_rate
+        arg = model_arg(path, man, packs)
+        name = arg + (" (default)" if arg == DEFAULT_PACK else "")
         limit = options.limit_text(man.atten_lim_db)
         rows.append([name, man.family, f"{ms:.1f} ms", limit, _score_text(man.scores), str(path)])
     return rows
