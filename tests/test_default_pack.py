@@ -1,5 +1,11 @@
 """The shipped default pack (models/rtns-dtln): present, valid, trained here (not imported),
-and better than the unprocessed input on real noisy speech."""
+and better than the unprocessed input on real noisy speech.
+
+The scores are computed here, not read back from manifest.json: every vbdemand36 pair of
+``../shared/data/test`` goes through the engine (with the pack's attenuation limit and
+without it) and is scored with wide-band PESQ, STOI and SI-SDR against the clean reference;
+the manifest's recorded numbers must then be those numbers. About 15 s on an idle core.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,67 @@ from rtns.pack import DEFAULT_PACK, read_manifest, resolve_pack, verify_files
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "models" / DEFAULT_PACK
+TEST_SET = "vbdemand36"
+#: The metrics scored for every pair (DNSMOS, ~1 s a clip, runs on one pair only).
+METRICS = ("pesq_wb", "stoi", "si_sdr")
+#: How far the manifest may sit from a fresh computation: onnxruntime's float rounding can
+#: differ between machines and builds, and PESQ amplifies it most.
+RECORD_TOL = {"pesq_wb": 0.02, "stoi": 2e-3, "si_sdr": 0.05}
+
+
+def _pairs(shared_dir: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, clean [N], noisy [N]) of every test pair, trimmed to the shorter side."""
+    import soundfile as sf
+
+    folder = shared_dir / "data" / "test" / TEST_SET
+    out = []
+    for path in sorted((folder / "noisy").iterdir()):
+        clean, sr = sf.read(folder / "clean" / path.name, dtype="float32")
+        noisy, sr2 = sf.read(path, dtype="float32")
+        assert sr == sr2 == 16_000, path.name
+        n = min(clean.shape[0], noisy.shape[0])
+        out.append((path.name, clean[:n], noisy[:n]))
+    return out
+
+
+def _enhance(model, x: np.ndarray, atten_lim_db: float | None | str = "pack") -> np.ndarray:
+    """The pack's output [N] for ``x`` [N], time-aligned: one engine stream, pushed whole and
+    flushed; ``atten_lim_db`` None lifts the pack's limit ("pack" keeps it)."""
+    st = model.stream()
+    if atten_lim_db != "pack":
+        st.atten_lim_db = atten_lim_db
+    y = np.concatenate([st.push(x), st.flush()])
+    return y[model.latency : model.latency + x.shape[0]]
+
+
+@pytest.fixture(scope="module")
+def scored(shared_dir) -> dict[str, dict[str, float]]:
+    """Mean scores over the test set of 'input' (unprocessed), 'pack' (the default pack as
+    shipped, with its attenuation limit) and 'unlimited' (the same pack, limit lifted)."""
+    pytest.importorskip("pesq", reason="PESQ needs the pesq package (test extra)")
+    pytest.importorskip("pystoi", reason="STOI needs the pystoi package (test extra)")
+    from rtns.engine import Model
+    from rtns_export import metrics
+
+    fns = {"pesq_wb": metrics.pesq_wb, "stoi": metrics.stoi, "si_sdr": metrics.si_sdr}
+    model = Model(None)  # the default pack, as `rtns enhance` without --model runs it
+    rows: dict[str, dict[str, list[float]]] = {
+        s: {k: [] for k in METRICS} for s in ("input", "pack", "unlimited")
+    }
+    pairs = _pairs(shared_dir)
+    for _, clean, noisy in pairs:
+        outputs = {
+            "input": noisy,
+            "pack": _enhance(model, noisy),
+            "unlimited": _enhance(model, noisy, None),
+        }
+        for system, y in outputs.items():
+            assert y.shape == noisy.shape and np.isfinite(y).all(), system
+            for k in METRICS:
+                rows[system][k].append(fns[k](clean, y))
+    means = {s: {k: float(np.mean(v)) for k, v in r.items()} for s, r in rows.items()}
+    means["input"]["files"] = means["pack"]["files"] = float(len(pairs))
+    return means
 
 
 def test_default_pack_is_shipped_and_resolves():
@@ -26,60 +93,56 @@ def test_default_pack_is_shipped_and_resolves():
     assert size < 10 * 2**20
 
 
-def test_default_pack_provenance_and_scores():
-    m = read_manifest(PACK)
-    prov = m.provenance.model_dump()
+def test_default_pack_provenance():
+    """Trained here from scratch (not imported), with its recipe recorded."""
+    prov = read_manifest(PACK).provenance.model_dump()
     assert "from scratch" in prov["origin"]
     assert prov["steps"] and prov["steps"] > 0
     assert prov["losses"]
     assert "loss_comparison" in prov
-    s = m.scores["vbdemand36"]
-    for k in ("pesq_wb", "stoi", "si_sdr", "dnsmos_ovrl"):
-        assert k in s
-    base = prov["vbdemand36_unprocessed"]
-    for k in ("pesq_wb", "si_sdr", "dnsmos_ovrl"):
-        assert s[k] > base[k], k
 
 
-def test_default_pack_beats_input_on_every_metric():
-    """Issue 3's bar, from the manifest's recorded benchmark (benchmarks/quality.py)."""
+def test_default_pack_beats_input_on_every_metric(scored):
+    """Issue 3's bar, measured: better than the unprocessed input on PESQ, STOI and SI-SDR."""
+    pack, base = scored["pack"], scored["input"]
+    assert pack["files"] == 36
+    assert pack["pesq_wb"] > base["pesq_wb"] + 0.1, (pack, base)
+    assert pack["stoi"] > base["stoi"], (pack, base)
+    assert pack["si_sdr"] > base["si_sdr"] + 3.0, (pack, base)
+
+
+def test_manifest_scores_are_what_the_pack_gives(scored):
+    """The scores the manifest records (benchmarks/quality.py --write-manifest) and its
+    unprocessed baseline are reproduced by running the pack now."""
     m = read_manifest(PACK)
-    base = m.provenance.model_dump()["vbdemand36_unprocessed"]
-    s = m.scores["vbdemand36"]
-    assert s["files"] == 36
-    for k in ("pesq_wb", "stoi", "si_sdr", "dnsmos_ovrl"):
-        assert s[k] > base[k], k
+    recorded = m.scores[TEST_SET]
+    base = m.provenance.model_dump()[f"{TEST_SET}_unprocessed"]
+    assert recorded["files"] == scored["pack"]["files"]
+    for k, tol in RECORD_TOL.items():
+        assert recorded[k] == pytest.approx(scored["pack"][k], abs=tol), k
+        assert base[k] == pytest.approx(scored["input"][k], abs=tol), k
 
 
-def test_default_limit_was_chosen_on_validation():
-    """The pack's attenuation limit is recorded with the validation scores it was chosen by."""
+def test_default_limit_keeps_intelligibility(scored):
+    """The pack's attenuation limit (chosen on validation for STOI) does its job on the test
+    set too: STOI above the input's and above the same model unlimited."""
     m = read_manifest(PACK)
     if m.atten_lim_db is None:
         pytest.skip("the shipped pack has no default attenuation limit")
-    val = m.provenance.model_dump()["validation"]
-    assert val["atten_lim_db"] == m.atten_lim_db
-    assert val["stoi"] >= m.provenance.model_dump()["validation_input"]["stoi"]
+    assert m.provenance.model_dump()["validation"]["atten_lim_db"] == m.atten_lim_db
+    pack, off, base = scored["pack"], scored["unlimited"], scored["input"]
+    assert pack["stoi"] > off["stoi"] and pack["stoi"] > base["stoi"], (pack, off, base)
+    assert pack["pesq_wb"] > off["pesq_wb"], (pack, off)
 
 
-def test_default_pack_improves_pesq_on_test_pairs(shared_dir):
-    pytest.importorskip("pesq")
-    import soundfile as sf
-
-    from rtns.engine import Model, enhance_array
+def test_default_pack_improves_dnsmos(shared_dir):
+    """Non-intrusive DNSMOS OVRL rises, measured on one of the noisiest pairs (~1 s a clip,
+    so not the whole set)."""
+    pytest.importorskip("speechmos", reason="DNSMOS needs the speechmos package (test extra)")
+    from rtns.engine import Model
     from rtns_export import metrics
 
-    folder = shared_dir / "data" / "test" / "vbdemand36"
-    names = sorted(p.name for p in (folder / "noisy").iterdir())[::6]  # 6 of 36, spread
-    model = Model(None)  # the default pack
-    before, after = [], []
-    for name in names:
-        clean, sr = sf.read(folder / "clean" / name, dtype="float32")
-        noisy, sr2 = sf.read(folder / "noisy" / name, dtype="float32")
-        assert sr == sr2 == 16_000
-        n = min(clean.shape[0], noisy.shape[0])
-        clean, noisy = clean[:n], noisy[:n]
-        enhanced = enhance_array(model, noisy)
-        assert enhanced.shape == noisy.shape and np.isfinite(enhanced).all()
-        before.append(metrics.pesq_wb(clean, noisy))
-        after.append(metrics.pesq_wb(clean, enhanced))
-    assert np.mean(after) > np.mean(before) + 0.05, (before, after)
+    noisy = {name: x for name, _, x in _pairs(shared_dir)}["p257_231.flac"]
+    before = metrics.dnsmos(noisy)["ovrl"]
+    after = metrics.dnsmos(_enhance(Model(None), noisy))["ovrl"]
+    assert after > before + 0.2, (before, after)
