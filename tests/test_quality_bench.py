@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -245,3 +246,46 @@ def test_pack_off_row_runs_unlimited_and_is_never_written(
     assert rows[f"{name} (limit off)"]["per_file"] == rows["plain"]["per_file"]
     assert rows[name]["per_file"] != rows["plain"]["per_file"]
     assert read_manifest(limited).scores["t2"]["si_sdr"] == rows[name]["means"]["si_sdr"]
+
+
+def test_metrics_live_outside_the_runtime():
+    """Scoring is not runtime: ``rtns.metrics`` is gone, importing the runtime loads no
+    scoring code, and ``rtns_export.metrics`` imports without torch (the benchmark needs no
+    ``train`` extra)."""
+    code = "\n".join(
+        [
+            "import importlib.util, sys",
+            "sys.modules['torch'] = None  # import torch -> ImportError",
+            "import rtns.cli, rtns.engine",
+            "assert importlib.util.find_spec('rtns.metrics') is None, 'rtns.metrics still exists'",
+            "loaded = sorted(m for m in sys.modules if m.startswith('rtns_export'))",
+            "assert not loaded, loaded",
+            "from rtns_export import metrics",
+            "print(metrics.__name__)",
+        ]
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "rtns_export.metrics"
+
+
+@pytest.mark.parametrize("target_db", [-5.0, 0.0, 20.0])
+def test_si_sdr_of_a_known_mix(target_db):
+    """SI-SDR of ``a * ref + noise`` (noise orthogonal to ref, any offset) is the ratio of the
+    two powers, whatever the scale ``a`` and the DC offsets."""
+    from rtns_export import metrics
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal(8000)
+    r = ref - ref.mean()
+    noise = rng.standard_normal(8000)
+    noise -= noise.mean()
+    noise -= (noise @ r) / (r @ r) * r  # orthogonal to the zero-mean reference
+    for a in (0.1, 1.0, 3.0):
+        noise_scaled = noise * np.sqrt(a**2 * (r @ r) / (noise @ noise) / 10 ** (target_db / 10))
+        est = a * ref + noise_scaled + 0.25
+        assert metrics.si_sdr(ref, est) == pytest.approx(target_db, abs=1e-6)
+    with pytest.raises(ValueError, match=r"two \[N\] arrays"):
+        metrics.si_sdr(ref, ref[:-1])
