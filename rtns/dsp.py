@@ -106,3 +106,68 @@ def inverse_spectrum(spec: np.ndarray, block_len: int, window: np.ndarray | None
 def db_to_gain(db: float) -> float:
     """Amplitude gain of ``db`` decibels."""
     return float(10.0 ** (db / 20.0))
+
+
+#: Float input samples are clipped to +-this (18 dB over full scale): a level no real
+#: signal reaches, low enough that squares and spectra stay finite in float32 (3e38 in a
+#: block would overflow them to inf and then NaN).
+CLIP_LEVEL = 8.0
+
+
+def to_float_pcm(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The engine's input contract: samples -> (float32 array, number of clipped samples).
+
+    Floats are taken as they are ([-1, 1] is full scale) and clipped to +-CLIP_LEVEL;
+    signed integers are divided by their full scale (int16 32768, int32 2^31), unsigned
+    ones are offset first. NaN or infinite samples raise ValueError naming the first.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind in "iu":
+        info = np.iinfo(x.dtype)
+        scale = float(info.max) + 1.0
+        y = x.astype(np.float32)
+        if x.dtype.kind == "u":
+            y -= scale / 2
+            scale /= 2
+        return (y / np.float32(scale)).astype(np.float32, copy=False), 0
+    if x.dtype.kind != "f":
+        raise ValueError(f"samples must be float or integer PCM, got dtype {x.dtype}")
+    if x.size and not np.isfinite(x).all():
+        raise ValueError(_bad_sample_text(~np.isfinite(x)))
+    big = np.abs(x) > CLIP_LEVEL
+    n = int(np.count_nonzero(big))
+    if n:
+        x = np.clip(x, -CLIP_LEVEL, CLIP_LEVEL)
+    return x.astype(np.float32, copy=False), n
+
+
+def _bad_sample_text(bad: np.ndarray) -> str:
+    first = int(np.flatnonzero(bad.reshape(-1))[0])
+    return (
+        f"{int(bad.sum())} input samples are NaN or infinite (the first at flat index "
+        f"{first}); refusing to process them"
+    )
+
+
+class FirFilter:
+    """Streaming FIR over [n, channels] float32 chunks (state: the last len(h) - 1 inputs).
+
+    Output sample i is ``sum_j h[j] x[i - j]``: causal, so a linear-phase ``h`` of odd
+    length L delays by (L - 1) / 2 samples.
+    """
+
+    def __init__(self, h: np.ndarray, channels: int) -> None:
+        self.h = np.asarray(h, dtype=np.float64)
+        self._hist = np.zeros((self.h.shape[0] - 1, channels), dtype=np.float64)
+
+    def reset(self) -> None:
+        self._hist.fill(0.0)
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        buf = np.concatenate((self._hist, x.astype(np.float64)))
+        n = x.shape[0]
+        y = np.empty((n, x.shape[1]), dtype=np.float32)
+        for c in range(x.shape[1]):
+            y[:, c] = np.convolve(buf[:, c], self.h, mode="valid")[:n]
+        self._hist = buf[buf.shape[0] - self._hist.shape[0] :]
+        return y

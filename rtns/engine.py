@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rtns import dsp
+from rtns.atten import OFF, AttenLimit
 from rtns.config import EngineConfig
 from rtns.pack import (
     GraphSpec,
@@ -158,29 +159,34 @@ class Stream:
         #: Output the delayed input instead of the enhanced signal (latency unchanged).
         self.bypass = False
         self._dry_mix = 0.0
-        self.atten_lim_db = model.manifest.atten_lim_db
+        self._atten_lim = OFF
+        self.atten_lim = model.manifest.atten_lim_db
+        #: Input samples clipped to +-dsp.CLIP_LEVEL by :meth:`push` (far outside full scale).
+        self.clipped = 0
         self.samples_in = 0
         self.samples_out = 0
 
     # -- user controls -------------------------------------------------------------
     @property
-    def atten_lim_db(self) -> float | None:
-        """At most this many dB of noise reduction (None: unlimited).
+    def atten_lim(self) -> AttenLimit:
+        """At most this much noise reduction (see :mod:`rtns.atten`); a new stream starts
+        with its pack's ``atten_lim_db``."""
+        return self._atten_lim
 
-        Implemented as a mix ``g * dry + (1 - g) * enhanced`` with ``g = 10^(-lim/20)``,
-        which bounds the attenuation of any component at ``lim`` dB. A new stream starts with
-        the pack's ``atten_lim_db``; None or ``math.inf`` set it to unlimited.
-        """
-        return None if self._dry_mix == 0.0 else -20.0 * float(np.log10(self._dry_mix))
+    @atten_lim.setter
+    def atten_lim(self, value: AttenLimit | str | float | None) -> None:
+        """Takes an AttenLimit, text ('18', 'off'), dB, or None / ``math.inf`` for off."""
+        self._atten_lim = OFF if value is None else AttenLimit.parse(value)
+        self._dry_mix = self._atten_lim.dry_gain
+
+    @property
+    def atten_lim_db(self) -> float | None:
+        """The limit in dB, None when unlimited (the manifest's encoding)."""
+        return self._atten_lim.optional()
 
     @atten_lim_db.setter
     def atten_lim_db(self, db: float | None) -> None:
-        if db is None or db == np.inf:
-            self._dry_mix = 0.0
-            return
-        if not np.isfinite(db) or db < 0:
-            raise ValueError(f"attenuation limit must be a non-negative number of dB, got {db}")
-        self._dry_mix = dsp.db_to_gain(-db)
+        self.atten_lim = db
 
     # -- state ---------------------------------------------------------------------
     def reset(self) -> None:
@@ -250,8 +256,16 @@ class Stream:
 
     # -- the simple single-stream path -------------------------------------------------
     def push(self, x: np.ndarray) -> np.ndarray:
-        """Process float32 samples [n] of any length; returns float32 [k * shift]."""
-        x = _as_mono_f32(x)
+        """Process samples [n] of any length; returns float32 [k * shift].
+
+        x: float in [-1, 1] (values beyond +-CLIP_LEVEL are clipped and counted in
+        ``clipped``), or integer PCM, scaled by its full scale. NaN or infinite samples raise
+        ValueError and change nothing.
+        """
+        x, clipped = dsp.to_float_pcm(x)
+        if x.ndim != 1:
+            raise ValueError(f"a stream takes mono samples of shape [n], got {x.shape}")
+        self.clipped += clipped
         s = self.model.block_shift
         n_hops = (self._n_pending + x.shape[0]) // s
         out = np.empty(n_hops * s, dtype=np.float32)
@@ -277,18 +291,12 @@ class Stream:
         return tail
 
 
-def _as_mono_f32(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 1:
-        raise ValueError(f"a stream takes mono samples of shape [n], got {x.shape}")
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
-    return x
+def enhance_array(model: Model, x: np.ndarray, controls: Stream | None = None) -> np.ndarray:
+    """Enhance a whole mono signal [N] at the model's rate; returns float32 [N],
+    time-aligned with the input (see :func:`rtns.streams.enhance_frames`). ``controls``: a
+    stream whose bypass and attenuation limit to use (default: a new stream's)."""
+    from rtns.streams import enhance_frames
 
-
-def enhance_array(model: Model, x: np.ndarray, stream: Stream | None = None) -> np.ndarray:
-    """Enhance a whole mono float32 signal [N]; returns [N], time-aligned with the input."""
-    st = stream or model.stream()
-    st.reset()
-    y = np.concatenate([st.push(x), st.flush()])
-    return y[model.latency : model.latency + x.shape[0]]
+    c = controls or model.stream()
+    y = enhance_frames(model, np.asarray(x)[:, None], atten_lim=c.atten_lim, bypass=c.bypass)
+    return y[:, 0]

@@ -245,7 +245,7 @@ def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
     assert lines[0].split() == ["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]
     rows = {Path(ln.split()[-1]).name: ln for ln in lines[1:]}  # keyed by pack folder
     assert set(rows) >= {"passthrough", "scored", "broken", "corrupt"}
-    assert rows["passthrough"].split()[:5] == ["passthrough", "passthrough", "32.0", "ms", "off"]
+    assert rows["passthrough"].split()[:5] == ["passthrough", "passthrough", "24.0", "ms", "off"]
     assert rows["scored"].startswith("scored ") and " 15 dB " in rows["scored"]
     assert "vbdemand36: PESQ 2.91 STOI 0.935 SI-SDR 17.2" in rows["scored"]
     assert "BROKEN" in rows["broken"] and "not readable JSON" in rows["broken"]
@@ -294,21 +294,13 @@ def test_runtime_imports_do_not_load_torch(code):
         ("PCM_32", "FLAC", "PCM_24"),
         ("VORBIS", "WAV", "PCM_16"),
         ("PCM_16", "OGG", "VORBIS"),
+        # mp3 in, wav out: the MP3 codec is not kept in WAV (a 0-byte file before)
+        ("MPEG_LAYER_III", "WAV", "PCM_16"),
+        ("MPEG_LAYER_III", "MP3", "MPEG_LAYER_III"),
     ],
 )
 def test_output_subtype(sub_in, fmt, want):
     assert audio_io.output_subtype(sub_in, fmt) == want
-
-
-def test_resample_length_and_exact_frames():
-    x = tones(44_100, 44_100, 2)
-    y = audio_io.resample(x, 44_100, 16_000)
-    assert y.shape == (16_000, 2) and y.dtype == np.float32
-    back = audio_io.resample(y, 16_000, 44_100, frames_out=44_101)
-    assert back.shape == (44_101, 2) and back[-1].tolist() == [0.0, 0.0]
-    np.testing.assert_allclose(back[:44_100], x, atol=5e-3)
-    same = audio_io.resample(x, 44_100, 44_100)
-    assert np.array_equal(same, x)
 
 
 def test_write_audio_reports_clipping(tmp_path):
@@ -327,3 +319,83 @@ def test_read_audio_errors(tmp_path):
         audio_io.read_audio(tmp_path / "x.wav")
     with pytest.raises(UserInputError, match="not a file"):
         audio_io.read_audio(tmp_path)
+
+
+# -- safe output and containers (issue "Every edge solid") ------------------------------------
+def test_mp3_in_wav_out_and_opus_is_opus(tmp_path):
+    """Before: mp3 -> wav kept the MP3 subtype and left a 0-byte file; .opus became Vorbis."""
+    sf.write(tmp_path / "in.mp3", tones(16_000, 16_000, 1), 16_000)
+    r = rtns("enhance", "in.mp3", "out.wav", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = sf.info(tmp_path / "out.wav")
+    assert (info.format, info.subtype, info.frames) == ("WAV", "PCM_16", 16_000)
+    r = rtns("enhance", "in.mp3", "out.opus", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sf.info(tmp_path / "out.opus").subtype == "OPUS"
+
+
+def test_container_limits_refused_before_processing(tmp_path):
+    """Before: a 10-channel file to .flac failed after processing, with the wrong reason."""
+    sf.write(tmp_path / "ten.wav", tones(1600, 16_000, 10), 16_000, subtype="PCM_16")
+    r = rtns("enhance", "ten.wav", "ten.flac", cwd=tmp_path)
+    assert_clean_error(r, "ten.flac", "at most 8 channels", "10")
+    assert not (tmp_path / "ten.flac").exists()
+    sf.write(tmp_path / "a44.wav", tones(4410, 44_100, 1), 44_100)
+    assert_clean_error(rtns("enhance", "a44.wav", "x.opus", cwd=tmp_path), "Opus", "44100")
+
+
+def test_out_equal_in_is_safe(tmp_path):
+    x = tones(32_000, 48_000, 2)
+    sf.write(tmp_path / "a.wav", x, 48_000, subtype="FLOAT")
+    r = rtns("enhance", "a.wav", "a.wav", "--atten-lim", "0", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    y, sr = sf.read(tmp_path / "a.wav", dtype="float32")
+    assert sr == 48_000 and y.shape == x.shape
+    np.testing.assert_allclose(y, x, atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]  # no temporary file left
+
+
+def test_48k_limit_zero_is_the_identity_end_to_end(tmp_path):
+    """Before: at 48 kHz --atten-lim 0 was -13 dB from the input (the band above 8 kHz was
+    lost). The must-show: at least 50 dB SNR."""
+    rng = np.random.default_rng(4)
+    x = (0.05 * rng.standard_normal((48_000, 1))).astype(np.float32)  # full-band noise
+    sf.write(tmp_path / "n.wav", x, 48_000, subtype="FLOAT")
+    r = rtns("enhance", "n.wav", "o.wav", "--atten-lim", "0", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    y = sf.read(tmp_path / "o.wav", dtype="float32", always_2d=True)[0]
+    snr = 10 * np.log10(np.sum(x**2) / max(np.sum((y - x) ** 2), 1e-30))
+    assert snr > 50, snr
+
+
+def test_failed_write_keeps_the_existing_file_and_names_the_error(tmp_path, monkeypatch):
+    """Before: a failed write (disk full) destroyed an existing OUT, even OUT == IN, and
+    said only 'System error.'"""
+    import errno
+    import os
+
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"precious")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserInputError, match="No space left on device.*unchanged"):
+        audio_io.write_audio(out, np.zeros((100, 1), np.float32), 16_000, "PCM_16")
+    assert out.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.wav"]
+
+
+def test_unwritable_folder_refused_before_processing(tmp_path, monkeypatch):
+    """The plan check names the OS error (read-only file system here) before any work."""
+    import errno
+    import os
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(UserInputError, match="cannot write there .Read-only file system"):
+        audio_io.plan_output(tmp_path / "x.wav", 1, 16_000)

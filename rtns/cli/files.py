@@ -92,30 +92,21 @@ def load_model(spec: str | None, threads: int = 1):  # -> rtns.engine.Model
 def enhance_channels(
     model,
     x: np.ndarray,
-    atten_lim_db: float | None = None,
+    rate: int | None = None,
+    atten_lim=None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Enhance float32 [frames, channels] at the model rate, each channel an independent
-    stream of ``model``; returns float32 [frames, channels], time-aligned with the input.
-    ``atten_lim_db``: None keeps the pack's default limit, ``math.inf`` removes it."""
+    """Enhance float32 [frames, channels] at ``rate`` (default: the model's) through one
+    :class:`rtns.streams.ChannelStream`; returns float32 [frames, channels], time-aligned
+    with the input. ``atten_lim``: None keeps the pack's default limit."""
     from tqdm import tqdm
 
-    n, channels = x.shape
-    streams = [model.stream() for _ in range(channels)]
-    if atten_lim_db is not None:  # None: each stream keeps the pack's default
-        for st in streams:
-            st.atten_lim_db = atten_lim_db
-    lat = model.latency
-    out = np.zeros((n + lat + model.block_shift, channels), dtype=np.float32)
-    filled = [0] * channels
+    from rtns.streams import enhance_frames
 
-    def put(c: int, y: np.ndarray) -> None:
-        out[filled[c] : filled[c] + y.shape[0], c] = y
-        filled[c] += y.shape[0]
-
-    sr = model.sample_rate
+    rate = rate or model.sample_rate
+    n = x.shape[0]
     with tqdm(
-        total=round(n / sr, 2),
+        total=round(n / rate, 2),
         unit="s",
         unit_scale=False,
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]",
@@ -124,37 +115,35 @@ def enhance_channels(
         disable=not progress,
         leave=False,
     ) as bar:
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            for c, st in enumerate(streams):
-                put(c, st.push(np.ascontiguousarray(x[start:stop, c])))
-            bar.update(round((stop - start) / sr, 2))
-    for c, st in enumerate(streams):
-        put(c, st.flush())
-    return out[lat : lat + n]
+        done = [0]
+
+        def advance(frames: int) -> None:
+            bar.update(round((frames - done[0]) / rate, 2))
+            done[0] = frames
+
+        return enhance_frames(
+            model, x, rate, atten_lim=atten_lim, chunk=CHUNK * rate // 16_000, progress=advance
+        )
 
 
 def run_enhance(args: argparse.Namespace) -> int:
     from rtns import audio_io
 
     t0 = time.perf_counter()
-    out_path = audio_io.check_output_path(args.output)
+    audio_io.output_format(args.output)  # an unknown extension is refused before reading
     audio = audio_io.read_audio(args.input)
+    # Everything about the output is checked before the work starts.
+    plan = audio_io.plan_output(args.output, audio.channels, audio.sample_rate, audio.subtype)
     model = load_model(args.model, args.threads)
-    sr = model.sample_rate
-    x = audio_io.resample(audio.samples, audio.sample_rate, sr)
     interactive = sys.stderr.isatty() and not args.quiet
     y = enhance_channels(
         model,
-        x,
-        atten_lim_db=args.atten_lim,
+        audio.samples,
+        audio.sample_rate,
+        atten_lim=args.atten_lim,
         progress=interactive and audio.duration > PROGRESS_MIN_SECONDS,
     )
-    y = audio_io.resample(y, sr, audio.sample_rate, frames_out=audio.frames)
-    fmt = audio_io.output_format(out_path)
-    report = audio_io.write_audio(
-        out_path, y, audio.sample_rate, audio_io.output_subtype(audio.subtype, fmt)
-    )
+    report = audio_io.write_audio(plan, y)
     if report.clipped:
         _err(
             f"rtns: warning: {report.clipped} output samples exceeded full scale "
@@ -163,10 +152,14 @@ def run_enhance(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         took = time.perf_counter() - t0
+        limit = model.manifest.atten_lim_db if args.atten_lim is None else args.atten_lim
+        band = ""
+        if audio.sample_rate > model.sample_rate:
+            band = f", above {model.sample_rate // 2000} kHz: crossover gain"
         _err(
-            f"rtns: {out_path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
+            f"rtns: {plan.path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
             f"{audio.channels} ch, {report.subtype}, model {model.name} (attenuation limit "
-            f"{options.limit_text(model.manifest.atten_lim_db if args.atten_lim is None else args.atten_lim)}), "
+            f"{options.limit_text(limit)}{band}), "
             f"{took:.2f} s ({took / audio.duration:.3f} x real time)"
         )
     return 0

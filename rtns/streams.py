@@ -1,0 +1,395 @@
+"""One multi-channel stream at any sample rate: what files, the live device, the daemon's
+sessions and the client all use around the 16 kHz engine.
+
+:class:`ChannelStream` takes interleaved samples ``[n, channels]`` at ``rate`` Hz and returns
+enhanced samples at the same rate. Each channel is its own :class:`rtns.engine.Stream`.
+
+At the model's rate the output is exactly the engine's. At any other rate the model sees
+the signal resampled to 16 kHz, and only *what it changed* travels back::
+
+    x --> down (R -> 16k) --> engine --> y16 ; e16 = y16 - dry16   (dry16: x16, model latency)
+    out = x delayed by D  +  up(e16)  +  (g - 1) * highband(x) delayed by D
+
+* ``up(e16)`` carries the model's work below 8 kHz;
+* ``highband`` (rates above 16 kHz): x minus a linear-phase low-pass at the crossover the
+  resamplers use (7.6 kHz), so nothing above 8 kHz is thrown away; ``g`` is a gain per hop
+  measured from what the model did to its own top band (4-8 kHz: output energy over dry
+  energy, square root), clamped to [attenuation-limit floor, 1], and travels through the same
+  up-sampler as ``e16`` so it is time-aligned with it;
+* with bypass, or an attenuation limit of 0 dB, ``e16`` is 0 and ``g`` is 1 exactly, so the
+  output is the input delayed by D, to float rounding, at every rate.
+
+``D`` (:attr:`ChannelStream.latency`) is a whole number of samples at ``rate``: the
+up-sampler's filter is lengthened so that resampling down, the model's latency and
+resampling up add up exactly, which keeps ``x`` and ``up(e16)`` aligned to the sample.
+
+End of stream: after ``n`` input frames, :meth:`flush` returns what is still owed so that the
+total output is exactly ``n + latency`` frames; :func:`aligned` then cuts the first
+``latency`` frames to give an output time-aligned with the input and of its length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from fractions import Fraction
+
+import numpy as np
+
+from rtns import dsp
+from rtns.atten import AttenLimit
+from rtns.engine import Model, Stream
+from rtns.resample import ATTEN_DB, CUTOFF, HALF_WIDTH_S, Resampler, lowpass_fir
+
+#: Band of the model's output (at 16 kHz) whose energy change sets the high-band gain.
+GAIN_BAND_HZ = (4000.0, 8000.0)
+
+
+class _Fifo:
+    """A FIFO of [n, channels] float32 frames (append at the back, take from the front)."""
+
+    def __init__(self, channels: int, prefill: int = 0) -> None:
+        self.channels = channels
+        self._chunks: deque[np.ndarray] = deque()
+        self.size = 0
+        if prefill:
+            self.append(np.zeros((prefill, channels), np.float32))
+
+    def append(self, x: np.ndarray) -> None:
+        if x.shape[0]:
+            self._chunks.append(x)
+            self.size += x.shape[0]
+
+    def take(self, n: int) -> np.ndarray:
+        if n > self.size:
+            raise ValueError(f"FIFO holds {self.size} frames, {n} asked")
+        out = np.empty((n, self.channels), np.float32)
+        got = 0
+        while got < n:
+            front = self._chunks[0]
+            k = min(n - got, front.shape[0])
+            out[got : got + k] = front[:k]
+            got += k
+            if k == front.shape[0]:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = front[k:]
+        self.size -= n
+        return out
+
+
+class ChannelStream:
+    """``channels`` channels at ``rate`` Hz through one model (see the module docstring).
+
+    Two ways to drive it:
+
+    * :meth:`push` / :meth:`flush`: samples in, enhanced samples out (inference inside);
+    * for a caller that batches hops of many streams (the daemon): :meth:`put` queues input,
+      :meth:`next_hop` / :meth:`finish_hop` run one hop of every channel, :meth:`take`
+      returns the output of the hops finished so far, :meth:`end` queues the end-of-stream
+      padding.
+    """
+
+    def __init__(self, model: Model, channels: int = 1, rate: int | None = None) -> None:
+        if channels < 1:
+            raise ValueError(f"channels must be at least 1, got {channels}")
+        self.model = model
+        self.channels = channels
+        self.rate = int(model.sample_rate if rate is None else rate)
+        if self.rate <= 0:
+            raise ValueError(f"sample rate must be positive, got {rate}")
+        self.streams: list[Stream] = [model.stream() for _ in range(channels)]
+        sr = model.sample_rate
+        self.resampling = self.rate != sr
+        self.full_band = self.rate > sr
+        self._down: Resampler | None = None
+        self._up: Resampler | None = None
+        if self.resampling:
+            self._down = Resampler(self.rate, sr, channels)
+            model_delay = Fraction(model.latency, sr)
+            natural_up = Resampler(sr, self.rate, 1).delay
+            total = math.ceil((self._down.delay + model_delay + natural_up) * self.rate)
+            up_channels = 2 * channels if self.full_band else channels
+            self._up = Resampler(
+                sr,
+                self.rate,
+                up_channels,
+                min_delay_s=Fraction(total, self.rate) - self._down.delay - model_delay,
+            )
+            exact = (self._down.delay + model_delay + self._up.delay) * self.rate
+            assert exact == total, (exact, total)
+            #: Output frame k estimates input frame k - latency (at ``rate``).
+            self.latency = total
+        else:
+            self.latency = model.latency
+        self._hf: dsp.FirFilter | None = None
+        if self.full_band:
+            half = math.ceil(HALF_WIDTH_S * self.rate)
+            lp = lowpass_fir(2 * half + 1, CUTOFF * sr / 2 / self.rate, ATTEN_DB)
+            hp = -lp
+            hp[half] += 1.0  # delta(half) - lowpass: the exact complement, delay `half`
+            self._hf = dsp.FirFilter(hp, channels)
+            self._hf_delay = half
+            lo, hi = GAIN_BAND_HZ
+            n = model.block_len
+            self._gain_bins = slice(round(lo * n / sr), round(hi * n / sr) + 1)
+            self._gain_win = np.sqrt(dsp.hann_periodic(n)).astype(np.float32)
+        self._reset_buffers()
+
+    # -- controls ------------------------------------------------------------------------
+    @property
+    def bypass(self) -> bool:
+        return self.streams[0].bypass
+
+    @bypass.setter
+    def bypass(self, on: bool) -> None:
+        for st in self.streams:
+            st.bypass = bool(on)
+
+    @property
+    def atten_lim(self) -> AttenLimit:
+        return self.streams[0].atten_lim
+
+    @atten_lim.setter
+    def atten_lim(self, value: AttenLimit | str | float | None) -> None:
+        for st in self.streams:
+            st.atten_lim = value
+
+    # -- state ----------------------------------------------------------------------------
+    def _reset_buffers(self) -> None:
+        c, lat = self.channels, self.model.latency
+        self.samples_in = 0
+        self.samples_out = 0
+        #: Input samples clipped to +-dsp.CLIP_LEVEL so far.
+        self.clipped = 0
+        self._backlog = _Fifo(c)  # 16 kHz input not yet fed to the engine streams
+        self._y16: list[np.ndarray] = []  # finished hops' output, [shift, c] each
+        if self.resampling:
+            self._dry16 = _Fifo(c, prefill=lat)  # the engine's dry signal, aligned with y16
+            self._dry = _Fifo(c, prefill=self.latency)
+        if self.full_band:
+            self._hf.reset()
+            self._high = _Fifo(c, prefill=self.latency - self._hf_delay)
+            n = self.model.block_len
+            self._y_hist = np.zeros((n, c), np.float32)
+            self._d_hist = np.zeros((n, c), np.float32)
+            self._g_prev = np.ones(c, np.float32)
+
+    def reset(self) -> None:
+        """Back to a new stream (controls are kept)."""
+        for st in self.streams:
+            st.reset()
+        if self._down is not None:
+            self._down.reset()
+            self._up.reset()
+        self._reset_buffers()
+
+    # -- input side -----------------------------------------------------------------------
+    def _frames(self, x: np.ndarray) -> np.ndarray:
+        x, clipped = dsp.to_float_pcm(x)
+        if x.ndim == 1 and self.channels == 1:
+            x = x[:, None]
+        if x.ndim != 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"expected samples of shape [n, {self.channels}], got {tuple(x.shape)}"
+            )
+        self.clipped += clipped
+        return x
+
+    def put(self, x: np.ndarray) -> int:
+        """Queue input frames [n, channels] (or [n] for mono); returns the 16 kHz frames it
+        added to the queue. Raises ValueError (nothing queued) for NaN/Inf or a bad shape."""
+        x = self._frames(x)
+        self.samples_in += x.shape[0]
+        if not self.resampling:
+            self._backlog.append(x)
+            return x.shape[0]
+        x16 = self._down.process(x)
+        self._backlog.append(x16)
+        self._dry16.append(x16)
+        self._dry.append(x)
+        if self._hf is not None:
+            self._high.append(self._hf.process(x))
+        return x16.shape[0]
+
+    @property
+    def queued(self) -> int:
+        """16 kHz frames queued and not yet fed to the engine."""
+        return self._backlog.size
+
+    @property
+    def pending(self) -> int:
+        """16 kHz frames fed to the engine streams, waiting for their hop to complete."""
+        return self.streams[0].pending
+
+    def next_hop(self) -> list[np.ndarray] | None:
+        """Feed queued input until every channel has a complete hop; returns the blocks to
+        infer (one float32 [block_len] view per channel) or None when input is short."""
+        shift = self.model.block_shift
+        need = shift - self.streams[0].pending
+        if need > self._backlog.size:
+            if self._backlog.size:
+                x = self._backlog.take(self._backlog.size)
+                for c, st in enumerate(self.streams):
+                    st.feed(x[:, c])
+            return None
+        if need:
+            x = self._backlog.take(need)
+            for c, st in enumerate(self.streams):
+                st.feed(x[:, c])
+        return [st.take_hop() for st in self.streams]  # type: ignore[misc]
+
+    def finish_hop(self, out_blocks: np.ndarray, states: list[dict[str, np.ndarray]]) -> None:
+        """Overlap-add each channel's model output block (float32 [channels, block_len]) and
+        take its new state (one state dict per channel)."""
+        hop = np.empty((self.model.block_shift, self.channels), np.float32)
+        for c, st in enumerate(self.streams):
+            hop[:, c] = st.finish_hop(out_blocks[c], states[c])
+        self._y16.append(hop)
+
+    def _run_hops(self) -> None:
+        infer = self.model.infer
+        while (blocks := self.next_hop()) is not None:
+            outs, states = [], []
+            for c, block in enumerate(blocks):
+                y, st = infer(block[None, :], self.streams[c].state)
+                outs.append(y[0])
+                states.append(st)
+            self.finish_hop(np.stack(outs), states)
+
+    # -- output side ----------------------------------------------------------------------
+    def take(self) -> np.ndarray:
+        """Output of every hop finished so far, float32 [m, channels] at ``rate``."""
+        if not self._y16:
+            return np.zeros((0, self.channels), np.float32)
+        y16 = self._y16[0] if len(self._y16) == 1 else np.concatenate(self._y16)
+        self._y16.clear()
+        if not self.resampling:
+            self.samples_out += y16.shape[0]
+            return y16
+        e16 = y16 - self._dry16.take(y16.shape[0])
+        if self.full_band:
+            g16 = self._band_gain(y16, y16 - e16)
+            u = self._up.process(np.concatenate([e16, g16 - 1.0], axis=1))
+            c = self.channels
+            out = self._dry.take(u.shape[0]) + u[:, :c] + u[:, c:] * self._high.take(u.shape[0])
+        else:
+            u = self._up.process(e16)
+            out = self._dry.take(u.shape[0]) + u
+        self.samples_out += out.shape[0]
+        return out
+
+    def _band_gain(self, y16: np.ndarray, d16: np.ndarray) -> np.ndarray:
+        """Per-sample gain [m, channels] for the high band, from the energy the model left in
+        its top band over the last block of each hop (linear ramps between hops)."""
+        n, shift = self.model.block_len, self.model.block_shift
+        hops = y16.shape[0] // shift
+        ys = np.concatenate([self._y_hist, y16])
+        ds = np.concatenate([self._d_hist, d16])
+        self._y_hist, self._d_hist = ys[-n:].copy(), ds[-n:].copy()
+        ends = shift * np.arange(1, hops + 1) + n  # window h ends after hop h
+        idx = ends[:, None] - n + np.arange(n)[None, :]  # [hops, n]
+        w = self._gain_win[None, :, None]
+        band = self._gain_bins
+        ey = np.sum(np.abs(np.fft.rfft(ys[idx] * w, axis=1)[:, band]) ** 2, axis=1)
+        ed = np.sum(np.abs(np.fft.rfft(ds[idx] * w, axis=1)[:, band]) ** 2, axis=1)
+        eps = 1e-12 * n
+        g = np.sqrt((ey + eps) / (ed + eps)).astype(np.float32)  # [hops, channels]
+        floor = np.float32(self.atten_lim.dry_gain)
+        g = np.clip(g, floor, 1.0)
+        if self.bypass:
+            g[:] = 1.0
+        prev = np.concatenate([self._g_prev[None, :], g[:-1]])
+        self._g_prev = g[-1].copy()
+        ramp = (np.arange(1, shift + 1, dtype=np.float32) / shift)[None, :, None]
+        out = prev[:, None, :] + (g - prev)[:, None, :] * ramp  # [hops, shift, channels]
+        return out.reshape(hops * shift, self.channels)
+
+    # -- the simple path ------------------------------------------------------------------
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Enhance the next chunk [n, channels] (any n); returns float32 [m, channels]."""
+        self.put(x)
+        self._run_hops()
+        return self.take()
+
+    def count_out(self, n_in: int) -> int:
+        """Output frames that exist after ``n_in`` input frames (whatever the chunking)."""
+        shift = self.model.block_shift
+        if not self.resampling:
+            return n_in // shift * shift
+        n16 = self._down.count_out(n_in)
+        return self._up.count_out(n16 // shift * shift)
+
+    def end(self) -> int:
+        """Queue the silence that brings the output to ``samples_in + latency`` frames;
+        returns how many frames (at ``rate``) were added. Call once, at the end."""
+        owed = self.samples_in + self.latency
+        n_in, z = self.samples_in, 0
+        step = max(1, self.model.block_shift * self.rate // self.model.sample_rate)
+        while self.count_out(n_in + z) < owed:
+            z += step
+        while z > 0 and self.count_out(n_in + z - 1) >= owed:
+            z -= 1
+        if z:
+            before = self.samples_in
+            self.put(np.zeros((z, self.channels), np.float32))
+            self.samples_in = before  # padding is not input
+        return z
+
+    @property
+    def owed(self) -> int:
+        """Output frames still due before the stream is complete (after :meth:`end`)."""
+        return self.samples_in + self.latency - self.samples_out
+
+    def flush(self) -> np.ndarray:
+        """End the stream: returns the frames still owed so that the total output is
+        ``samples_in + latency``, then resets."""
+        owed = self.samples_in + self.latency - self.samples_out
+        self.end()
+        self._run_hops()
+        tail = self.take()[: max(owed, 0)]
+        self.reset()
+        return tail
+
+
+def aligned(y: np.ndarray, latency: int, n: int) -> np.ndarray:
+    """The time-aligned output of a stream: drop the first ``latency`` frames of the total
+    output ``y`` [frames, ...] and cut (or zero-pad) to the input's ``n`` frames."""
+    y = y[latency : latency + n]
+    if y.shape[0] < n:
+        pad = np.zeros((n - y.shape[0], *y.shape[1:]), y.dtype)
+        y = np.concatenate([y, pad])
+    return y
+
+
+def enhance_frames(
+    model: Model,
+    x: np.ndarray,
+    rate: int | None = None,
+    atten_lim: AttenLimit | str | float | None = None,
+    chunk: int = 16_000,
+    progress: Callable[[int], None] | None = None,
+    bypass: bool = False,
+) -> np.ndarray:
+    """Enhance a whole signal float32 [n, channels] at ``rate`` (default: the model's);
+    returns [n, channels], time-aligned. ``atten_lim`` None keeps the pack's default.
+    ``progress(frames_done)`` is called after every chunk."""
+    cs = ChannelStream(model, x.shape[1], rate)
+    cs.bypass = bypass
+    if atten_lim is not None:
+        cs.atten_lim = atten_lim
+    n = x.shape[0]
+    out = np.empty((n + cs.latency, x.shape[1]), np.float32)
+    filled = 0
+    for a in range(0, n, chunk):
+        y = cs.push(x[a : a + chunk])
+        out[filled : filled + y.shape[0]] = y
+        filled += y.shape[0]
+        if progress is not None:
+            progress(min(a + chunk, n))
+    tail = cs.flush()
+    out[filled : filled + tail.shape[0]] = tail
+    filled += tail.shape[0]
+    assert filled == n + cs.latency, (filled, n, cs.latency)
+    return out[cs.latency : cs.latency + n]
