@@ -60,6 +60,12 @@ RING_SECONDS = 2.0
 #: Python switches threads every 5 ms by default, so a worker holding the GIL could delay
 #: the callback by 5 ms; 0.5 ms keeps the callback on time (measured: AUDIO_TESTING.md).
 SWITCH_INTERVAL_S = 0.0005
+#: A running stream whose callback has not run for this long (or for
+#: :data:`DEAD_AFTER_BLOCKS` device blocks, whichever is longer) is dead: the sound
+#: server is gone or the device was removed. 0.5 s is 62 hops at 16 kHz: no scheduling
+#: hiccup a live stream survives lasts that long.
+DEAD_AFTER_S = 0.5
+DEAD_AFTER_BLOCKS = 4
 #: SCHED_FIFO priority asked for the worker: below JACK's client threads (5 with jackd's
 #: default -P 10) so the callback still preempts it, above every normal process so that
 #: background load cannot starve inference. Needs root, CAP_SYS_NICE or RLIMIT_RTPRIO.
@@ -315,6 +321,11 @@ class LiveRunner:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._old_switch: float | None = None
+        #: Worker passes completed (each drains the rings); tests wait on it.
+        self.passes = 0
+        # Liveness, as seen by the thread that calls :meth:`dead` (the CLI's main thread).
+        self._seen_callbacks = -1
+        self._seen_at = 0.0
 
     # -- audio thread ---------------------------------------------------------------------
     def callback(
@@ -442,20 +453,56 @@ class LiveRunner:
                     os.read(self._wake_r, 4096)
                 while self.step():
                     pass
+                self.passes += 1
         except Exception as e:  # reported by the main thread, which stops the stream
             self.error = f"{type(e).__name__}: {e}"
             self.failed.set()
 
     # -- controls (any thread) ----------------------------------------------------------------
+    def _control(self, what: str, value: Any) -> None:
+        """Queue a control for the worker; before :meth:`start` apply it at once, so the
+        settings read back (a banner, :meth:`stats`) are the ones in force."""
+        self._controls.put((what, value))
+        if self._thread is None:
+            self._apply_controls()
+
     def set_bypass(self, on: bool | None = None) -> None:
         """Bypass on/off (None toggles): the output becomes the input, same latency."""
-        self._controls.put(("bypass", on))
+        self._control("bypass", on)
 
     def set_atten_lim_db(self, db: float | None) -> None:
         """At most ``db`` dB of noise reduction (None or ``math.inf``: unlimited)."""
         if db is not None and db != math.inf and (not math.isfinite(db) or db < 0):
             raise UserInputError(f"attenuation limit must be a non-negative number of dB, got {db}")
-        self._controls.put(("atten", db))
+        self._control("atten", db)
+
+    # -- liveness ---------------------------------------------------------------------------
+    @property
+    def dead_after_s(self) -> float:
+        """How long without a callback makes a started stream dead (see :data:`DEAD_AFTER_S`)."""
+        block = self.plan.block_frames if self.plan else self._first_frames
+        return max(DEAD_AFTER_S, DEAD_AFTER_BLOCKS * block / self.device_rate)
+
+    def dead(self, active: bool = True, now: float | None = None) -> str | None:
+        """Why the running stream is dead, or None while it is alive.
+
+        Call it periodically from one thread once the stream has started: it notes when
+        the callback count last moved. ``active``: PortAudio's ``stream.active`` (False once
+        the host API stopped calling back, e.g. when the JACK server quit).
+        """
+        now = time.monotonic() if now is None else now
+        if not active:
+            return "the audio stream stopped (sound server gone or device removed)"
+        if self.callbacks != self._seen_callbacks:
+            self._seen_callbacks, self._seen_at = self.callbacks, now
+            return None
+        quiet = now - self._seen_at
+        if quiet >= self.dead_after_s:
+            return (
+                f"no audio callback for {quiet:.1f} s (sound server gone, device removed or "
+                "stream stalled)"
+            )
+        return None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -465,8 +512,9 @@ class LiveRunner:
         self._old_switch = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rtns-worker", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="rtns-worker", daemon=True)
+        self._thread = thread  # from here on controls go through the queue
+        thread.start()
 
     def stop(self) -> None:
         if self._thread is not None:

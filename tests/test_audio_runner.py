@@ -3,10 +3,13 @@ device resolution and the CLI's messages when PortAudio or devices are missing."
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ import numpy as np
 import pytest
 
 from rtns.audio import (
+    DEAD_AFTER_BLOCKS,
+    DEAD_AFTER_S,
     PORTAUDIO_MISSING,
     RESAMPLER_CUTOFF,
     LiveRunner,
@@ -285,24 +290,85 @@ def test_live_stream_starts_at_the_pack_default_limit(passthrough_pack: Path, tm
         assert runner.stats().atten_lim_db == pytest.approx(18.0)
 
 
-def test_worker_thread_keeps_up(passthrough_model: Model) -> None:
-    """The threaded worker, fed in real time at 48 kHz, leaves no gaps once primed."""
-    import time
+def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``condition()`` until it holds; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
 
-    with LiveRunner(passthrough_model, 48000) as runner:
+
+def test_worker_thread_keeps_up(passthrough_model: Model) -> None:
+    """The threaded worker wakes on each callback and produces what the next callback
+    needs: each callback is made once the output it will read is in the ring (a deadline,
+    not a fixed pace, so a loaded host slows the test but cannot fail it), and the output
+    is the input delayed by the reported latency."""
+    rate, block = 48000, 128
+    x = clicks(block * 375, every=rate // 5 + 3, first=rate // 10)  # 1 s
+    y = np.zeros_like(x)
+    with LiveRunner(passthrough_model, rate) as runner:
         runner.start()
-        block = 128
         inbuf = np.zeros((block, 1), dtype=np.float32)
         outbuf = np.zeros((block, 1), dtype=np.float32)
         runner.callback(inbuf, outbuf, block, None, None)
-        assert runner.primed.wait(5)
-        t0 = time.monotonic()
-        for j in range(375):  # 1 s
+        assert runner.primed.wait(10)
+        for j in range(x.shape[0] // block):
+            wait_until(lambda: runner.out_ring.readable() >= block, what=f"output for block {j}")
+            inbuf[:, 0] = x[j * block : (j + 1) * block]
             runner.callback(inbuf, outbuf, block, None, None)
-            time.sleep(max(0.0, t0 + (j + 1) * block / 48000 - time.monotonic()))
+            y[j * block : (j + 1) * block] = outbuf[:, 0]
         runner.stop()
         assert runner.underruns == 0
         assert runner.stats().hops >= 120
+        assert runner.passes > 0
+        d = runner.latency().in_process_s * rate
+    for c in np.flatnonzero(x):
+        if c + d + 2 < y.shape[0]:
+            assert abs(int(np.argmax(y[c : c + int(d) + 50])) - d) < 1.5, (c, d)
+
+
+def test_controls_before_start_are_in_force_at_once(passthrough_pack: Path, tmp_path) -> None:
+    """`rtns run --atten-lim off` on a pack with an 18 dB limit: the banner, printed before
+    the worker starts, read the pack's limit while the control sat in the queue."""
+    from test_engine import limited_copy
+
+    model = Model(limited_copy(passthrough_pack, tmp_path / "limited", 18.0))
+    with LiveRunner(model, 16000) as runner:
+        runner.set_atten_lim_db(math.inf)
+        runner.set_bypass(True)
+        assert runner.stats().atten_lim_db is None and runner.stream.atten_lim_db is None
+        assert runner.stats().bypass and runner.stream.bypass
+        runner.set_atten_lim_db(6.0)
+        assert runner.stats().atten_lim_db == pytest.approx(6.0)
+        runner.start()  # from here on controls go through the worker
+        runner.set_atten_lim_db(3.0)
+        wait_until(lambda: runner.stats().atten_lim_db == pytest.approx(3.0), what="the worker")
+        runner.stop()
+
+
+def test_dead_stream_is_detected(passthrough_model: Model) -> None:
+    """No callback for DEAD_AFTER_S (or DEAD_AFTER_BLOCKS blocks, if longer), or PortAudio
+    saying the stream is inactive, is a dead stream; callbacks keep it alive."""
+    buf = np.zeros((128, 1), dtype=np.float32)
+    with LiveRunner(passthrough_model, 16000) as runner:
+        runner.callback(buf, buf.copy(), 128, None, None)
+        assert runner.dead(now=100.0) is None
+        assert runner.dead(now=100.0 + DEAD_AFTER_S - 0.01) is None
+        runner.callback(buf, buf.copy(), 128, None, None)
+        assert runner.dead(now=100.4) is None  # it moved: the clock restarts
+        assert runner.dead(now=100.4 + DEAD_AFTER_S - 0.01) is None
+        why = runner.dead(now=100.4 + DEAD_AFTER_S)
+        assert why is not None and "no audio callback for 0.5 s" in why
+        assert "sound server gone" in (runner.dead(active=False, now=100.5) or "")
+    big = 4096  # 256 ms blocks: four of them
+    with LiveRunner(passthrough_model, 16000) as runner:
+        runner.callback(np.zeros((big, 1), np.float32), np.zeros((big, 1), np.float32), big, 0, 0)
+        runner.step()
+        assert runner.dead_after_s == pytest.approx(DEAD_AFTER_BLOCKS * big / 16000)
+        assert runner.dead(now=0.0) is None
+        assert runner.dead(now=1.0) is None
+        assert runner.dead(now=1.1) is not None
 
 
 def test_latency_needs_the_first_callback(passthrough_model: Model) -> None:
@@ -435,7 +501,7 @@ def test_rate_and_default_device_selection() -> None:
         _pick_rate(sd, 0, 4, DEVICES, None, 16000)
 
 
-def test_stdin_controls(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_stdin_controls(capsys: pytest.CaptureFixture) -> None:
     import io
     import threading
 
@@ -452,10 +518,260 @@ def test_stdin_controls(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
                 raise UserInputError("attenuation limit must be a non-negative number of dB")
             calls.append(("atten", db))
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("a 6\nb\nhelp\na -1\na\nq\nb\n"))
     stop = threading.Event()
-    _stdin_controls(Runner(), stop)
+    _stdin_controls(Runner(), stop, io.StringIO("a 6\nb\nhelp\na -1\na\nq\nb\n"))
     assert calls == [("atten", 6.0), ("bypass", None), ("atten", None)]
     assert stop.is_set()  # "q" quits; the "b" after it is not read
     err = capsys.readouterr().err
     assert "controls: b (bypass)" in err and "non-negative" in err
+
+
+# -- stdin only in the foreground ----------------------------------------------------------
+def test_stdin_controls_only_from_a_foreground_terminal() -> None:
+    import pty
+
+    from rtns.cli.live import stdin_controls_allowed
+
+    def no_tty(fd: int) -> int:
+        raise OSError(25, "Inappropriate ioctl for device")
+
+    tty = {"isatty": lambda fd: True, "getpgrp": lambda: 42}
+    assert stdin_controls_allowed(0, tcgetpgrp=lambda fd: 42, **tty)  # foreground
+    assert not stdin_controls_allowed(0, tcgetpgrp=lambda fd: 7, **tty)  # `rtns run ... &`
+    assert not stdin_controls_allowed(0, tcgetpgrp=no_tty, **tty)  # not our terminal
+    assert not stdin_controls_allowed(0, isatty=lambda fd: False)  # a pipe, /dev/null
+    r, w = os.pipe()
+    master, slave = pty.openpty()
+    try:
+        assert not stdin_controls_allowed(r)
+        # A terminal, but not this process's controlling terminal.
+        assert not stdin_controls_allowed(slave)
+    finally:
+        for fd in (r, w, master, slave):
+            os.close(fd)
+
+
+ALLOWED = "from rtns.cli.live import stdin_controls_allowed as a; print('allowed', a(0))"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs setsid(1) --ctty")
+@pytest.mark.parametrize(("job", "want"), [("", True), ("&", False)])
+def test_background_job_of_an_interactive_shell_leaves_the_terminal_alone(
+    job: str, want: bool
+) -> None:
+    """A shell with job control (sh -m, as an interactive one) on a terminal: a foreground
+    command may read it; a background job (`rtns run ... &`) must not, or SIGTTIN stops it."""
+    import pty
+    import shlex
+
+    master, slave = pty.openpty()
+    cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(ALLOWED)} {job} wait"
+    try:
+        r = subprocess.run(
+            ["setsid", "--ctty", "sh", "-mc", cmd],
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert f"allowed {want}" in r.stdout, (r.stdout, r.stderr)
+
+
+# -- rtns run's exits, with a scripted sounddevice ------------------------------------------
+STUB_SD = """
+import atexit, os, sys, threading, time
+
+import numpy as np
+
+MODE = os.environ["STUB_MODE"]  # ok | hang-stop | die
+
+
+class _Default:
+    device = [0, 0]
+
+
+default = _Default()
+
+
+def query_devices():
+    return [{"name": "stub", "hostapi": 0, "max_input_channels": 1,
+             "max_output_channels": 1, "default_samplerate": 16000.0}]
+
+
+def query_hostapis():
+    return ({"name": "Stub"},)
+
+
+def check_input_settings(**kw):
+    pass
+
+
+check_output_settings = check_input_settings
+
+
+def say(text):
+    sys.stderr.write(f"stub: {text} at {time.monotonic():.6f}\\n")
+    sys.stderr.flush()
+
+
+class Stream:
+    def __init__(self, callback, **kw):
+        self.cb, self.latency, self.active, self.go = callback, (0.0, 0.0), False, True
+
+    def start(self):
+        self.active = True
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        buf = np.zeros((128, 1), np.float32)
+        t0, n = time.monotonic(), 0
+        while self.go:
+            self.cb(buf, buf.copy(), 128, None, None)
+            n += 1
+            if MODE == "die" and n == 125:  # like JACK gone: no more callbacks
+                say("callbacks stopped")
+                return
+            time.sleep(max(0.0, t0 + n * 0.008 - time.monotonic()))
+
+    def stop(self):
+        if MODE != "ok":
+            say("stop called")
+            time.sleep(3600)  # like Pa_StopStream with the JACK server gone
+        self.go, self.active = False, False
+
+    abort = stop
+
+    def close(self):
+        if MODE != "ok":
+            time.sleep(3600)
+
+
+if MODE == "die":  # like PortAudio's exit handler with JACK gone (pa_jack.c assertion)
+    atexit.register(os.abort)
+"""
+
+
+class StubRun:
+    """``rtns run`` with a scripted sounddevice module, as a subprocess."""
+
+    def __init__(self, tmp_path: Path, pack: Path, mode: str) -> None:
+        import threading
+
+        (tmp_path / "sounddevice.py").write_text(STUB_SD)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+            "STUB_MODE": mode,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rtns", "run", "-m", str(pack), "-i", "0", "-o", "0", "-q"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+
+    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
+        with self.changed:
+            ok = self.changed.wait_for(
+                lambda: any(x.startswith(prefix) for x in self.lines) or self.proc.poll(),
+                timeout,
+            )
+        hits = [x for x in self.lines if x.startswith(prefix)]
+        assert ok and hits, f"no {prefix!r} line:\n" + "\n".join(self.lines)
+        return hits[0]
+
+    def exit_time(self, timeout: float = 10.0) -> tuple[int, float]:
+        """(exit status, time.monotonic() when it was seen to exit, within 10 ms)."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("rtns run did not exit:\n" + "\n".join(self.lines))
+            time.sleep(0.01)
+        t = time.monotonic()
+        self._reader.join(10)  # every line is in
+        return self.proc.returncode, t
+
+
+@pytest.fixture
+def stub_run(tmp_path: Path, passthrough_pack: Path):
+    runs: list[StubRun] = []
+
+    def start(mode: str) -> StubRun:
+        runs.append(StubRun(tmp_path, passthrough_pack, mode))
+        return runs[-1]
+
+    yield start
+    for r in runs:
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+def stub_time(line: str) -> float:
+    return float(line.rsplit(" at ", 1)[1])
+
+
+def test_run_exits_when_callbacks_stop(stub_run) -> None:
+    """Callbacks stop (stream.active stays True) and stop/close would block for an hour and
+    exit would abort: rtns leaves by itself within 2 s, status 1, one error line."""
+    run = stub_run("die")
+    stopped = stub_time(run.wait_for("stub: callbacks stopped"))
+    rc, t = run.exit_time()
+    assert rc == 1, run.lines
+    assert t - stopped < 2.0, t - stopped
+    run.wait_for("rtns: stopped after")
+    errors = [x for x in run.lines if "error" in x or "Traceback" in x or "Assert" in x]
+    assert len(errors) == 1 and errors[0].startswith("rtns: error: no audio callback for 0.5 s")
+
+
+def test_run_exits_when_stop_hangs(stub_run) -> None:
+    """Ctrl-C with a stream that never stops: the summary, one line, status 1, in ~1 s."""
+    run = stub_run("hang-stop")
+    run.wait_for("rtns: latency")
+    run.proc.send_signal(signal.SIGINT)
+    called = stub_time(run.wait_for("stub: stop called"))
+    rc, t = run.exit_time()
+    assert rc == 1, run.lines
+    assert t - called < 2.0
+    run.wait_for("rtns: stopped after")
+    line = run.wait_for("rtns: error:")
+    assert "did not stop within 1 s" in line
+
+
+def test_sigterm_while_stuck_stopping_exits_at_once(stub_run) -> None:
+    run = stub_run("hang-stop")
+    run.wait_for("rtns: latency")
+    run.proc.send_signal(signal.SIGINT)
+    called = stub_time(run.wait_for("stub: stop called"))
+    run.proc.send_signal(signal.SIGTERM)
+    rc, t = run.exit_time()
+    assert rc == 128 + signal.SIGTERM, run.lines
+    assert t - called < 1.0  # before the 1 s stop timeout
+    assert "SIGTERM while stopping" in run.wait_for("rtns: error:")
+
+
+def test_run_stops_cleanly(stub_run) -> None:
+    run = stub_run("ok")
+    run.wait_for("rtns: latency")
+    run.proc.send_signal(signal.SIGTERM)
+    rc, _ = run.exit_time()
+    assert rc == 0, run.lines
+    run.wait_for("rtns: stopped after")
+    assert not [x for x in run.lines if "error" in x]

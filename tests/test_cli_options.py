@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
+import soundfile as sf
+from cli_helpers import run_rtns
 
 from rtns.cli import build_parser, options
 
@@ -55,3 +58,130 @@ def test_same_options_same_spelling():
     b = p.parse_args(["run", "-m", "x", "--atten-lim-db", "6", "-q"])
     assert (a.model, a.threads, a.atten_lim, a.quiet) == ("x", 2, 6.0, True)
     assert (b.model, b.atten_lim, b.quiet) == ("x", 6.0, True)
+
+
+def test_bounds_agree_with_the_settings_models():
+    """The options' bounds are the settings models' bounds (one bound per quantity)."""
+    from rtns.config import EngineConfig
+    from rtns.server import ServerConfig
+
+    def bounds(model, name):
+        meta = model.model_fields[name].metadata
+        return (
+            next((m.ge for m in meta if hasattr(m, "ge")), None),
+            next((m.le for m in meta if hasattr(m, "le")), None),
+        )
+
+    assert bounds(EngineConfig, "threads") == (1, options.MAX_THREADS)
+    assert bounds(ServerConfig, "max_sessions") == (1, options.MAX_SESSIONS)
+    assert bounds(ServerConfig, "max_batch") == (1, options.MAX_BATCH)
+    assert bounds(ServerConfig, "max_message_bytes")[0] == options.MIN_MESSAGE_BYTES
+
+
+# Each case: arguments, and what the one error line must name. Before the bounds were in
+# the option types, the serve cases were pydantic tracebacks, --blocksize 100000 reached
+# PortAudio, and the stream endpoints were ZMQError tracebacks.
+OUT_OF_RANGE = [
+    (["serve", "--max-message-bytes", "100"], "--max-message-bytes: 100 is out of range 1024.."),
+    (["serve", "--max-batch", "2000"], "--max-batch: 2000 is out of range 1..1024"),
+    (["serve", "--max-sessions", "1000000000"], "--max-sessions: 1000000000 is out of range"),
+    (["serve", "--threads", "65"], "--threads: 65 is out of range 1..64"),
+    (["serve", "--idle-timeout", "1e300"], "--idle-timeout: 1e+300 must be more than 0"),
+    (["serve", "--stats-every", "-1"], "--stats-every: -1 is out of range 0..86400"),
+    (["serve", "--bind", "foo://x"], "--bind: 'foo://x' is not an endpoint"),
+    (["serve", "--bind", "tcp://127.0.0.1:0"], "the port must be 1..65535"),
+    (["run", "--blocksize", "100000"], "--blocksize: 100000 is out of range 0..4096"),
+    (["run", "--samplerate", "5"], "--samplerate: 5 is out of range 8000..384000"),
+    (["run", "--rt-priority", "1000"], "--rt-priority: 1000 is out of range 0..99"),
+    (["run", "--pa-latency", "-1"], "--pa-latency: use low, high or seconds"),
+    (["stream", "a.wav", "b.wav", "-e", "foo://x"], "'foo://x' is not an endpoint"),
+    (["stream", "a.wav", "b.wav", "-e", "tcp://127.0.0.1:99999"], "port must be 1..65535"),
+    (["stream", "a.wav", "b.wav", "-e", "tcp://*:5555"], "'*' is only for --bind"),
+    (["stream", "a.wav", "b.wav", "--timeout", "1e300"], "--timeout: 1e+300 must be more"),
+    (["stream", "a.wav", "b.wav", "--chunk", "0"], "--chunk: 0 is out of range 1..160000"),
+]
+
+
+@pytest.mark.parametrize("argv, says", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
+def test_out_of_range_options_are_one_line(argv, says, tmp_path):
+    r = run_rtns(*argv, cwd=tmp_path, timeout=60)
+    assert_one_line(r, 2, says, f"rtns {argv[0]}: error: argument")
+
+
+def assert_one_line(r, code: int, *fragments: str) -> str:
+    """Exit ``code``, no traceback, exactly one stderr line holding every fragment."""
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A CurveZMQ pair made by `rtns keys`, and a file that is no key."""
+    r = run_rtns("keys", str(tmp_path / "k"), "--name", "c", cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "bad.key").write_text("hello\n")
+    return tmp_path / "k" / "c.key", tmp_path / "k" / "c.key_secret", tmp_path / "bad.key"
+
+
+def test_stream_key_files_are_checked_first(keys, tmp_path):
+    public, secret, bad = keys
+    sf.write(tmp_path / "in.wav", np.zeros(1600, np.float32), 16000)
+
+    def stream(*extra):
+        return run_rtns("stream", "in.wav", "out.wav", "--timeout", "1", *extra, cwd=tmp_path)
+
+    assert_one_line(
+        stream("--server-key", "missing.key", "--client-key", str(secret)),
+        1,
+        "rtns: error: --server-key missing.key: no such key file",
+    )
+    assert_one_line(
+        stream("--server-key", str(bad), "--client-key", str(secret)),
+        1,
+        "--server-key",
+        "not a CurveZMQ key file",
+    )
+    assert_one_line(
+        stream("--server-key", str(public), "--client-key", str(public)),
+        1,
+        "--client-key",
+        "not a secret key file",
+    )
+    assert_one_line(stream("--server-key", str(public)), 1, "needs both --server-key")
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_serve_key_files_are_checked(keys, tmp_path):
+    public, secret, bad = keys
+    assert_one_line(
+        run_rtns(
+            "serve", "--curve-secret", str(public), "--allowed-clients", str(tmp_path), cwd=tmp_path
+        ),
+        1,
+        "--curve-secret",
+        "not a secret key file",
+    )
+    assert_one_line(
+        run_rtns("serve", "--curve-secret", str(secret), "--allowed-clients", "nope", cwd=tmp_path),
+        1,
+        "--allowed-clients nope: no such folder",
+    )
+
+
+def test_stream_refuses_more_channels_than_the_protocol_carries(tmp_path):
+    """Refused before connecting (no daemon is running here), naming the limit."""
+    from rtns.protocol import MAX_CHANNELS
+
+    sf.write(tmp_path / "in.wav", np.zeros((1600, MAX_CHANNELS + 1), np.float32), 16000)
+    line = assert_one_line(
+        run_rtns("stream", "in.wav", "out.wav", "--timeout", "1", cwd=tmp_path),
+        1,
+        f"{MAX_CHANNELS + 1} channels",
+        f"at most {MAX_CHANNELS}",
+    )
+    assert line.startswith("rtns: error: in.wav")

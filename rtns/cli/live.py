@@ -4,10 +4,13 @@ between a microphone and a speaker through a PortAudio duplex stream."""
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from rtns.cli import options
@@ -18,9 +21,24 @@ Runs the model between an input and an output device (mono, float32). Devices th
 run at 16 kHz are resampled in the process. Status goes to stderr once a second:
 RTF (worker compute time / audio time), under-runs (callbacks the worker was late for;
 the missing samples play as silence and the delay stays fixed), PortAudio's xrun flags,
-and the latency. Controls on stdin: `b` + Enter toggles bypass, `a DB` + Enter sets the
-attenuation limit (`a` alone: unlimited), `q` + Enter quits; SIGUSR1 toggles bypass;
-Ctrl-C stops and prints a summary."""
+and the latency. Controls on the terminal (read only when stdin is a terminal and rtns
+runs in its foreground, so `rtns run ... &` is never stopped for reading it): `b` + Enter
+toggles bypass, `a DB` + Enter sets the attenuation limit (`a` alone: unlimited), `q` +
+Enter quits; SIGUSR1 toggles bypass; Ctrl-C or SIGTERM stops and prints a summary (a
+second one while the stream is stopping exits at once).
+
+Exit status: 0 when stopped; 1 when the stream dies (no callback for 0.5 s or more, e.g.
+the sound server quit or the device was removed) or does not stop within 1 s. Then rtns
+prints the summary and one error line and leaves at once (os._exit), without PortAudio's
+cleanup, which blocks or aborts when the sound server is gone."""
+
+#: How long the main loop sleeps between checks of the stream (liveness, stop requests).
+POLL_S = 0.05
+#: How long PortAudio gets to start a stream, to stop and close a live one, and to abort a
+#: dead one, before rtns gives up on it.
+START_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 1.0
+ABORT_TIMEOUT_S = 0.3
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="list audio devices",
         description="List PortAudio devices: index, name, host API, channels, default rate.",
     )
+    options.one_line_errors(p)
     p.set_defaults(func=run_devices)
 
     p = sub.add_parser(
@@ -53,19 +72,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     options.add_atten_lim(p)
     p.add_argument(
         "--samplerate",
-        type=options.positive_int,
+        type=options.device_rate,
         metavar="HZ",
         help="device sample rate (default: 16000 if both devices support it, else the input's default rate)",
     )
     p.add_argument(
         "--blocksize",
-        type=options.non_negative_int,
+        type=options.block_frames,
         default=0,
         metavar="FRAMES",
-        help="frames per callback; 0 (default) lets the host API choose, which adds no buffering",
+        help=f"frames per callback, 0..{options.MAX_BLOCK_FRAMES}; 0 (default) lets the host "
+        "API choose, which adds no buffering",
     )
     p.add_argument(
         "--pa-latency",
+        type=options.latency_hint,
         default="low",
         metavar="L",
         help="PortAudio suggested latency: low, high or seconds (default: low)",
@@ -75,14 +96,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--rt-priority",
-        type=options.non_negative_int,
+        type=options.rt_priority,
         default=None,
         metavar="N",
-        help="SCHED_FIFO priority of the inference thread (default: 4, below JACK's client "
-        "threads; 0: normal scheduling)",
+        help=f"SCHED_FIFO priority of the inference thread, 0..{options.MAX_RT_PRIORITY} "
+        "(default: 4, below JACK's client threads; 0: normal scheduling)",
     )
     p.add_argument("--bypass", action="store_true", help="start in bypass")
     options.add_quiet(p, "no once-a-second status line")
+    options.one_line_errors(p)
     p.set_defaults(func=run_live)
 
 
@@ -148,15 +170,6 @@ def _pick_rate(
     )
 
 
-def _pa_latency(text: str) -> str | float:
-    if text in ("low", "high"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UserInputError(f"--pa-latency must be low, high or seconds, got {text!r}") from None
-
-
 def _status_line(stats: Any, prev: Any, lat_ms: float) -> str:
     """One status line; RTF over the interval since ``prev`` (an earlier snapshot)."""
     audio = stats.processed_s - prev.processed_s
@@ -180,9 +193,50 @@ def _summary(stats: Any, lat_ms: float) -> str:
     )
 
 
-def _stdin_controls(runner: Any, stop: threading.Event) -> None:
-    """Read control lines from stdin until EOF (runs on a daemon thread)."""
-    for line in sys.stdin:
+def stdin_controls_allowed(
+    fd: int,
+    isatty: Callable[[int], bool] = os.isatty,
+    tcgetpgrp: Callable[[int], int] = os.tcgetpgrp,
+    getpgrp: Callable[[], int] = os.getpgrp,
+) -> bool:
+    """May rtns read controls from ``fd`` now? Only when it is a terminal and this process
+    is in the terminal's foreground process group: a background job that reads its
+    terminal is stopped by SIGTTIN (`rtns run ... &` would freeze), and a pipe or
+    /dev/null is not a person typing."""
+    try:
+        return isatty(fd) and tcgetpgrp(fd) == getpgrp()
+    except OSError:  # not our controlling terminal, or it went away
+        return False
+
+
+def _terminal_lines(fd: int, stop: threading.Event) -> Iterator[str]:
+    """Lines typed on the terminal ``fd``, read only while rtns is in the foreground
+    (``fg``/``bg`` may move it at any time) and until ``stop`` or end of input."""
+    pending = b""
+    while not stop.is_set():
+        try:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+        except (OSError, ValueError):
+            return
+        if not ready or not stdin_controls_allowed(fd):
+            if ready:
+                stop.wait(0.2)  # input waits for the foreground; do not spin on it
+            continue
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode(errors="replace")
+
+
+def _stdin_controls(runner: Any, stop: threading.Event, lines: Iterable[str]) -> None:
+    """Apply control lines until they end or ``q`` (runs on a daemon thread)."""
+    for line in lines:
         cmd = line.strip().split()
         if not cmd:
             continue
@@ -211,6 +265,39 @@ def _stdin_controls(runner: Any, stop: threading.Event) -> None:
             print(f"rtns: {e}", file=sys.stderr, flush=True)
 
 
+def _bounded(fn: Callable[[], Any], timeout: float) -> bool:
+    """Run ``fn()`` on a daemon thread; True if it returned (or raised) within ``timeout`` s.
+
+    PortAudio calls can block for seconds or for ever when the sound server is gone (JACK:
+    ``Pa_StopStream``/``Pa_CloseStream``), and a thread blocked in C never runs Python
+    signal handlers; waiting here instead keeps the main thread responsive to signals.
+    """
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            fn()
+        except Exception:  # an error while stopping a stream changes nothing for the user
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="rtns-portaudio", daemon=True).start()
+    return done.wait(timeout)
+
+
+def _leave_now(lines: list[str], code: int) -> None:
+    """Write ``lines`` to stderr and exit at once (``os._exit``): no atexit handlers, so no
+    ``Pa_Terminate``, which blocks or aborts (pa_jack.c Terminate assertion) when the sound
+    server died under an open stream. Safe inside a signal handler."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    os.write(2, "".join(line + "\n" for line in lines).encode())
+    os._exit(code)
+
+
 def run_live(args: argparse.Namespace) -> int:
     from rtns.audio import LiveRunner, import_sounddevice
     from rtns.config import SAMPLE_RATE, EngineConfig
@@ -222,22 +309,32 @@ def run_live(args: argparse.Namespace) -> int:
         raise UserInputError("no audio devices found (no sound card, or no sound server running)")
     i = _pick_device(sd, args.input, devices, "input")
     o = _pick_device(sd, args.output, devices, "output")
-    if args.blocksize < 0:
-        raise UserInputError(f"--blocksize must be >= 0, got {args.blocksize}")
     # Devices first: their errors are cheaper to find than a pack's.
     rate = _pick_rate(sd, i, o, devices, args.samplerate, SAMPLE_RATE)
     model = Model(args.model, EngineConfig(threads=1))
     rt = {} if args.rt_priority is None else {"rt_priority": args.rt_priority}
     runner = LiveRunner(model, rate, **rt)
+    # Applied at once (the worker has not started), so the banner shows what is in force.
     if args.atten_lim is not None:  # else the pack's default
         runner.set_atten_lim_db(args.atten_lim)
     if args.bypass:
         runner.set_bypass(True)
 
     stop = threading.Event()
+    stopping = threading.Event()  # set once the stream is being stopped
+    lat_ms = [float("nan")]
     old_handlers = {}
 
     def on_term(signum: int, frame: Any) -> None:
+        if stopping.is_set():  # stuck stopping the stream: give up on it
+            name = signal.Signals(signum).name
+            _leave_now(
+                [
+                    _summary(runner.stats(), lat_ms[0]),
+                    f"rtns: error: {name} while stopping the audio stream; left without closing it",
+                ],
+                128 + signum,
+            )
         stop.set()
 
     def on_usr1(signum: int, frame: Any) -> None:
@@ -253,6 +350,11 @@ def run_live(args: argparse.Namespace) -> int:
     if hasattr(signal, "SIGUSR1"):
         old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
 
+    def restore() -> None:
+        runner.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+
     try:
         stream = sd.Stream(
             device=(i, o),
@@ -260,67 +362,105 @@ def run_live(args: argparse.Namespace) -> int:
             blocksize=args.blocksize,
             channels=(1, 1),
             dtype="float32",
-            latency=_pa_latency(args.pa_latency),
+            latency=args.pa_latency,
             callback=runner.callback,
         )
     except Exception as e:  # PortAudioError, ValueError
-        runner.close()
+        restore()
         raise RtnsError(
             f"cannot open the audio stream on devices {i} -> {o} at {rate} Hz: {e}"
         ) from None
 
     print(
         f"rtns: {model.name} from [{i}] {devices[i]['name']} to [{o}] {devices[o]['name']} "
-        f"at {rate} Hz, attenuation limit {options.limit_text(runner.stream.atten_lim_db)}",
+        f"at {rate} Hz, attenuation limit {options.limit_text(runner.stats().atten_lim_db)}",
         file=sys.stderr,
         flush=True,
     )
-    lat_ms = float("nan")
-    try:
-        runner.start()
-        stream.start()
-        if not runner.primed.wait(5.0):
-            raise RtnsError("the audio stream delivered no callback within 5 s")
-        lat = runner.latency(stream.latency)
-        lat_ms = lat.total_s * 1e3
-        print(f"rtns: {lat.describe()}", file=sys.stderr, flush=True)
-        print(
-            f"rtns: inference thread scheduling: {runner.worker_scheduling}",
-            file=sys.stderr,
-            flush=True,
+    failure, dead = _run_stream(args, stream, runner, stop, lat_ms)
+
+    stopping.set()
+    if dead:
+        # The host API stopped calling back: stopping or closing the stream may never
+        # return, and PortAudio's exit handler may abort. Try briefly, then leave.
+        _bounded(lambda: (stream.abort(), stream.close()), ABORT_TIMEOUT_S)
+        _leave_now([_summary(runner.stats(), lat_ms[0]), f"rtns: error: {failure}"], 1)
+    if not _bounded(lambda: (stream.stop(), stream.close()), STOP_TIMEOUT_S):
+        _leave_now(
+            [
+                _summary(runner.stats(), lat_ms[0]),
+                f"rtns: error: the audio stream did not stop within {STOP_TIMEOUT_S:g} s "
+                "(sound server gone?); left without closing it",
+            ],
+            1,
         )
-        threading.Thread(target=_stdin_controls, args=(runner, stop), daemon=True).start()
-        t_end = None if args.duration is None else time.monotonic() + args.duration
-        next_status = time.monotonic() + 1.0
-        prev = runner.stats()
-        while not stop.is_set():
-            now = time.monotonic()
-            wait = next_status - now
-            if t_end is not None:
-                wait = min(wait, t_end - now)
-            stop.wait(max(wait, 0.0))
-            if runner.failed.is_set():
-                raise RtnsError(f"inference failed: {runner.error}")
-            if not stream.active:
-                raise RtnsError("the audio stream stopped (device removed or sound server gone)")
-            now = time.monotonic()
-            if t_end is not None and now >= t_end:
-                break
-            if now >= next_status:
-                next_status += 1.0
-                if not args.quiet:
-                    stats = runner.stats()
-                    print(_status_line(stats, prev, lat_ms), file=sys.stderr, flush=True)
-                    prev = stats
-    except KeyboardInterrupt:
-        pass
-    finally:
-        try:
-            stream.stop()
-            stream.close()
-        finally:
-            runner.close()
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-    print(_summary(runner.stats(), lat_ms), file=sys.stderr, flush=True)
+    restore()
+    print(_summary(runner.stats(), lat_ms[0]), file=sys.stderr, flush=True)
+    if failure:
+        raise RtnsError(failure)
     return 0
+
+
+def _run_stream(
+    args: argparse.Namespace, stream: Any, runner: Any, stop: threading.Event, lat_ms: list
+) -> tuple[str | None, bool]:
+    """Start the stream and watch it until ``stop``, ``--duration`` or a failure.
+
+    Returns (why it failed or None, whether the stream is dead). Waits in slices of
+    :data:`POLL_S` so signals, a dead stream and the worker's failure are noticed at once.
+    """
+
+    def active() -> bool:
+        try:
+            return bool(stream.active)
+        except Exception:  # PortAudioError: the stream is unusable
+            return False
+
+    runner.start()
+    if not _bounded(stream.start, START_TIMEOUT_S):
+        return f"the audio stream did not start within {START_TIMEOUT_S:g} s", True
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not runner.primed.wait(POLL_S):
+        if runner.failed.is_set():
+            return f"inference failed: {runner.error}", False
+        if stop.is_set():
+            return None, False
+        if not active() or time.monotonic() > deadline:
+            return f"the audio stream delivered no callback within {START_TIMEOUT_S:g} s", True
+    lat = runner.latency(stream.latency)
+    lat_ms[0] = lat.total_s * 1e3
+    print(f"rtns: {lat.describe()}", file=sys.stderr, flush=True)
+    print(
+        f"rtns: inference thread scheduling: {runner.worker_scheduling}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):  # no stdin, or not a real file
+        fd = -1
+    if fd >= 0 and stdin_controls_allowed(fd):
+        lines = _terminal_lines(fd, stop)
+        threading.Thread(
+            target=_stdin_controls, args=(runner, stop, lines), name="rtns-controls", daemon=True
+        ).start()
+    t_end = None if args.duration is None else time.monotonic() + args.duration
+    next_status = time.monotonic() + 1.0
+    prev = runner.stats()
+    while not stop.is_set():
+        stop.wait(POLL_S)
+        if runner.failed.is_set():
+            return f"inference failed: {runner.error}", False
+        why = runner.dead(active())
+        if why:
+            return why, True
+        now = time.monotonic()
+        if t_end is not None and now >= t_end:
+            break
+        if now >= next_status:
+            next_status += 1.0
+            if not args.quiet:
+                stats = runner.stats()
+                print(_status_line(stats, prev, lat_ms[0]), file=sys.stderr, flush=True)
+                prev = stats
+    return None, False

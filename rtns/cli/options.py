@@ -6,8 +6,30 @@ from __future__ import annotations
 import argparse
 import math
 
+# Bounds of the numbers the commands take: one per quantity, used by every option of that
+# quantity. Those that settings models also check (rtns.config.EngineConfig,
+# rtns.server.ServerConfig) must equal theirs: tests/test_cli_options.py compares them.
 #: onnxruntime / torch thread counts above this are refused as a likely typo.
 MAX_THREADS = 64
+#: Concurrent daemon sessions.
+MAX_SESSIONS = 100_000
+#: ZMQ_MAXMSGSIZE of the daemon: at least one 1 KiB frame, at most 1 GiB.
+MIN_MESSAGE_BYTES = 1024
+MAX_MESSAGE_BYTES = 1 << 30
+#: Rows in one batched inference call of the daemon.
+MAX_BATCH = 1024
+#: Device frames per PortAudio callback (256 ms at 16 kHz; 0 lets the host API choose).
+MAX_BLOCK_FRAMES = 4096
+#: Device sample rates of `rtns run`.
+MIN_DEVICE_RATE = 8_000
+MAX_DEVICE_RATE = 384_000
+#: SCHED_FIFO priorities on Linux are 1..99 (0: normal scheduling).
+MAX_RT_PRIORITY = 99
+#: Timeouts and intervals: ZeroMQ polls take whole milliseconds as a C int (24.8 days);
+#: a day is far beyond any useful wait.
+MAX_WAIT_S = 86_400.0
+#: Samples per `rtns stream` message (10 s at 16 kHz).
+MAX_CHUNK = 160_000
 
 
 def _number(text: str, kind: type[int] | type[float]) -> int | float:
@@ -42,11 +64,44 @@ non_negative_float = _at_least(
 )
 
 
-def thread_count(text: str) -> int:
-    v = positive_int(text)
-    if v > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"{v} is out of range 1..{MAX_THREADS}")
-    return v
+def between(kind: type[int] | type[float], low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a finite ``kind`` in ``low..high`` (``low`` itself excluded when
+    ``low_open``); out of range: "V is out of range LOW..HIGH"."""
+
+    def parse(text: str):
+        v = kind(_number(text, kind))
+        if v < low or v > high or (low_open and v == low):
+            shown, lo, hi = (f"{b:g}" if kind is float else str(int(b)) for b in (v, low, high))
+            if low_open:
+                raise argparse.ArgumentTypeError(f"{shown} must be more than {lo} and at most {hi}")
+            raise argparse.ArgumentTypeError(f"{shown} is out of range {lo}..{hi}")
+        return v
+
+    return parse
+
+
+thread_count = between(int, 1, MAX_THREADS)
+session_count = between(int, 1, MAX_SESSIONS)
+message_bytes = between(int, MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
+batch_rows = between(int, 1, MAX_BATCH)
+block_frames = between(int, 0, MAX_BLOCK_FRAMES)
+device_rate = between(int, MIN_DEVICE_RATE, MAX_DEVICE_RATE)
+rt_priority = between(int, 0, MAX_RT_PRIORITY)
+chunk_samples = between(int, 1, MAX_CHUNK)
+#: A timeout or an interval in seconds (> 0).
+wait_seconds = between(float, 0.0, MAX_WAIT_S, low_open=True)
+#: An interval in seconds where 0 means never.
+interval_seconds = between(float, 0.0, MAX_WAIT_S)
+
+
+def latency_hint(text: str) -> str | float:
+    """PortAudio's suggested latency: ``low``, ``high`` or seconds (0 < s <= 10)."""
+    if text.strip().lower() in ("low", "high"):
+        return text.strip().lower()
+    try:
+        return between(float, 0.0, 10.0, low_open=True)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"use low, high or seconds: {e}") from None
 
 
 def atten_limit(text: str) -> float:
@@ -59,6 +114,17 @@ def atten_limit(text: str) -> float:
 def limit_text(db: float | None) -> str:
     """An attenuation limit for people: '18 dB' or 'off' (None or inf)."""
     return "off" if db is None or math.isinf(db) else f"{db:g} dB"
+
+
+def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``p`` report a bad argument as one line on stderr (``PROG: error: MESSAGE (see
+    PROG --help)``, exit status 2) instead of argparse's usage block and the error."""
+
+    def error(message: str):
+        p.exit(2, f"{p.prog}: error: {message} (see `{p.prog} --help`)\n")
+
+    p.error = error  # type: ignore[method-assign]
+    return p
 
 
 def add_model(p: argparse.ArgumentParser) -> None:

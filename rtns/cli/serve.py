@@ -28,7 +28,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             "flushes every open session and exits."
         ),
     )
-    p.add_argument("--bind", default=DEFAULT_ENDPOINT, help=f"endpoint ({DEFAULT_ENDPOINT})")
+    p.add_argument(
+        "--bind",
+        type=bind_endpoint,
+        default=DEFAULT_ENDPOINT,
+        help=f"endpoint: tcp://HOST:PORT, ipc://PATH ({DEFAULT_ENDPOINT})",
+    )
     p.add_argument(
         "--model",
         "-m",
@@ -36,10 +41,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="PACK",
         help="pack name or folder; repeat to serve several (the first is the default)",
     )
-    p.add_argument("--max-sessions", type=options.positive_int, default=256, metavar="N")
+    p.add_argument(
+        "--max-sessions",
+        type=options.session_count,
+        default=256,
+        metavar="N",
+        help=f"1..{options.MAX_SESSIONS} (256)",
+    )
     p.add_argument(
         "--idle-timeout",
-        type=options.positive_float,
+        type=options.wait_seconds,
         default=30.0,
         metavar="S",
         help="seconds (30)",
@@ -53,20 +64,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-message-bytes",
-        type=options.positive_int,
+        type=options.message_bytes,
         default=262_144,
         metavar="B",
-        help="ZMQ_MAXMSGSIZE: larger frames drop the connection (262144)",
+        help=f"ZMQ_MAXMSGSIZE: larger frames drop the connection; "
+        f"{options.MIN_MESSAGE_BYTES}..{options.MAX_MESSAGE_BYTES} (262144)",
     )
     p.add_argument(
         "--no-batch", action="store_true", help="one inference per session and hop (comparison)"
     )
     p.add_argument(
         "--max-batch",
-        type=options.positive_int,
+        type=options.batch_rows,
         default=64,
         metavar="N",
-        help="most rows per inference call; the start-up probe checks every size up to it (64)",
+        help="most rows per inference call; the start-up probe checks every size up to it "
+        f"(1..{options.MAX_BATCH}; 64)",
     )
     options.add_threads(p)
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key (NAME.key_secret)")
@@ -81,13 +94,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--stats-every",
-        type=options.non_negative_float,
+        type=options.interval_seconds,
         default=60.0,
         metavar="S",
         help="log a stats line every S seconds (60; 0: never)",
     )
     p.add_argument("--log-format", choices=("json", "kv"), default="json")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    options.one_line_errors(p)
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser(
@@ -101,21 +115,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
-    p.add_argument("--endpoint", "-e", default=DEFAULT_ENDPOINT)
+    p.add_argument(
+        "--endpoint",
+        "-e",
+        type=connect_endpoint,
+        default=DEFAULT_ENDPOINT,
+        help=f"the daemon: tcp://HOST:PORT or ipc://PATH ({DEFAULT_ENDPOINT})",
+    )
     p.add_argument("--model", "-m", metavar="NAME", help="model name on the server")
     p.add_argument("--fast", action="store_true", help="as fast as the server allows")
     p.add_argument(
         "--chunk",
-        type=options.positive_int,
+        type=options.chunk_samples,
         default=320,
         metavar="N",
-        help="samples per message at 16 kHz",
+        help=f"samples per message at 16 kHz (1..{options.MAX_CHUNK}; 320)",
     )
     options.add_atten_lim(p)
-    p.add_argument("--timeout", type=options.positive_float, default=10.0, metavar="S")
+    p.add_argument(
+        "--timeout",
+        type=options.wait_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for each answer (10)",
+    )
     p.add_argument("--server-key", metavar="FILE", help="server public key (enables CURVE)")
     p.add_argument("--client-key", metavar="FILE", help="this client's secret key")
     options.add_quiet(p, "no summary")
+    options.one_line_errors(p)
     p.set_defaults(func=run_stream)
 
     p = sub.add_parser(
@@ -128,7 +155,56 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--name", default="rtns", help="file name stem (rtns)")
+    options.one_line_errors(p)
     p.set_defaults(func=run_keys)
+
+
+_ENDPOINT_HELP = "use tcp://HOST:PORT or ipc://PATH"
+
+
+def _endpoint(text: str, *, bind: bool) -> str:
+    """A ZeroMQ endpoint rtns can use: tcp://HOST:PORT (PORT 1..65535; ``*`` for either
+    part when binding), ipc://PATH or inproc://NAME."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint; {_ENDPOINT_HELP}")
+    if not rest:
+        raise argparse.ArgumentTypeError(f"{text!r} has no address; {_ENDPOINT_HELP}")
+    if scheme != "tcp":
+        return text
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} has no port; {_ENDPOINT_HELP}")
+    if host == "*" and not bind:
+        raise argparse.ArgumentTypeError(f"{text!r}: '*' is only for --bind; give the host")
+    if port == "*" and bind:
+        return text
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1..65535")
+    return text
+
+
+def bind_endpoint(text: str) -> str:
+    return _endpoint(text, bind=True)
+
+
+def connect_endpoint(text: str) -> str:
+    return _endpoint(text, bind=False)
+
+
+def _key_file(path: str, option: str, *, secret: bool) -> None:
+    """Refuse a missing or malformed CurveZMQ certificate file with one line."""
+    import zmq.auth
+
+    if not Path(path).is_file():
+        raise UserInputError(f"{option} {path}: no such key file (make one with `rtns keys DIR`)")
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{option} {path}: not a CurveZMQ key file ({e})") from None
+    if public is None or (secret and secret_key is None):
+        what = "secret key file (NAME.key_secret)" if secret else "public key file"
+        raise UserInputError(f"{option} {path}: not a {what}")
 
 
 def setup_logging(fmt: str = "json", level: str = "info") -> None:
@@ -162,29 +238,37 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.curve_secret or args.allowed_clients:
         if not (args.curve_secret and args.allowed_clients):
             raise UserInputError("CURVE needs both --curve-secret and --allowed-clients")
+        _key_file(args.curve_secret, "--curve-secret", secret=True)
+        if not Path(args.allowed_clients).is_dir():
+            raise UserInputError(f"--allowed-clients {args.allowed_clients}: no such folder")
         curve = CurveConfig(
             server_secret=Path(args.curve_secret), allowed_clients=Path(args.allowed_clients)
         )
-        if not curve.server_secret.is_file():
-            raise UserInputError(f"{curve.server_secret}: no such key file")
     elif args.require_curve:
         raise UserInputError("--require-curve: pass --curve-secret and --allowed-clients")
-    from rtns.config import EngineConfig
+    from pydantic import ValidationError
 
-    config = ServerConfig(
-        bind=args.bind,
-        models=args.model or ["rtns-dtln"],
-        max_sessions=args.max_sessions,
-        idle_timeout=args.idle_timeout,
-        queue_limit=max(128, round(args.queue_seconds * 16_000)),
-        max_message_bytes=args.max_message_bytes,
-        batch=not args.no_batch,
-        max_batch=args.max_batch,
-        stats_every=args.stats_every,
-        curve=curve,
-        engine=EngineConfig(threads=args.threads),
-    )
-    server = Server(config)
+    from rtns.config import EngineConfig
+    from rtns.errors import first_validation_error
+
+    try:
+        config = ServerConfig(
+            bind=args.bind,
+            models=args.model or ["rtns-dtln"],
+            max_sessions=args.max_sessions,
+            idle_timeout=args.idle_timeout,
+            queue_limit=max(128, round(args.queue_seconds * 16_000)),
+            max_message_bytes=args.max_message_bytes,
+            batch=not args.no_batch,
+            max_batch=args.max_batch,
+            stats_every=args.stats_every,
+            curve=curve,
+            engine=EngineConfig(threads=args.threads),
+        )
+    except ValidationError as e:  # the options' types should have refused it already
+        where, msg = first_validation_error(e)
+        raise UserInputError(f"rtns serve: {where}: {msg}") from None
+    server = _start(lambda: Server(config), args.bind)
 
     def on_signal(signum: int, _frame: object) -> None:
         server.stop()
@@ -195,38 +279,58 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_stream(args: argparse.Namespace) -> int:
-    import numpy as np
+def _start(make, endpoint: str):
+    """``make()``, with ZeroMQ's errors (address in use, bad interface) as one line."""
+    import zmq
 
+    try:
+        return make()
+    except zmq.ZMQError as e:
+        raise UserInputError(f"{endpoint}: {e}") from None
+
+
+def run_stream(args: argparse.Namespace) -> int:
     from rtns import audio_io
     from rtns.client import Client
+    from rtns.protocol import MAX_CHANNELS
 
     t0 = time.perf_counter()
-    out_path = audio_io.check_output_path(args.output)
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            raise UserInputError("CURVE needs both --server-key and --client-key")
+        _key_file(args.server_key, "--server-key", secret=False)
+        _key_file(args.client_key, "--client-key", secret=True)
+    audio_io.output_format(args.output)
     audio = audio_io.read_audio(args.input)
-    sr = 16_000
-    # Resample exactly as `rtns enhance` does (whole file, soxr HQ), so the samples match.
-    x = np.ascontiguousarray(audio_io.resample(audio.samples, audio.sample_rate, sr))
-    with Client(
+    if audio.channels > MAX_CHANNELS:
+        raise UserInputError(
+            f"{args.input}: {audio.channels} channels; the daemon's protocol carries at most "
+            f"{MAX_CHANNELS} (split the file, or use `rtns enhance`)"
+        )
+    plan = audio_io.plan_output(args.output, audio.channels, audio.sample_rate, audio.subtype)
+    # The session resamples and splits bands exactly as `rtns enhance` does (one
+    # ChannelStream), so the file goes at its own rate and the samples match.
+    x = audio.samples
+    client = _start(
+        lambda: Client(
+            args.endpoint,
+            timeout=args.timeout,
+            server_key=args.server_key,
+            client_key=args.client_key,
+        ),
         args.endpoint,
-        timeout=args.timeout,
-        server_key=args.server_key,
-        client_key=args.client_key,
-    ) as client:
+    )
+    with client:
         y = client.enhance(
             x,
-            sr,
-            chunk=args.chunk,
+            audio.sample_rate,
+            chunk=max(1, args.chunk * audio.sample_rate // 16_000),
             realtime=not args.fast,
             model=args.model,
             atten_lim_db=args.atten_lim,
         )
         model = client.ready.model if client.ready else "?"
-    y = audio_io.resample(y, sr, audio.sample_rate, frames_out=audio.frames)
-    fmt = audio_io.output_format(out_path)
-    report = audio_io.write_audio(
-        out_path, y, audio.sample_rate, audio_io.output_subtype(audio.subtype, fmt)
-    )
+    report = audio_io.write_audio(plan, y)
     if report.clipped:
         print(
             f"rtns: warning: {report.clipped} output samples exceeded full scale and were "
@@ -236,7 +340,7 @@ def run_stream(args: argparse.Namespace) -> int:
     if not args.quiet:
         took = time.perf_counter() - t0
         print(
-            f"rtns: {out_path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
+            f"rtns: {plan.path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
             f"{audio.channels} ch, model {model} via {args.endpoint}, {took:.2f} s",
             file=sys.stderr,
         )
