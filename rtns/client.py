@@ -9,7 +9,6 @@ input's length, like :func:`rtns.engine.enhance_array`.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from rtns import protocol as P
+from rtns.atten import AttenLimit
 from rtns.errors import RtnsError
+from rtns.streams import aligned
 
 
 class ServerError(RtnsError):
@@ -99,7 +100,7 @@ class Client:
         format: str = "f32le",
         channels: int = 1,
         model: str | None = None,
-        atten_lim_db: float | None = None,
+        atten_lim_db: AttenLimit | str | float | None = None,
     ) -> P.Ready:
         """Open a session; raises ServerError on refusal, NoReply when nobody answers."""
         hello = P.Hello(
@@ -108,7 +109,7 @@ class Client:
             format=format,  # type: ignore[arg-type]
             channels=channels,
             model=model,
-            atten_lim_db="off" if atten_lim_db == math.inf else atten_lim_db,
+            atten_lim_db=None if atten_lim_db is None else AttenLimit.parse(atten_lim_db).wire(),
         )
         self.sock.send(P.encode(hello))
         try:
@@ -246,7 +247,5 @@ class Client:
             handle(msg, pcm)
         outs.append(tail)
         y = np.concatenate(outs) if outs else np.zeros((0, xs.shape[1]), np.float32)
-        y = y[ready.latency : ready.latency + xs.shape[0]]
-        if y.shape[0] < xs.shape[0]:
-            y = np.concatenate([y, np.zeros((xs.shape[0] - y.shape[0], xs.shape[1]), np.float32)])
+        y = aligned(y, ready.latency, xs.shape[0])
         return y[:, 0] if mono else y

@@ -26,7 +26,6 @@ import collections
 import ipaddress
 import json
 import logging
-import math
 import secrets
 import threading
 import time
@@ -38,13 +37,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rtns import protocol as P
+from rtns.atten import AttenLimit
 from rtns.config import EngineConfig
-from rtns.engine import Model, State, Stream
+from rtns.engine import Model, State
 from rtns.errors import UserInputError
+from rtns.streams import ChannelStream
 
 log = logging.getLogger("rtns.server")
-
-SAMPLE_RATE_16K = 16_000
 
 
 class CurveConfig(BaseModel):
@@ -148,55 +147,49 @@ class _Served:
 
 @dataclass
 class Session:
-    """One client stream (all of its channels)."""
+    """One client stream (all of its channels) around one :class:`ChannelStream`."""
 
     sid: str
     ident: bytes
     served: _Served
-    rate: int
     fmt: str
-    channels: int
-    streams: list[Stream]
-    latency: int  # at the session's rate
-    in_rs: Any = None  # soxr.ResampleStream client rate -> 16 kHz, or None
-    out_rs: Any = None  # soxr.ResampleStream 16 kHz -> client rate, or None
-    #: Input waiting to be fed: float32 [n, channels] at 16 kHz, and its total frames.
-    backlog: collections.deque = field(default_factory=collections.deque)
-    queued: int = 0
-    #: Accepted audio messages not yet answered: [seq, frames of it still in backlog].
+    cs: ChannelStream
+    #: Accepted audio messages not yet answered: (seq, 16 kHz frames queued up to its end).
     unanswered: collections.deque = field(default_factory=collections.deque)
-    #: Output produced but not yet sent: float32 [n, channels] at 16 kHz.
-    out: list = field(default_factory=list)
-    next_seq: int = 0
+    #: 16 kHz frames queued over the session (input plus end-of-stream padding).
+    queued_total: int = 0
     last_seen: float = 0.0
-    produced_16k: int = 0
-    owed_16k: int | None = None  # set when closing: total 16 kHz output to deliver
     closing: str | None = None
-    samples_in: int = 0  # client rate
-    samples_out: int = 0  # client rate
     overruns: int = 0
+    next_seq: int = 0
+    #: Frames sent back (client rate).
+    sent: int = 0
 
-    def ready_hop(self, shift: int) -> bool:
-        """Feed queued input until a hop is complete; True if one is."""
-        st0 = self.streams[0]
-        while st0.pending < shift and self.backlog:
-            front = self.backlog[0]
-            take = min(shift - st0.pending, front.shape[0])
-            for c, st in enumerate(self.streams):
-                st.feed(front[:take, c])
-            self.queued -= take
-            if take == front.shape[0]:
-                self.backlog.popleft()
-            else:
-                self.backlog[0] = front[take:]
-            left = take
-            for entry in self.unanswered:
-                if left == 0:
-                    break
-                used = min(entry[1], left)
-                entry[1] -= used
-                left -= used
-        return st0.pending >= shift
+    @property
+    def owed(self) -> int:
+        """Frames still to send for a complete stream: input + latency - sent."""
+        return self.cs.samples_in + self.cs.latency - self.sent
+
+    @property
+    def channels(self) -> int:
+        return self.cs.channels
+
+    @property
+    def rate(self) -> int:
+        return self.cs.rate
+
+    @property
+    def latency(self) -> int:
+        return self.cs.latency
+
+    @property
+    def queued(self) -> int:
+        return self.cs.queued
+
+    @property
+    def fed(self) -> int:
+        """16 kHz frames handed to the engine streams so far."""
+        return self.queued_total - self.cs.queued
 
 
 class Server:
@@ -223,8 +216,6 @@ class Server:
             model = Model(spec, config.engine)
             if model.name in self.models:
                 raise UserInputError(f"two --model packs are both named {model.name!r}")
-            if model.sample_rate != SAMPLE_RATE_16K:
-                raise UserInputError(f"{spec}: the server runs 16 kHz packs only")
             if not config.batch:
                 served = _Served(model, False, "--no-batch")
             elif not config.probe:
@@ -435,30 +426,17 @@ class Server:
                 "server_full", f"the server is at its limit of {self.config.max_sessions} sessions"
             )
         model = served.model
-        streams = [model.stream() for _ in range(msg.channels)]
+        cs = ChannelStream(model, msg.channels, msg.sample_rate)
         if msg.atten_lim_db is not None:  # None: the pack's default
-            for st in streams:
-                st.atten_lim_db = None if msg.atten_lim_db == "off" else msg.atten_lim_db
+            cs.atten_lim = AttenLimit.parse(msg.atten_lim_db)
         sess = Session(
             sid=secrets.token_hex(6),
             ident=ident,
             served=served,
-            rate=msg.sample_rate,
             fmt=msg.format,
-            channels=msg.channels,
-            streams=streams,
-            latency=round(model.latency * msg.sample_rate / SAMPLE_RATE_16K),
+            cs=cs,
             last_seen=time.monotonic(),
         )
-        if msg.sample_rate != SAMPLE_RATE_16K:
-            import soxr
-
-            sess.in_rs = soxr.ResampleStream(
-                msg.sample_rate, SAMPLE_RATE_16K, msg.channels, dtype="float32"
-            )
-            sess.out_rs = soxr.ResampleStream(
-                SAMPLE_RATE_16K, msg.sample_rate, msg.channels, dtype="float32"
-            )
         self.sessions[ident] = sess
         self.counters["sessions_opened"] += 1
         _log(
@@ -475,7 +453,7 @@ class Server:
             P.Ready(
                 session=sess.sid,
                 model=name,
-                latency=sess.latency,
+                latency=cs.latency,
                 latency_16k=model.latency,
                 block_shift=model.block_shift,
                 sample_rate=msg.sample_rate,
@@ -484,7 +462,7 @@ class Server:
                 max_message_bytes=self.config.max_message_bytes,
                 queue_limit=self.config.queue_limit,
                 idle_timeout=self.config.idle_timeout,
-                atten_lim_db=streams[0].atten_lim_db,
+                atten_lim_db=cs.atten_lim.optional(),
             ),
         )
 
@@ -508,9 +486,8 @@ class Server:
         except P.ProtocolError as e:
             e.seq = seq
             raise
-        n16 = x.shape[0]
-        if sess.in_rs is not None:
-            n16 = math.ceil(x.shape[0] * SAMPLE_RATE_16K / sess.rate) + 1  # upper bound
+        # An upper bound of the 16 kHz frames this message adds (resampling rounds).
+        n16 = -(-x.shape[0] * sess.cs.model.sample_rate // sess.rate) + 1
         if sess.queued + n16 > self.config.queue_limit:
             sess.overruns += 1
             self.counters["overruns"] += 1
@@ -520,55 +497,42 @@ class Server:
                 f"{seq} after an answer arrives",
                 seq,
             )
-        if sess.in_rs is not None:
-            x = sess.in_rs.resample_chunk(x)
+        try:
+            added = sess.cs.put(x)
+        except ValueError as e:  # NaN / Inf in float PCM (decode_pcm checks first)
+            raise P.ProtocolError("bad_samples", str(e), seq) from None
         sess.next_seq = seq + 1
-        sess.samples_in += len(payload) // (P.FORMATS[sess.fmt].itemsize * sess.channels)
         self.counters["audio_messages"] += 1
-        if x.shape[0]:
-            sess.backlog.append(x)
-            sess.queued += x.shape[0]
-        sess.unanswered.append([seq, x.shape[0]])
+        sess.queued_total += added
+        sess.unanswered.append((seq, sess.queued_total))
 
     # -- closing --------------------------------------------------------------------------
     def _begin_close(self, sess: Session, reason: str) -> None:
-        """Queue the zeros that push the last ``latency`` samples out; mark as closing."""
-        if sess.in_rs is not None:
-            tail = sess.in_rs.resample_chunk(np.zeros((0, sess.channels), np.float32), last=True)
-            if tail.shape[0]:
-                sess.backlog.append(tail)
-                sess.queued += tail.shape[0]
-        model = sess.served.model
-        total_in = sess.produced_16k + sess.streams[0].pending + sess.queued
-        sess.owed_16k = total_in + model.latency
-        hops = -(-sess.owed_16k // model.block_shift)
-        zeros = hops * model.block_shift - total_in
-        if zeros:
-            sess.backlog.append(np.zeros((zeros, sess.channels), np.float32))
-            sess.queued += zeros
+        """Queue the silence that pushes the last ``latency`` samples out; mark as closing."""
+        fed = sess.fed
+        sess.cs.end()
+        sess.queued_total = fed + sess.cs.queued
         sess.closing = reason
 
     def _end(self, sess: Session, reason: str, send: bool = True) -> None:
         """Send the tail and ``closed``; forget the session."""
         self.sessions.pop(sess.ident, None)
         self.counters[f"closed_{reason}"] += 1
+        cs = sess.cs
         tail = np.zeros((0, sess.channels), np.float32)
-        if reason in ("close", "shutdown") and sess.owed_16k is not None:
-            y16 = _cat(sess.out, sess.channels)
-            keep = sess.owed_16k - (sess.produced_16k - y16.shape[0])
-            tail = self._to_client(sess, y16[: max(keep, 0)], last=True)
-            want = sess.samples_in + sess.latency - sess.samples_out
-            if tail.shape[0] < want:
-                pad = np.zeros((want - tail.shape[0], sess.channels), np.float32)
+        if reason in ("close", "shutdown") and sess.closing is not None:
+            owed = sess.owed
+            tail = cs.take()[: max(owed, 0)]
+            if tail.shape[0] < owed:  # only when the shutdown deadline cut processing short
+                pad = np.zeros((owed - tail.shape[0], sess.channels), np.float32)
                 tail = np.concatenate([tail, pad])
-            tail = tail[: max(want, 0)]
-            sess.samples_out += tail.shape[0]
+            sess.sent += tail.shape[0]
         _log(
             "close",
             session=sess.sid,
             reason=reason,
-            samples_in=sess.samples_in,
-            samples_out=sess.samples_out,
+            samples_in=cs.samples_in,
+            samples_out=sess.sent,
             overruns=sess.overruns,
             sessions=len(self.sessions),
         )
@@ -581,8 +545,8 @@ class Server:
                             session=sess.sid,
                             reason=reason,  # type: ignore[arg-type]
                             samples=tail.shape[0],
-                            samples_in=sess.samples_in,
-                            samples_out=sess.samples_out,
+                            samples_in=cs.samples_in,
+                            samples_out=sess.sent,
                         )
                     ),
                     P.encode_pcm(tail, sess.fmt),
@@ -601,10 +565,11 @@ class Server:
         """Run rounds of batched hops, then answer every message that is complete."""
         active = [s for s in self.sessions.values() if s.queued or s.unanswered or s.closing]
         for _ in range(self.config.hops_per_tick):
-            groups: dict[str, list[Session]] = {}
+            groups: dict[str, list[tuple[Session, list[np.ndarray]]]] = {}
             for s in active:
-                if s.ready_hop(s.served.model.block_shift):
-                    groups.setdefault(s.served.model.name, []).append(s)
+                blocks = s.cs.next_hop()
+                if blocks is not None:
+                    groups.setdefault(s.served.model.name, []).append((s, blocks))
             if not groups:
                 break
             t0 = time.perf_counter()
@@ -614,9 +579,10 @@ class Server:
                     rows += self._run_group(self.models[name], group)
                 except Exception:  # a bug must cost these sessions, never the daemon
                     log.exception("inference failed", extra={"fields": {"model": name}})
-                    for g in group:
+                    failed = [g for g, _ in group]
+                    for g in failed:
                         self._fail(g)
-                    active = [a for a in active if a not in group]
+                    active = [a for a in active if a not in failed]
             self.infer_ms.append((time.perf_counter() - t0) * 1e3)
             self.rows_per_tick.append(rows)
             self.counters["ticks"] += 1
@@ -634,45 +600,46 @@ class Server:
         msg = "the server failed processing this session; it has been ended"
         self._send(s.ident, P.Error(code="internal", message=msg, fatal=True))
 
-    def _run_group(self, served: _Served, group: list[Session]) -> int:
+    def _run_group(self, served: _Served, group: list[tuple[Session, list[np.ndarray]]]) -> int:
+        """One hop of every channel of every session in ``group`` (session, its blocks)."""
         model = served.model
-        streams = [st for s in group for st in s.streams]
-        blocks = np.stack([st.take_hop() for st in streams])  # type: ignore[misc]
+        streams = [st for s, _ in group for st in s.cs.streams]
+        blocks = np.stack([b for _, bl in group for b in bl])
+        outs = np.empty_like(blocks)
+        states: list[State] = []
         if served.batched:
-            outs = []
             step = self.config.max_batch
             for a in range(0, len(streams), step):
                 part = streams[a : a + step]
                 state = {k: np.concatenate([st.state[k] for st in part]) for k in part[0].state}
                 y, new = model.infer(blocks[a : a + step], state)
                 self.counters["infer_calls"] += 1
-                outs += [st.finish_hop(y[i], _rows(new, i, i + 1)) for i, st in enumerate(part)]
+                outs[a : a + len(part)] = y
+                states += [_rows(new, i, i + 1) for i in range(len(part))]
         else:
-            outs = []
             for i, st in enumerate(streams):
                 y, new = model.infer(blocks[i : i + 1], st.state)
-                outs.append(st.finish_hop(y[0], new))
+                outs[i] = y[0]
+                states.append(new)
             self.counters["infer_calls"] += len(streams)
         self.counters["blocks"] += len(streams)
         i = 0
-        for s in group:
+        for s, _ in group:
             n = s.channels
-            hop = outs[i][:, None] if n == 1 else np.stack(outs[i : i + n], axis=1)
+            s.cs.finish_hop(outs[i : i + n], states[i : i + n])
             i += n
-            s.out.append(hop)
-            s.produced_16k += hop.shape[0]
         return len(streams)
 
     def _answer(self, s: Session) -> None:
         if self.sessions.get(s.ident) is not s:
             return  # ended during this tick (its client vanished)
-        shift = s.served.model.block_shift
-        hop_waiting = s.streams[0].pending >= shift
-        while s.unanswered and s.unanswered[0][1] == 0 and not hop_waiting:
+        hop_waiting = s.cs.pending >= s.served.model.block_shift
+        while s.unanswered and s.unanswered[0][1] <= s.fed and not hop_waiting:
             seq = s.unanswered.popleft()[0]
-            y = self._to_client(s, _cat(s.out, s.channels), last=False)
-            s.out.clear()
-            s.samples_out += y.shape[0]
+            y = s.cs.take()
+            if s.closing is not None:
+                y = y[: max(s.owed, 0)]  # never past input + latency
+            s.sent += y.shape[0]
             self._send_raw(
                 s.ident,
                 [
@@ -682,11 +649,6 @@ class Server:
             )
         if s.closing and not s.queued and not hop_waiting and not s.unanswered:
             self._end(s, s.closing)
-
-    def _to_client(self, s: Session, y16: np.ndarray, last: bool) -> np.ndarray:
-        if s.out_rs is None:
-            return y16
-        return s.out_rs.resample_chunk(y16, last=last)
 
     # -- sending --------------------------------------------------------------------------
     def _send(self, ident: bytes, msg: BaseModel) -> None:
