@@ -284,16 +284,16 @@ def test_no_reply_from_nowhere():
 
 def test_a_failing_session_does_not_take_the_daemon_down(passthrough_pack, monkeypatch):
     """An exception while answering one session (a server bug) ends only that session."""
-    import rtns.server
+    from rtns.streams import ChannelStream
 
-    real = rtns.server.Server._to_client
+    real = ChannelStream.take
 
-    def flaky(self, sess, y16, last):
-        if sess.channels == 2:  # only the stereo session trips the "bug"
+    def flaky(self):
+        if self.channels == 2:  # only the stereo session trips the "bug"
             raise RuntimeError("boom")
-        return real(self, sess, y16, last)
+        return real(self)
 
-    monkeypatch.setattr(rtns.server.Server, "_to_client", flaky)
+    monkeypatch.setattr(ChannelStream, "take", flaky)
     with running_server([passthrough_pack]) as srv, bystander(srv.endpoint, passthrough_pack):
         with Client(srv.endpoint) as c:
             c.hello(channels=2)
