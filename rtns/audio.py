@@ -2,8 +2,8 @@
 
 Threads and data flow (device rate R, engine rate 16 kHz, hop 128)::
 
-    PortAudio callback (R)  --in ring-->  worker: resample R->16k, Stream.push,
-                            <--out ring--         resample 16k->R
+    PortAudio callback (R)  --in ring-->  worker: ChannelStream.push (resample R->16k,
+                            <--out ring--         Stream, back to R, full band above 8 kHz)
 
 * The callback (:meth:`LiveRunner.callback`) only copies samples between PortAudio's
   arrays and two preallocated :class:`~rtns.ringbuffer.RingBuffer` objects, bumps integer
@@ -25,7 +25,9 @@ Latency terms (all reported by :class:`LatencyBreakdown`):
   worker has at least one hop of time to process a hop (0 if it ran inside the callback).
 * hop alignment: extra buffering when device blocks do not line up with 128-sample hops
   at 16 kHz (0 at 16 kHz with 128-frame blocks; 256 frames at 48 kHz with 128 frames).
-* resampling: group delay of the two polyphase filters (0 at 16 kHz).
+* resampling: group delay of the two polyphase filters, made a whole number of device
+  samples by :class:`~rtns.streams.ChannelStream` (0 at 16 kHz). Above 16 kHz the band the
+  model cannot see passes through a complementary crossover with the same delay.
 * PortAudio in / out: ``stream.latency`` (driver/server buffering outside the process).
 """
 
@@ -38,7 +40,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,14 +49,8 @@ from pydantic import BaseModel, ConfigDict
 from rtns.engine import Model
 from rtns.errors import RtnsError, UserInputError
 from rtns.ringbuffer import RingBuffer
+from rtns.streams import ChannelStream
 
-#: Half the length of each resampling filter in seconds = its group delay (1.5 ms).
-RESAMPLER_HALF_WIDTH_S = 0.0015
-#: Stop-band attenuation of the resampling filters (Kaiser design).
-RESAMPLER_ATTEN_DB = 70.0
-#: Filter cut-off as a fraction of the lower Nyquist frequency (7.6 kHz for 16 kHz):
-#: the transition band then ends just above 8 kHz, so little aliases into speech.
-RESAMPLER_CUTOFF = 0.95
 #: Ring capacity in seconds; far more than any scheduling hiccup the stream survives.
 RING_SECONDS = 2.0
 #: Python switches threads every 5 ms by default, so a worker holding the GIL could delay
@@ -77,78 +73,6 @@ PORTAUDIO_MISSING = (
 )
 
 
-# -- resampling -------------------------------------------------------------------------
-def kaiser_beta(atten_db: float) -> float:
-    """Kaiser window beta for a stop-band attenuation in dB (Kaiser's formula)."""
-    if atten_db > 50:
-        return 0.1102 * (atten_db - 8.7)
-    if atten_db >= 21:
-        return 0.5842 * (atten_db - 21) ** 0.4 + 0.07886 * (atten_db - 21)
-    return 0.0
-
-
-class PolyphaseResampler:
-    """Streaming rational resampler (up/down polyphase FIR, linear phase, causal).
-
-    Output sample ``k`` is available as soon as input sample ``floor(k * down / up)``
-    has arrived (no extra look-ahead), so after ``n`` inputs exactly
-    :meth:`count_out` ``(n)`` outputs exist, whatever the chunking. Output ``k`` estimates
-    the input at time ``k / out_rate - delay_s``.
-    """
-
-    def __init__(
-        self,
-        in_rate: int,
-        out_rate: int,
-        half_width_s: float = RESAMPLER_HALF_WIDTH_S,
-        atten_db: float = RESAMPLER_ATTEN_DB,
-    ) -> None:
-        if in_rate <= 0 or out_rate <= 0:
-            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
-        g = math.gcd(in_rate, out_rate)
-        self.in_rate, self.out_rate = in_rate, out_rate
-        self.up, self.down = out_rate // g, in_rate // g
-        high = in_rate * self.up  # rate of the virtual zero-stuffed signal
-        taps = max(2, math.ceil(2 * half_width_s * in_rate))  # per phase, at the input rate
-        n = taps * self.up
-        cutoff = RESAMPLER_CUTOFF * min(in_rate, out_rate) / 2
-        t = np.arange(n) - (n - 1) / 2
-        h = np.sinc(2 * cutoff / high * t) * np.kaiser(n, kaiser_beta(atten_db))
-        phases = h.reshape(taps, self.up).T  # phases[p, j] = h[p + j * up]
-        phases = phases / phases.sum(axis=1, keepdims=True)  # unit DC gain per phase
-        #: float32 [up, taps]; taps reversed in time so a window x[i-taps+1 .. i] dots it.
-        self._phases = np.ascontiguousarray(phases[:, ::-1], dtype=np.float32)
-        self.taps = taps
-        #: Group delay in seconds (half the prototype filter).
-        self.delay_s = (n - 1) / 2 / high
-        self._hist = np.zeros(taps - 1, dtype=np.float32)
-        self._n_in = 0
-        self._n_out = 0
-        self._offsets = np.arange(taps)
-
-    def count_out(self, n_in: int) -> int:
-        """Outputs produced after ``n_in`` inputs: every k with k * down < n_in * up."""
-        return -(-n_in * self.up // self.down)
-
-    def reset(self) -> None:
-        self._hist.fill(0.0)
-        self._n_in = self._n_out = 0
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        """Resample the next chunk float32 [n]; returns float32 [count_out(total) - before]."""
-        x = np.asarray(x, dtype=np.float32)
-        buf = np.concatenate((self._hist, x))
-        total = self._n_in + x.shape[0]
-        k = np.arange(self._n_out, self.count_out(total))
-        pos = k * self.down
-        newest = pos // self.up - (self._n_in - (self.taps - 1))  # index in buf of x[i]
-        window = buf[newest[:, None] - (self.taps - 1) + self._offsets[None, :]]
-        y = np.einsum("kj,kj->k", self._phases[pos % self.up], window)
-        self._hist = buf[buf.shape[0] - (self.taps - 1) :].copy()
-        self._n_in, self._n_out = total, self.count_out(total)
-        return y.astype(np.float32, copy=False)
-
-
 # -- latency plan -----------------------------------------------------------------------
 class BufferPlan(BaseModel):
     """Output prefill of a live stream, in device frames."""
@@ -169,16 +93,17 @@ def plan_buffering(
     device_rate: int,
     rate: int,
     hop: int,
-    in_rs: PolyphaseResampler | None = None,
-    out_rs: PolyphaseResampler | None = None,
+    count_out: Callable[[int], int] | None = None,
     seconds: float = 4.0,
 ) -> BufferPlan:
     """The smallest prefill that never starves the callback with ``block_frames`` blocks.
 
     alignment: assuming each block were processed the instant it arrived, the largest
-    shortfall ``(j + 1) * B - produced_j`` over callbacks ``j`` (hops complete only every
-    128 engine samples, and resamplers emit at their own pace). worker: one hop at the
-    device rate rounded up to whole blocks, the time the worker gets for each hop.
+    shortfall ``(j + 1) * B - produced_j`` over callbacks ``j``; ``count_out(n)`` is the
+    output a stream has produced after n device frames (:meth:`ChannelStream.count_out`:
+    hops complete only every 128 engine samples, and resamplers emit at their own pace;
+    default: whole hops at the engine rate). worker: one hop at the device rate rounded up
+    to whole blocks, the time the worker gets for each hop.
     """
     if block_frames <= 0:
         raise ValueError(f"block size must be positive, got {block_frames}")
@@ -186,9 +111,7 @@ def plan_buffering(
     n_blocks = max(64, math.ceil(seconds * device_rate / block_frames))
     for j in range(1, n_blocks + 1):
         total = j * block_frames
-        engine_in = in_rs.count_out(total) if in_rs else total
-        engine_out = engine_in // hop * hop
-        produced = out_rs.count_out(engine_out) if out_rs else engine_out
+        produced = count_out(total) if count_out else total // hop * hop
         worst = max(worst, total - produced)
     hop_frames = hop * device_rate / rate
     worker = block_frames * math.ceil(hop_frames / block_frames - 1e-9)
@@ -277,15 +200,13 @@ class LiveRunner:
         self.rt_priority = rt_priority
         #: How the worker thread is scheduled ("SCHED_FIFO 4" or why it is not real-time).
         self.worker_scheduling = "not started"
-        self.stream = model.stream()
         self.rate = model.sample_rate
         self.hop = model.block_shift
         self.device_rate = int(device_rate)
         if self.device_rate <= 0:
             raise ValueError(f"device sample rate must be positive, got {device_rate}")
-        resample = self.device_rate != self.rate
-        self._in_rs = PolyphaseResampler(self.device_rate, self.rate) if resample else None
-        self._out_rs = PolyphaseResampler(self.rate, self.device_rate) if resample else None
+        #: The one stream plumbing (resampling, full band above 16 kHz, exact counts).
+        self.cs = ChannelStream(model, 1, self.device_rate)
         capacity = int(ring_seconds * self.device_rate)
         self.in_ring = RingBuffer(capacity)
         self.out_ring = RingBuffer(capacity)
@@ -311,7 +232,7 @@ class LiveRunner:
         self.output_dropped = 0
         self.error: str | None = None
         self.bypass = False
-        self.atten_lim_db: float | None = self.stream.atten_lim_db  # the pack's default
+        self.atten_lim_db: float | None = self.cs.atten_lim.optional()  # the pack's default
         # Plumbing.
         self.primed = threading.Event()
         self.failed = threading.Event()
@@ -392,11 +313,10 @@ class LiveRunner:
             return 0
         t0 = time.perf_counter()
         x = self._work[:n]
-        x16 = self._in_rs.process(x) if self._in_rs else x
-        y16 = self.stream.push(x16)
-        y = self._out_rs.process(y16) if self._out_rs else y16
+        hops_before = self.cs.hops
+        y = self.cs.push(x[:, None])[:, 0]
         dt = time.perf_counter() - t0
-        hops = y16.shape[0] // self.hop
+        hops = self.cs.hops - hops_before
         if hops:
             self.hops += hops
             self.busy_s += dt
@@ -408,7 +328,7 @@ class LiveRunner:
 
     def _prime(self, block_frames: int) -> None:
         self.plan = plan_buffering(
-            block_frames, self.device_rate, self.rate, self.hop, self._in_rs, self._out_rs
+            block_frames, self.device_rate, self.rate, self.hop, self.cs.count_out
         )
         if self.plan.prefill_frames + 4 * block_frames > self.out_ring.capacity:
             raise RtnsError(f"device blocks of {block_frames} frames are too large for rtns run")
@@ -424,10 +344,10 @@ class LiveRunner:
                 return
             if what == "bypass":
                 self.bypass = not self.bypass if value is None else bool(value)
-                self.stream.bypass = self.bypass
+                self.cs.bypass = self.bypass
             elif what == "atten":
-                self.stream.atten_lim_db = value
-                self.atten_lim_db = self.stream.atten_lim_db  # inf reads back as None
+                self.cs.atten_lim = value
+                self.atten_lim_db = self.cs.atten_lim.optional()  # off reads back as None
 
     def _make_realtime(self) -> None:
         """Ask for SCHED_FIFO on the calling (worker) thread; record the outcome."""
@@ -546,7 +466,8 @@ class LiveRunner:
         if self.plan is None:
             raise RuntimeError("the latency is known once the first callback has run")
         r = self.device_rate
-        resampling = (self._in_rs.delay_s + self._out_rs.delay_s) if self._in_rs else 0.0
+        # Resampling and band split, exactly: the stream's latency beyond the model's.
+        resampling = self.cs.latency / r - self.model.latency / self.rate
         return LatencyBreakdown(
             device_rate=r,
             block_frames=self.plan.block_frames,

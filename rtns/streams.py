@@ -161,6 +161,8 @@ class ChannelStream:
         c, lat = self.channels, self.model.latency
         self.samples_in = 0
         self.samples_out = 0
+        #: Hops run (each: one model call per channel).
+        self.hops = 0
         #: Input samples clipped to +-dsp.CLIP_LEVEL so far.
         self.clipped = 0
         self._backlog = _Fifo(c)  # 16 kHz input not yet fed to the engine streams
@@ -187,6 +189,7 @@ class ChannelStream:
 
     # -- input side -----------------------------------------------------------------------
     def _frames(self, x: np.ndarray) -> np.ndarray:
+        given = x
         x, clipped = dsp.to_float_pcm(x)
         if x.ndim == 1 and self.channels == 1:
             x = x[:, None]
@@ -195,6 +198,9 @@ class ChannelStream:
                 f"expected samples of shape [n, {self.channels}], got {tuple(x.shape)}"
             )
         self.clipped += clipped
+        # The queues keep these frames: never hold on to the caller's (reusable) buffer.
+        if np.shares_memory(x, given):
+            x = x.copy()
         return x
 
     def put(self, x: np.ndarray) -> int:
@@ -247,6 +253,7 @@ class ChannelStream:
         for c, st in enumerate(self.streams):
             hop[:, c] = st.finish_hop(out_blocks[c], states[c])
         self._y16.append(hop)
+        self.hops += 1
 
     def _run_hops(self) -> None:
         infer = self.model.infer

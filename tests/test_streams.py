@@ -174,3 +174,19 @@ def test_bad_shapes(dtln):
         cs.put(np.zeros(10, np.float32))
     with pytest.raises(ValueError):
         ChannelStream(dtln, 0, 48_000)
+
+
+def test_a_reused_input_buffer_is_copied(dtln):
+    """The live worker pushes views of one work buffer; queued frames must not change."""
+    x = noise(6000, 1, seed=12)
+    ref = ChannelStream(dtln, 1, 48_000)
+    want = np.concatenate([ref.push(x), ref.flush()])
+    cs = ChannelStream(dtln, 1, 48_000)
+    work = np.zeros((1000, 1), np.float32)
+    got = []
+    for a in range(0, 6000, 1000):
+        work[:] = x[a : a + 1000]
+        got.append(cs.push(work))
+        work[:] = 9.0  # the caller reuses its buffer
+    got.append(cs.flush())
+    np.testing.assert_array_equal(np.concatenate(got), want)
