@@ -336,6 +336,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class LogTail:
+    """Reads a subprocess's stderr lines in a thread so a test can wait for a given line
+    (with a deadline) instead of sleeping and hoping it was written."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._done = False
+        self._thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def wait_for(self, pred, timeout: float = 30.0) -> str:
+        """The first line for which ``pred`` holds; fails after ``timeout`` s or at EOF."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if pred(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                assert not self._done, f"stderr ended without the line: {self.lines[-5:]}"
+                assert left > 0, f"no such line within {timeout} s: {self.lines[-5:]}"
+                self._cond.wait(left)
+
+    def all(self, timeout: float = 10.0) -> list[str]:
+        """Every line, once the process has closed its stderr."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stderr still open"
+        return self.lines
+
+
+def _event(line: str) -> str | None:
+    try:
+        return json.loads(line).get("event")
+    except ValueError:
+        return None
+
+
 def test_sigterm_flushes_open_sessions(passthrough_pack):
     port = _free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
@@ -345,7 +394,9 @@ def test_sigterm_flushes_open_sessions(passthrough_pack):
         stderr=subprocess.PIPE,
         text=True,
     )
+    log = LogTail(proc)
     try:
+        log.wait_for(lambda line: _event(line) == "listening")
         x = noise(5000)
         with Client(endpoint, timeout=20) as a, Client(endpoint, timeout=20) as b:
             a.hello()
@@ -353,14 +404,14 @@ def test_sigterm_flushes_open_sessions(passthrough_pack):
             a.send_audio(x)
             b.send_audio(x[:1000])
             assert isinstance(a.recv()[0], P.AudioOut) and isinstance(b.recv()[0], P.AudioOut)
-            time.sleep(0.5)  # at least one periodic stats line
+            log.wait_for(lambda line: _event(line) == "stats")  # a periodic stats line
             proc.send_signal(signal.SIGTERM)
             for c, n in ((a, 5000), (b, 1000)):
                 msg, tail = c.recv(10)
                 assert isinstance(msg, P.Closed) and msg.reason == "shutdown"
                 assert msg.samples_in == n and msg.samples_out == n + 384
         assert proc.wait(15) == 0
-        events = [json.loads(line)["event"] for line in proc.stderr.read().splitlines()]
+        events = [json.loads(line)["event"] for line in log.all()]
         assert {"curve", "listening", "open", "stats", "shutdown", "close", "stopped"} <= set(
             events
         )
@@ -479,7 +530,10 @@ def test_serve_and_stream_cli_with_curve(passthrough_pack, tmp_path):
     cmd += ["--curve", "--curve-secret", str(tmp_path / "srv/server.key_secret")]
     cmd += ["--allowed-clients", str(tmp_path / "ok"), "--log-format", "kv"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    log = LogTail(proc)
     try:
+        # A busy machine may take longer than a client's timeout to start the daemon.
+        log.wait_for(lambda line: "event=listening" in line)
         x = noise(4000)
         sf.write(tmp_path / "in.wav", x, 16000, subtype="FLOAT")
         common = ["stream", str(tmp_path / "in.wav"), "-e", endpoint, "--fast", "-q"]
@@ -493,8 +547,8 @@ def test_serve_and_stream_cli_with_curve(passthrough_pack, tmp_path):
         assert main(args) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        log = proc.stderr.read()
-        assert "event=curve" in log and "CurveZMQ on" in log and "keys=1" in log
+        text = "\n".join(log.all())
+        assert "event=curve" in text and "CurveZMQ on" in text and "keys=1" in text
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -24,10 +24,19 @@ from rtns.engine import Model, enhance_array  # noqa: E402
 from rtns.server import Server, ServerConfig  # noqa: E402
 
 
+def wait_until(cond, what: str, timeout: float = 20.0) -> None:
+    """Poll ``cond()`` until it holds; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.01)
+
+
 @contextmanager
 def bystander(endpoint: str, pack, seconds: float = 1.0, **kw) -> Iterator[None]:
-    """A real-time client streaming noise for ``seconds`` while the body runs; on exit its
-    output must equal enhance_array's bit for bit."""
+    """A real-time client streaming noise for ``seconds`` while the body runs; the body
+    starts once the daemon counts its session open, and on exit its output must equal
+    enhance_array's bit for bit. Used on a daemon with no other session open."""
     x = noise(int(16000 * seconds), seed=42)
     result: dict = {}
 
@@ -40,7 +49,10 @@ def bystander(endpoint: str, pack, seconds: float = 1.0, **kw) -> Iterator[None]
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
-    time.sleep(0.05)
+    wait_until(
+        lambda: "error" in result or stats(endpoint)["sessions"] >= 1,
+        "the bystander's session to open",
+    )
     yield
     th.join(30)
     assert not th.is_alive(), "the bystander did not finish"
@@ -167,9 +179,11 @@ def test_ten_thousand_random_messages(passthrough_pack):
 
 def test_max_sessions(passthrough_pack):
     with running_server([passthrough_pack], max_sessions=2) as srv:
-        with bystander(srv.endpoint, passthrough_pack), Client(srv.endpoint) as a:
+        # The bystander's session is open when the body starts and lasts 2 s, far longer
+        # than the body needs: it holds one slot, `a` the other.
+        with bystander(srv.endpoint, passthrough_pack, 2.0), Client(srv.endpoint) as a:
             a.hello()
-            time.sleep(0.1)  # the bystander holds the other slot
+            assert stats(srv.endpoint)["sessions"] == 2
             with Client(srv.endpoint) as b, pytest.raises(ServerError) as e:
                 b.hello()
             assert e.value.code == "server_full"
@@ -217,18 +231,20 @@ def test_too_large_on_inproc(passthrough_pack):
 
 
 def test_idle_session_times_out(passthrough_pack):
-    with running_server([passthrough_pack], idle_timeout=0.3) as srv:
+    # 1 s: a real-time client on a busy machine can stall for a few hundred ms between
+    # messages; that must not count as idle.
+    with running_server([passthrough_pack], idle_timeout=1.0) as srv:
         with Client(srv.endpoint) as c:
             c.hello()
-            msg, tail = c.recv(3)
+            msg, tail = c.recv(10)
             assert isinstance(msg, P.Closed) and msg.reason == "timeout" and tail.size == 0
             with pytest.raises(ServerError) as e:  # the session is gone
                 c.send_audio(noise(10))
                 m, _ = c.recv(3)
                 raise ServerError(m)
             assert e.value.code == "no_session"
-        # Traffic keeps a session alive (any message counts).
-        with bystander(srv.endpoint, passthrough_pack, seconds=1.0):
+        # Traffic keeps a session alive (any message counts), well past the idle timeout.
+        with bystander(srv.endpoint, passthrough_pack, seconds=2.5):
             pass
         with Client(srv.endpoint) as c:
             assert c.stats()["counters"]["closed_timeout"] == 1
@@ -257,7 +273,7 @@ def test_backpressure_is_reported_and_recoverable(passthrough_pack):
 
 
 def test_client_vanishing_mid_stream(passthrough_pack):
-    with running_server([passthrough_pack], idle_timeout=0.5) as srv:
+    with running_server([passthrough_pack], idle_timeout=1.0) as srv:
         with bystander(srv.endpoint, passthrough_pack, seconds=1.5):
             for _ in range(5):
                 s = raw_socket(srv.endpoint, zmq.Context())
@@ -265,12 +281,10 @@ def test_client_vanishing_mid_stream(passthrough_pack):
                 assert reply(s)[0]["type"] == "ready"
                 for seq in range(20):  # answers pile up unread, then the client is gone
                     s.send_multipart(audio(seq, noise(320)))
-                time.sleep(0.01)
+                assert s.poll(10_000), "the daemon did not start answering"
                 s.close(linger=0)
                 s.context.term()
-        deadline = time.monotonic() + 5
-        while stats(srv.endpoint)["sessions"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: stats(srv.endpoint)["sessions"] == 0, "vanished sessions to close")
         st = stats(srv.endpoint)
         assert st["sessions"] == 0
         gone = st["counters"].get("closed_vanished", 0) + st["counters"].get("closed_timeout", 0)
