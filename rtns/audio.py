@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from rtns.atten import OFF, AttenLimit, AttenLimitError
 from rtns.engine import Model
 from rtns.errors import RtnsError, UserInputError
 from rtns.ringbuffer import RingBuffer
@@ -390,11 +391,13 @@ class LiveRunner:
         """Bypass on/off (None toggles): the output becomes the input, same latency."""
         self._control("bypass", on)
 
-    def set_atten_lim_db(self, db: float | None) -> None:
-        """At most ``db`` dB of noise reduction (None or ``math.inf``: unlimited)."""
-        if db is not None and db != math.inf and (not math.isfinite(db) or db < 0):
-            raise UserInputError(f"attenuation limit must be a non-negative number of dB, got {db}")
-        self._control("atten", db)
+    def set_atten_lim_db(self, limit: AttenLimit | str | float | None) -> None:
+        """At most this much noise reduction (None, ``math.inf`` or 'off': unlimited)."""
+        try:
+            value = OFF if limit is None else AttenLimit.parse(limit)
+        except AttenLimitError as e:
+            raise UserInputError(str(e)) from None
+        self._control("atten", value)
 
     # -- liveness ---------------------------------------------------------------------------
     @property

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from rtns.atten import MAX_DB
 from rtns.errors import RtnsError, first_validation_error
 from rtns.framing import FrameSpec
 
@@ -207,7 +208,7 @@ class Manifest(BaseModel):
     provenance: Provenance
     #: The attenuation limit (dB) a stream of this pack starts with; None: unlimited. Users
     #: override it (``--atten-lim DB`` or ``off``). Chosen on validation data at export.
-    atten_lim_db: float | None = Field(None, ge=0.0, le=200.0, allow_inf_nan=False)
+    atten_lim_db: float | None = Field(None, ge=0.0, le=MAX_DB, allow_inf_nan=False)
     #: scores[test set][metric] = value, as measured by benchmarks/quality.py.
     scores: dict[str, dict[str, float]] = {}
 

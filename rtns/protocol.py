@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from rtns.atten import MAX_DB
 from rtns.errors import RtnsError
 
 #: Bumped on any incompatible change of a message below.
@@ -42,7 +43,7 @@ ERROR_CODES: dict[str, str] = {
     "bad_rate": "the hello's sample rate is outside 8000..192000 Hz",
     "bad_channels": "the hello's channel count is outside 1..8",
     "bad_format": "the hello's sample format is not s16le or f32le",
-    "bad_atten": 'the hello\'s attenuation limit is not a number of dB in 0..200 or "off"',
+    "bad_atten": f'the hello\'s attenuation limit is not a number of dB in 0..{MAX_DB:g} or "off"',
     "unknown_model": "the hello names a model this server does not serve",
     "server_full": "the server already has its maximum number of sessions",
     "already_open": "a hello arrived on a connection whose session is open",
@@ -86,7 +87,7 @@ class Hello(_Msg):
     #: At most this many dB of noise reduction; "off": unlimited; None: the model's default
     #: (its pack's ``atten_lim_db``, shown in Ready).
     atten_lim_db: (
-        Annotated[float, Field(ge=0.0, le=200.0, allow_inf_nan=False)] | Literal["off"] | None
+        Annotated[float, Field(ge=0.0, le=MAX_DB, allow_inf_nan=False)] | Literal["off"] | None
     ) = None
 
 

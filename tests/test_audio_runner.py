@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rtns.atten import OFF, AttenLimit
 from rtns.audio import (
     DEAD_AFTER_BLOCKS,
     DEAD_AFTER_S,
@@ -242,7 +243,7 @@ def test_controls_reach_the_engine_stream(passthrough_model: Model) -> None:
         assert not runner.cs.bypass
         assert runner.cs.atten_lim.optional() is None
         assert runner.stats().atten_lim_db is None
-        with pytest.raises(UserInputError, match="non-negative"):
+        with pytest.raises(UserInputError, match=r"0\.\.200 dB or 'off'"):
             runner.set_atten_lim_db(-3.0)
 
 
@@ -478,17 +479,18 @@ def test_stdin_controls(capsys: pytest.CaptureFixture) -> None:
         def set_bypass(self, on: bool | None) -> None:
             calls.append(("bypass", on))
 
-        def set_atten_lim_db(self, db: float | None) -> None:
-            if db is not None and db < 0:
-                raise UserInputError("attenuation limit must be a non-negative number of dB")
-            calls.append(("atten", db))
+        def set_atten_lim_db(self, limit: str) -> None:
+            try:
+                calls.append(("atten", AttenLimit.parse(limit)))
+            except ValueError as e:
+                raise UserInputError(str(e)) from None
 
     stop = threading.Event()
     _stdin_controls(Runner(), stop, io.StringIO("a 6\nb\nhelp\na -1\na\nq\nb\n"))
-    assert calls == [("atten", 6.0), ("bypass", None), ("atten", None)]
+    assert calls == [("atten", AttenLimit(6)), ("bypass", None), ("atten", OFF)]
     assert stop.is_set()  # "q" quits; the "b" after it is not read
     err = capsys.readouterr().err
-    assert "controls: b (bypass)" in err and "non-negative" in err
+    assert "controls: b (bypass)" in err and "0..200 dB or 'off', got -1" in err
 
 
 # -- stdin only in the foreground ----------------------------------------------------------

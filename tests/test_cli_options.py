@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 from cli_helpers import run_rtns
 
+from rtns.atten import OFF, AttenLimit
 from rtns.cli import build_parser, options
 
 
@@ -56,8 +57,13 @@ def test_same_options_same_spelling():
     p = build_parser()
     a = p.parse_args(["enhance", "i", "o", "-m", "x", "--threads", "2", "--atten-lim", "6", "-q"])
     b = p.parse_args(["run", "-m", "x", "--atten-lim-db", "6", "-q"])
-    assert (a.model, a.threads, a.atten_lim, a.quiet) == ("x", 2, 6.0, True)
-    assert (b.model, b.atten_lim, b.quiet) == ("x", 6.0, True)
+    assert (a.model, a.threads, a.atten_lim, a.quiet) == ("x", 2, AttenLimit(6), True)
+    assert (b.model, b.atten_lim, b.quiet) == ("x", AttenLimit(6), True)
+    # one bound for the limit everywhere: 200 dB is the top, 'off' is no limit
+    for cmd in (["enhance", "i", "o"], ["run"], ["stream", "i", "o"]):
+        assert p.parse_args([*cmd, "--atten-lim", "off"]).atten_lim == OFF
+        with pytest.raises(SystemExit):
+            p.parse_args([*cmd, "--atten-lim", "300"])
 
 
 def test_bounds_agree_with_the_settings_models():

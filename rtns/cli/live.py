@@ -245,10 +245,10 @@ def _stdin_controls(runner: Any, stop: threading.Event, lines: Iterable[str]) ->
                 runner.set_bypass(None)
                 print("rtns: bypass toggled", file=sys.stderr, flush=True)
             elif cmd[0] == "a":
-                db = float(cmd[1]) if len(cmd) > 1 and cmd[1] != "off" else None
-                runner.set_atten_lim_db(db)
+                limit = " ".join(cmd[1:]) or "off"
+                runner.set_atten_lim_db(limit)
                 print(
-                    f"rtns: attenuation limit {options.limit_text(db)}",
+                    f"rtns: attenuation limit {options.limit_text(limit)}",
                     file=sys.stderr,
                     flush=True,
                 )

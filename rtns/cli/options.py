@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from rtns.atten import AttenLimit, AttenLimitError
+
 # Bounds of the numbers the commands take: one per quantity, used by every option of that
 # quantity. Those that settings models also check (rtns.config.EngineConfig,
 # rtns.server.ServerConfig) must equal theirs: tests/test_cli_options.py compares them.
@@ -104,16 +106,17 @@ def latency_hint(text: str) -> str | float:
         raise argparse.ArgumentTypeError(f"use low, high or seconds: {e}") from None
 
 
-def atten_limit(text: str) -> float:
-    """An attenuation limit in dB, or ``off`` (math.inf: no limit)."""
-    if text.strip().lower() in ("off", "none", "inf", "unlimited"):
-        return math.inf
-    return non_negative_float(text)
+def atten_limit(text: str) -> AttenLimit:
+    """An attenuation limit: dB in 0..MAX_DB, or ``off`` (see :mod:`rtns.atten`)."""
+    try:
+        return AttenLimit.parse(text)
+    except AttenLimitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def limit_text(db: float | None) -> str:
-    """An attenuation limit for people: '18 dB' or 'off' (None or inf)."""
-    return "off" if db is None or math.isinf(db) else f"{db:g} dB"
+def limit_text(limit: AttenLimit | float | None) -> str:
+    """An attenuation limit for people: '18 dB' or 'off' (None means off, as in manifests)."""
+    return "off" if limit is None else str(AttenLimit.parse(limit))
 
 
 def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
