@@ -151,7 +151,7 @@ def jack_row(pack: Path, seconds: float) -> dict:
 
 # -- daemon loopback ------------------------------------------------------------------------
 def daemon_available() -> str | None:
-    for mod in ("rtns.server", "rtns.client"):
+    for mod in ("rtns.daemon.server", "rtns.daemon.client"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} does not exist"
     if importlib.util.find_spec("zmq") is None:
@@ -160,7 +160,7 @@ def daemon_available() -> str | None:
 
 
 def daemon_row(pack: Path, messages: int) -> dict:
-    from rtns.client import Client
+    from rtns.daemon.client import Client
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

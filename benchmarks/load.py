@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from rtns import protocol as P
+from rtns.daemon import protocol as P
 
 
 def free_port() -> int:

@@ -69,7 +69,7 @@ def test_same_options_same_spelling():
 def test_bounds_agree_with_the_settings_models():
     """The options' bounds are the settings models' bounds (one bound per quantity)."""
     from rtns.config import EngineConfig
-    from rtns.server import ServerConfig
+    from rtns.daemon.server import ServerConfig
 
     def bounds(model, name):
         meta = model.model_fields[name].metadata
@@ -181,7 +181,7 @@ def test_serve_key_files_are_checked(keys, tmp_path):
 
 def test_stream_refuses_more_channels_than_the_protocol_carries(tmp_path):
     """Refused before connecting (no daemon is running here), naming the limit."""
-    from rtns.protocol import MAX_CHANNELS
+    from rtns.daemon.protocol import MAX_CHANNELS
 
     sf.write(tmp_path / "in.wav", np.zeros((1600, MAX_CHANNELS + 1), np.float32), 16000)
     line = assert_one_line(

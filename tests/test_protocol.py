@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rtns import protocol as P
+from rtns.daemon import protocol as P
 
 
 def hello(**kw) -> bytes:

@@ -21,11 +21,11 @@ import pytest
 
 pytest.importorskip("zmq")
 
-from rtns import protocol as P  # noqa: E402
-from rtns.client import Client, NoReply, ServerError  # noqa: E402
+from rtns.daemon import protocol as P  # noqa: E402
+from rtns.daemon.client import Client, NoReply, ServerError  # noqa: E402
+from rtns.daemon.server import CurveConfig, Server, ServerConfig, batch_invariant, is_loopback  # noqa: E402
 from rtns.engine import Model, enhance_array  # noqa: E402
 from rtns.errors import UserInputError  # noqa: E402
-from rtns.server import CurveConfig, Server, ServerConfig, batch_invariant, is_loopback  # noqa: E402
 from rtns.streams import ChannelStream
 
 
@@ -155,9 +155,9 @@ def test_output_independent_of_other_sessions(random_dtln_pack, max_batch):
 @pytest.mark.parametrize("how", ["probe fails", "--no-batch"])
 def test_unbatched_paths_are_exact(random_dtln_pack, monkeypatch, how):
     """If the probe finds batch-dependent rows (or --no-batch), one row per call."""
-    import rtns.server
+    import rtns.daemon.server
 
-    monkeypatch.setattr(rtns.server, "batch_invariant", lambda model, max_batch: False)
+    monkeypatch.setattr(rtns.daemon.server, "batch_invariant", lambda model, max_batch: False)
     x = noise(8000, seed=3)
     with running_server([random_dtln_pack], batch=how != "--no-batch") as srv:
         assert not srv.models["random-dtln"].batched

@@ -18,10 +18,10 @@ zmq = pytest.importorskip("zmq")
 
 from test_server import noise, running_server  # noqa: E402
 
-from rtns import protocol as P  # noqa: E402
-from rtns.client import Client, NoReply, ServerError  # noqa: E402
+from rtns.daemon import protocol as P  # noqa: E402
+from rtns.daemon.client import Client, NoReply, ServerError  # noqa: E402
+from rtns.daemon.server import Server, ServerConfig  # noqa: E402
 from rtns.engine import Model, enhance_array  # noqa: E402
-from rtns.server import Server, ServerConfig  # noqa: E402
 
 
 def wait_until(cond, what: str, timeout: float = 20.0) -> None:

@@ -10,7 +10,7 @@ from rtns.atten import AttenLimit, AttenLimitError
 
 # Bounds of the numbers the commands take: one per quantity, used by every option of that
 # quantity. Those that settings models also check (rtns.config.EngineConfig,
-# rtns.server.ServerConfig) must equal theirs: tests/test_cli_options.py compares them.
+# rtns.daemon.server.ServerConfig) must equal theirs: tests/test_cli_options.py compares them.
 #: onnxruntime / torch thread counts above this are refused as a likely typo.
 MAX_THREADS = 64
 #: Concurrent daemon sessions.

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -207,31 +206,9 @@ def _key_file(path: str, option: str, *, secret: bool) -> None:
         raise UserInputError(f"{option} {path}: not a {what}")
 
 
-def setup_logging(fmt: str = "json", level: str = "info") -> None:
-    """Structured logs to stderr: JSON lines or key=value."""
-    from rtns.server import JsonLogFormatter
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if fmt == "json" else _KvFormatter())
-    root = logging.getLogger("rtns")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-
-
-class _KvFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields = {"level": record.levelname.lower(), "event": record.getMessage()}
-        fields |= getattr(record, "fields", {}) or {}
-        parts = [f"ts={record.created:.3f}"]
-        for k, v in fields.items():
-            s = str(v)
-            parts.append(f"{k}={s!r}" if (" " in s or "=" in s or not s) else f"{k}={s}")
-        return " ".join(parts)
-
-
 def run_serve(args: argparse.Namespace) -> int:
-    from rtns.server import CurveConfig, Server, ServerConfig
+    from rtns.daemon.logs import setup_logging
+    from rtns.daemon.server import CurveConfig, Server, ServerConfig
 
     setup_logging(args.log_format, args.log_level)
     curve = None
@@ -291,8 +268,8 @@ def _start(make, endpoint: str):
 
 def run_stream(args: argparse.Namespace) -> int:
     from rtns import audio_io
-    from rtns.client import Client
-    from rtns.protocol import MAX_CHANNELS
+    from rtns.daemon.client import Client
+    from rtns.daemon.protocol import MAX_CHANNELS
 
     t0 = time.perf_counter()
     if args.server_key or args.client_key:

@@ -24,26 +24,24 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-import json
 import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from rtns import protocol as P
 from rtns.atten import AttenLimit
 from rtns.config import EngineConfig
+from rtns.daemon import protocol as P
+from rtns.daemon.logs import log, log_event
+from rtns.daemon.session import Served, Session
 from rtns.engine import Model, State
 from rtns.errors import UserInputError
 from rtns.streams import ChannelStream
-
-log = logging.getLogger("rtns.server")
 
 
 class CurveConfig(BaseModel):
@@ -136,62 +134,6 @@ def _rows(state: State, a: int, b: int) -> State:
     return {k: v[a:b] for k, v in state.items()}
 
 
-@dataclass
-class _Served:
-    """A loaded model and how the server runs it."""
-
-    model: Model
-    batched: bool
-    why: str
-
-
-@dataclass
-class Session:
-    """One client stream (all of its channels) around one :class:`ChannelStream`."""
-
-    sid: str
-    ident: bytes
-    served: _Served
-    fmt: str
-    cs: ChannelStream
-    #: Accepted audio messages not yet answered: (seq, 16 kHz frames queued up to its end).
-    unanswered: collections.deque = field(default_factory=collections.deque)
-    #: 16 kHz frames queued over the session (input plus end-of-stream padding).
-    queued_total: int = 0
-    last_seen: float = 0.0
-    closing: str | None = None
-    overruns: int = 0
-    next_seq: int = 0
-    #: Frames sent back (client rate).
-    sent: int = 0
-
-    @property
-    def owed(self) -> int:
-        """Frames still to send for a complete stream: input + latency - sent."""
-        return self.cs.samples_in + self.cs.latency - self.sent
-
-    @property
-    def channels(self) -> int:
-        return self.cs.channels
-
-    @property
-    def rate(self) -> int:
-        return self.cs.rate
-
-    @property
-    def latency(self) -> int:
-        return self.cs.latency
-
-    @property
-    def queued(self) -> int:
-        return self.cs.queued
-
-    @property
-    def fed(self) -> int:
-        """16 kHz frames handed to the engine streams so far."""
-        return self.queued_total - self.cs.queued
-
-
 class Server:
     """The daemon. ``run()`` blocks until ``stop()``; everything else is internal."""
 
@@ -211,20 +153,20 @@ class Server:
         self._zmq = zmq
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
-        self.models: dict[str, _Served] = {}
+        self.models: dict[str, Served] = {}
         for spec in config.models:
             model = Model(spec, config.engine)
             if model.name in self.models:
                 raise UserInputError(f"two --model packs are both named {model.name!r}")
             if not config.batch:
-                served = _Served(model, False, "--no-batch")
+                served = Served(model, False, "--no-batch")
             elif not config.probe:
-                served = _Served(model, True, "probe skipped")
+                served = Served(model, True, "probe skipped")
             elif batch_invariant(model, config.max_batch):
                 why = f"rows bit-identical at every batch size 1..{config.max_batch}"
-                served = _Served(model, True, why)
+                served = Served(model, True, why)
             else:
-                served = _Served(model, False, "batched rows differ from batch 1 on this CPU")
+                served = Served(model, False, "batched rows differ from batch 1 on this CPU")
             self.models[model.name] = served
         self.default_model = next(iter(self.models))
         self.sessions: dict[bytes, Session] = {}
@@ -267,20 +209,20 @@ class Server:
             if not curve.allowed_clients.is_dir():
                 raise UserInputError(f"{curve.allowed_clients}: no such folder of client keys")
             n_keys = len(list(curve.allowed_clients.glob("*.key")))
-            self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("rtns.server.zap"))
+            self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("rtns.daemon.zap"))
             self._auth.start()
             self._auth.configure_curve(domain="*", location=str(curve.allowed_clients))
             sock.curve_secretkey = secret
             sock.curve_publickey = pub
             sock.curve_server = True
-            _log(
+            log_event(
                 "curve",
                 allowed_clients=str(curve.allowed_clients),
                 keys=n_keys,
                 note="CurveZMQ on: only clients whose public key is in that folder get in",
             )
         else:
-            _log("curve", note="CurveZMQ off: plaintext, loopback only")
+            log_event("curve", note="CurveZMQ off: plaintext, loopback only")
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError as e:
@@ -291,7 +233,7 @@ class Server:
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         for name, s in self.models.items():
-            _log(
+            log_event(
                 "model",
                 name=name,
                 pack=str(s.model.pack_dir),
@@ -299,7 +241,7 @@ class Server:
                 batched=s.batched,
                 why=s.why,
             )
-        _log("listening", endpoint=self.endpoint, max_sessions=self.config.max_sessions)
+        log_event("listening", endpoint=self.endpoint, max_sessions=self.config.max_sessions)
         self.bound.set()
 
     def run(self) -> None:
@@ -321,7 +263,7 @@ class Server:
                     next_expiry = now + 0.5
                 if self.config.stats_every and now >= next_stats:
                     st = self.stats()
-                    _log(
+                    log_event(
                         "stats",
                         sessions=st["sessions"],
                         blocks=st["blocks_processed"],
@@ -339,11 +281,11 @@ class Server:
                 self._auth.stop()
             if self._own_ctx:
                 self.ctx.term()
-            _log("stopped")
+            log_event("stopped")
 
     def _shutdown(self, deadline_s: float = 5.0) -> None:
         """Close every session, sending its tail and ``closed`` (reason ``shutdown``)."""
-        _log("shutdown", sessions=len(self.sessions))
+        log_event("shutdown", sessions=len(self.sessions))
         for s in list(self.sessions.values()):
             if s.closing is None:
                 self._begin_close(s, "shutdown")
@@ -439,7 +381,7 @@ class Server:
         )
         self.sessions[ident] = sess
         self.counters["sessions_opened"] += 1
-        _log(
+        log_event(
             "open",
             session=sess.sid,
             model=name,
@@ -527,7 +469,7 @@ class Server:
                 pad = np.zeros((owed - tail.shape[0], sess.channels), np.float32)
                 tail = np.concatenate([tail, pad])
             sess.sent += tail.shape[0]
-        _log(
+        log_event(
             "close",
             session=sess.sid,
             reason=reason,
@@ -600,7 +542,7 @@ class Server:
         msg = "the server failed processing this session; it has been ended"
         self._send(s.ident, P.Error(code="internal", message=msg, fatal=True))
 
-    def _run_group(self, served: _Served, group: list[tuple[Session, list[np.ndarray]]]) -> int:
+    def _run_group(self, served: Served, group: list[tuple[Session, list[np.ndarray]]]) -> int:
         """One hop of every channel of every session in ``group`` (session, its blocks)."""
         model = served.model
         streams = [st for s, _ in group for st in s.cs.streams]
@@ -668,7 +610,7 @@ class Server:
             sess = self.sessions.pop(ident, None)
             if sess is not None:
                 self.counters["closed_vanished"] += 1
-                _log("vanished", session=sess.sid)
+                log_event("vanished", session=sess.sid)
 
     # -- stats ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -704,29 +646,3 @@ class Server:
                 "max": int(rows.max()) if rows.size else None,
             },
         }
-
-
-def _cat(chunks: list[np.ndarray], channels: int) -> np.ndarray:
-    if not chunks:
-        return np.zeros((0, channels), np.float32)
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-
-
-def _log(event: str, **fields: Any) -> None:
-    log.info(event, extra={"fields": fields})
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, event, and the event's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        obj.update(getattr(record, "fields", {}) or {})
-        if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
-        return json.dumps(obj, default=str)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from rtns import protocol as P
 from rtns.atten import AttenLimit
+from rtns.daemon import protocol as P
 from rtns.errors import RtnsError
 from rtns.streams import aligned
 

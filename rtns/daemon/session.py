@@ -1,0 +1,71 @@
+"""One client session of the daemon: its model and its :class:`ChannelStream`.
+
+The session does no I/O: the server feeds it decoded PCM (``cs.put``), runs its hops in
+batches with other sessions (``cs.next_hop`` / ``cs.finish_hop``) and sends what
+``cs.take`` returns. Bookkeeping is in 16 kHz frames on the input side (what has been fed
+to the engine) and in client-rate frames on the output side (what has been sent).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from rtns.engine import Model
+from rtns.streams import ChannelStream
+
+
+@dataclass
+class Served:
+    """A loaded model and how the server runs it."""
+
+    model: Model
+    batched: bool
+    why: str
+
+
+@dataclass
+class Session:
+    """One client stream (all of its channels) around one :class:`ChannelStream`."""
+
+    sid: str
+    ident: bytes
+    served: Served
+    fmt: str
+    cs: ChannelStream
+    #: Accepted audio messages not yet answered: (seq, 16 kHz frames queued up to its end).
+    unanswered: collections.deque = field(default_factory=collections.deque)
+    #: 16 kHz frames queued over the session (input plus end-of-stream padding).
+    queued_total: int = 0
+    last_seen: float = 0.0
+    closing: str | None = None
+    overruns: int = 0
+    next_seq: int = 0
+    #: Frames sent back (client rate).
+    sent: int = 0
+
+    @property
+    def owed(self) -> int:
+        """Frames still to send for a complete stream: input + latency - sent."""
+        return self.cs.samples_in + self.cs.latency - self.sent
+
+    @property
+    def channels(self) -> int:
+        return self.cs.channels
+
+    @property
+    def rate(self) -> int:
+        return self.cs.rate
+
+    @property
+    def latency(self) -> int:
+        return self.cs.latency
+
+    @property
+    def queued(self) -> int:
+        return self.cs.queued
+
+    @property
+    def fed(self) -> int:
+        """16 kHz frames handed to the engine streams so far."""
+        return self.queued_total - self.cs.queued
