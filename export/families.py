@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from rtns.pack import Provenance
-from rtns_export import frcrn
+from rtns_export import frcrn, gtcrn
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ def _export_dtln(
 FAMILIES: dict[str, Family] = {
     "dtln": Family("dtln", _build_dtln, _export_dtln),
     "frcrn": Family("frcrn", frcrn.build_frcrn, frcrn.export_frcrn_pack),
+    "gtcrn": Family("gtcrn", gtcrn.build_gtcrn, gtcrn.export_gtcrn_pack),
 }
 
 
