@@ -32,12 +32,12 @@ HOP = 128
 
 def load_speech(data_dir: Path, n: int) -> np.ndarray:
     """Noisy test utterances end to end, looped to ``n`` samples, float32 [n]."""
-    import soundfile as sf
+    from rtns.audio_io import read_audio
 
     files = sorted(data_dir.glob("*.flac"))
     if not files:
         sys.exit(f"no .flac files in {data_dir}")
-    x = np.concatenate([sf.read(f, dtype="float32")[0] for f in files])
+    x = np.concatenate([read_audio(f).samples[:, 0] for f in files])
     return np.resize(x, n).astype(np.float32)
 
 

@@ -20,7 +20,7 @@ Examples (from the repository root)::
 
 Files of the two folders are paired by name (extension ignored); a name present on one
 side only is an error. Pairs of different lengths are trimmed to the shorter, files at
-another rate are resampled to 16 kHz with soxr, and multi-channel files are averaged to
+another rate are resampled to 16 kHz with rtns's resampler (time-aligned), and multi-channel files are averaged to
 mono (each counted and reported).
 """
 
@@ -153,20 +153,17 @@ def find_pairs(clean_dir: Path, noisy_dir: Path) -> list[Pair]:
 
 def _load(path: Path) -> tuple[np.ndarray, bool, bool]:
     """Mono float32 [N] at 16 kHz; returns (samples, resampled, downmixed)."""
-    import soundfile as sf
+    from rtns.audio_io import read_audio
+    from rtns.resample import resample_signal
 
-    try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise UserInputError(f"{path}: cannot read it as audio ({e})") from None
+    audio = read_audio(path)  # the runtime's one reader: one-line errors naming the file
+    x = audio.samples
     downmixed = x.shape[1] > 1
-    x = x.mean(axis=1) if downmixed else x[:, 0]
-    resampled = sr != SAMPLE_RATE
+    x = x.mean(axis=1, keepdims=True) if downmixed else x
+    resampled = audio.sample_rate != SAMPLE_RATE
     if resampled:
-        import soxr
-
-        x = soxr.resample(x, sr, SAMPLE_RATE).astype(np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32), resampled, downmixed
+        x = resample_signal(x, audio.sample_rate, SAMPLE_RATE)
+    return np.ascontiguousarray(x[:, 0], dtype=np.float32), resampled, downmixed
 
 
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray, FileResult]:

@@ -82,3 +82,14 @@ def test_bad_shapes_raise():
         Resampler(0, 16_000)
     with pytest.raises(ValueError, match=r"\[n, 2\]"):
         Resampler(48_000, 16_000, 2).process(np.zeros((10, 1), np.float32))
+
+
+def test_resample_signal_is_time_aligned_with_exact_length():
+    from rtns.resample import resample_signal
+
+    x = tone(440.0, 44_100, 44_100, channels=2)
+    y = resample_signal(x, 44_100, 16_000)
+    assert y.shape == (16_000, 2)
+    want = tone(440.0, 16_000, 16_000, channels=2)
+    np.testing.assert_allclose(y[200:-200], want[200:-200], atol=2e-3)
+    assert resample_signal(x, 44_100, 44_100) is x
