@@ -1,6 +1,6 @@
 """File commands: ``rtns enhance``, ``rtns models``, ``rtns import-dtln``.
 
-Heavy modules (soundfile, soxr, onnxruntime, tqdm, torch) are imported inside the run
+Heavy modules (soundfile, onnxruntime, tqdm, torch) are imported inside the run
 functions so that ``import rtns.cli`` stays light.
 """
 

@@ -1,5 +1,5 @@
 """``rtns serve`` (the ZeroMQ daemon), ``rtns stream`` (a file through a daemon) and
-``rtns keys`` (CurveZMQ key pairs). zmq, soxr and onnxruntime are imported when run."""
+``rtns keys`` (CurveZMQ key pairs). zmq and onnxruntime are imported when run."""
 
 from __future__ import annotations
 
