@@ -4,7 +4,7 @@ Scoring, not runtime: the trainer's validation (``export/train.py``), ``benchmar
 and the tests use it; the runtime package ``rtns`` never does. It imports neither torch nor
 anything the runtime does not have: SI-SDR is computed here; PESQ (``pesq``), STOI
 (``pystoi``) and DNSMOS P.835 (``speechmos``) come from their packages, imported on first use
-(install the ``bench``, ``train`` or ``test`` extra).
+(the ``bench`` and ``test`` extras have all three; ``train`` has PESQ only).
 """
 
 from __future__ import annotations
