@@ -32,6 +32,7 @@ from rtns.pack import (
     sha256_file,
     write_manifest,
 )
+from rtns_export.batchsafe import rewrite_file
 
 OPSET = 17
 
@@ -104,6 +105,8 @@ def export_graph(g: GraphExport, path: Path) -> GraphSpec:
             dynamo=False,
             do_constant_folding=True,
         )
+    # Rows of a batched call must equal batch-1 rows bit for bit (the daemon batches).
+    rewrite_file(path)
     return GraphSpec(
         role=g.role,  # type: ignore[arg-type]
         file=path.name,
