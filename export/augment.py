@@ -143,3 +143,126 @@ def gain_sweep(x: np.ndarray, rng: np.random.Generator, max_db: float = 12.0) ->
     span = np.max(np.abs(curve)) + EPS
     db = curve / span * rng.uniform(0, max_db / 2)
     return (x * 10 ** (db / 20)).astype(np.float32)
+
+
+# -- speed perturbation --------------------------------------------------------------------
+def speed_perturb(x: np.ndarray, factor: float) -> np.ndarray:
+    """Play ``x`` ``factor`` times faster (tempo and pitch together, as resampling does):
+    y(t) = x(factor t), ``round(len(x) / factor)`` samples, soxr HQ resampling. [n] f32"""
+    import soxr
+
+    if factor <= 0:
+        raise ValueError("speed factor must be positive")
+    if factor == 1.0:
+        return np.asarray(x, dtype=np.float32).copy()
+    y = soxr.resample(np.asarray(x, dtype=np.float32), SAMPLE_RATE * factor, SAMPLE_RATE, "HQ")
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+# -- early reverberation: image-method room impulse responses -------------------------------
+#: Samples before the direct path kept at the start of a stored RIR (half of
+#: pyroomacoustics' fractional-delay filter, so the direct path's filter is complete).
+RIR_LEAD = 40
+
+
+def image_method_rir(
+    rng: np.random.Generator,
+    rt60: tuple[float, float] = (0.2, 0.8),
+    room_min: tuple[float, float, float] = (3.0, 3.0, 2.4),
+    room_max: tuple[float, float, float] = (9.0, 7.0, 3.5),
+    max_seconds: float = 1.0,
+) -> tuple[np.ndarray, float]:
+    """One shoebox room impulse response by the image method (pyroomacoustics): random room
+    size, a target RT60 drawn from ``rt60`` (wall absorption by inverse Sabine), source and
+    microphone at random positions at least 0.5 m from the walls and 0.5 m apart. The RIR is
+    cut to start ``RIR_LEAD`` samples before the direct path (so the direct path sits at
+    index ``RIR_LEAD``) and to at most ``max_seconds``. Returns (rir float32, rt60 drawn)."""
+    import pyroomacoustics as pra
+
+    dims = rng.uniform(room_min, room_max)
+    target = float(rng.uniform(*rt60))
+    e_abs, order = pra.inverse_sabine(target, dims)
+    while True:
+        src = rng.uniform(0.5, dims - 0.5)
+        mic = rng.uniform(0.5, dims - 0.5)
+        if np.linalg.norm(src - mic) >= 0.5:
+            break
+    room = pra.ShoeBox(
+        dims,
+        fs=SAMPLE_RATE,
+        materials=pra.Material(float(e_abs)),
+        max_order=int(min(order, 120)),
+        air_absorption=False,
+    )
+    room.add_source(src)
+    room.add_microphone(mic)
+    room.compute_rir()
+    h = np.asarray(room.rir[0][0], dtype=np.float64)
+    direct = direct_path_index(float(np.linalg.norm(src - mic)))
+    h = h[direct - RIR_LEAD : direct - RIR_LEAD + int(max_seconds * SAMPLE_RATE)]
+    return (h / (np.max(np.abs(h)) + EPS)).astype(np.float32), target
+
+
+def direct_path_index(distance_m: float) -> int:
+    """Sample index of the direct path in a pyroomacoustics RIR: the propagation delay
+    plus half of its 81-tap fractional-delay filter."""
+    import pyroomacoustics as pra
+
+    c = float(pra.constants.get("c"))
+    half = (int(pra.constants.get("frac_delay_length")) - 1) // 2
+    return int(round(distance_m / c * SAMPLE_RATE)) + half
+
+
+def early_rir(h: np.ndarray, early_ms: float = 50.0, fade_ms: float = 5.0) -> np.ndarray:
+    """The direct path plus the reflections within ``early_ms`` after it (a stored RIR has
+    the direct path at index ``RIR_LEAD``), faded out over ``fade_ms`` with a raised cosine;
+    zero afterwards. Same length as ``h``."""
+    end = RIR_LEAD + int(round(early_ms * SAMPLE_RATE / 1000))
+    fade = max(int(round(fade_ms * SAMPLE_RATE / 1000)), 1)
+    w = np.zeros(h.shape[0])
+    w[: min(end, h.shape[0])] = 1.0
+    ramp = 0.5 + 0.5 * np.cos(np.pi * (np.arange(fade) + 1) / fade)
+    seg = w[end : end + fade]
+    seg[:] = ramp[: seg.shape[0]]
+    return (h * w).astype(np.float32)
+
+
+def reverberate(
+    x: np.ndarray, h: np.ndarray, early_ms: float = 50.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reverberant speech, early-reverberation target), both [len(x)] f32: ``x`` convolved
+    with the full RIR and with its early part (:func:`early_rir`), truncated to the input
+    length. Both carry the RIR's ``RIR_LEAD``-sample lead, so they stay time-aligned."""
+    from scipy.signal import fftconvolve
+
+    n = x.shape[0]
+    x64 = np.asarray(x, dtype=np.float64)
+    full = fftconvolve(x64, h.astype(np.float64))[:n]
+    early = fftconvolve(x64, early_rir(h, early_ms).astype(np.float64))[:n]
+    return full.astype(np.float32), early.astype(np.float32)
+
+
+def rir_bank(
+    count: int,
+    seed: int,
+    rt60: tuple[float, float],
+    cache_dir: str | None,
+) -> list[np.ndarray]:
+    """``count`` image-method RIRs generated once with ``seed`` (offline: cached in
+    ``cache_dir`` as one .npz keyed by the arguments)."""
+    import hashlib
+    from pathlib import Path
+
+    key = hashlib.sha1(f"rirs|{count}|{seed}|{rt60[0]:g}|{rt60[1]:g}|v1".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"rirs_{key}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        with np.load(path) as z:
+            return [z[f"r{i}"] for i in range(count)]
+    rng = np.random.default_rng(seed)
+    rirs = [image_method_rir(rng, rt60)[0] for _ in range(count)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"r{i}": r for i, r in enumerate(rirs)})
+        tmp.replace(path)
+    return rirs

@@ -150,15 +150,24 @@ class MixStats:
 
 
 def mix_at(
-    clean: np.ndarray, noise: np.ndarray, snr_db: float, level_dbfs: float
+    clean: np.ndarray,
+    noise: np.ndarray,
+    snr_db: float,
+    level_dbfs: float,
+    observed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Scale noise to snr_db below the active level of clean, then scale the pair so that the
     mix has RMS level_dbfs; if its peak would exceed 0.99 scale both down instead of
-    clipping. Returns (clean, noisy, rescaled) float32 [n]."""
-    s_rms = active_rms(clean)
+    clipping. Returns (clean, noisy, rescaled) float32 [n].
+
+    ``observed``: the speech as the microphone hears it when it differs from the target
+    ``clean`` (reverberant speech with an early-reverberation target): the noisy mix is
+    ``observed + noise`` and the SNR is measured against ``observed``."""
+    speech = clean if observed is None else observed
+    s_rms = active_rms(speech)
     n_rms = active_rms(noise)
     noise = noise * (s_rms / (n_rms + EPS)) * 10 ** (-snr_db / 20)
-    noisy = clean + noise
+    noisy = speech + noise
     rms = float(np.sqrt(np.mean(noisy.astype(np.float64) ** 2)) + EPS)
     g = 10 ** (level_dbfs / 20) / rms
     peak = float(np.max(np.abs(noisy))) * g
@@ -189,14 +198,22 @@ class Mixer:
         self.cfg = cfg
         self.rng = rng
         self.stats = MixStats()
+        a = cfg.augment
+        #: Image-method RIRs (generated once, cached with the audio) when reverb is on.
+        self.rirs: list[np.ndarray] = (
+            augment.rir_bank(a.rir_count, a.rir_seed, a.rt60, cfg.cache_dir) if a.reverb else []
+        )
+        #: Extra noise pools for forced noise kinds (validation), e.g. {"urban": [...]}.
+        self.pools: dict[str, list[np.ndarray]] = {}
 
     @property
     def seg_len(self) -> int:
         return int(round(self.cfg.segment_seconds * SAMPLE_RATE))
 
-    def _noise(self, n: int, speech_idx: int) -> np.ndarray:
+    def _noise(self, n: int, speech_idx: int, kind: str | None = None) -> np.ndarray:
         rng, a = self.rng, self.cfg.augment
-        kind = augment.choose_noise_kind(a, rng)
+        if kind is None:
+            kind = augment.choose_noise_kind(a, rng)
         self.stats.sources[kind] = self.stats.sources.get(kind, 0) + 1
         if kind == "babble":
             pool = rng.choice(len(self.speech), min(12, len(self.speech)), replace=False)
@@ -206,19 +223,35 @@ class Mixer:
             noise = augment.babble(talkers, rng)
         elif kind == "colored":
             noise = augment.colored_noise(n, rng)
+        elif kind in self.pools:
+            pool = self.pools[kind]
+            noise = looped_segment(pool[int(rng.integers(len(pool)))], n, rng)
         else:
             noise = looped_segment(self.noise[int(rng.integers(len(self.noise)))], n, rng)
         return augment.add_extras(noise, a, rng)
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """One pair (clean [n], noisy [n]) float32, n = segment length."""
+    def _speech(self, i: int, n: int) -> np.ndarray:
+        """An n-sample excerpt of utterance i, speed-perturbed when that augmentation fires."""
+        rng, a = self.rng, self.cfg.augment
+        if a.speed and rng.random() < a.speed_prob:
+            f = float(rng.uniform(*a.speed_range))
+            seg = random_segment(self.speech[i], int(np.ceil(n * f)) + 64, rng)
+            out = augment.speed_perturb(seg, f)[:n]
+            if out.shape[0] < n:
+                out = np.pad(out, (0, n - out.shape[0]))
+            return out
+        return random_segment(self.speech[i], n, rng)
+
+    def sample(self, noise_kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One pair (clean [n], noisy [n]) float32, n = segment length. ``noise_kind`` forces
+        the noise source ("file", "colored", "babble" or a key of :attr:`pools`)."""
         rng, cfg, n = self.rng, self.cfg, self.seg_len
         for _ in range(10):  # avoid (nearly) silent speech excerpts
             i = int(rng.integers(len(self.speech)))
-            clean = random_segment(self.speech[i], n, rng)
+            clean = self._speech(i, n)
             if np.mean(clean.astype(np.float64) ** 2) > 1e-8:
                 break
-        noise = self._noise(n, i)
+        noise = self._noise(n, i, noise_kind)
         if cfg.augment.eq:
             if rng.random() < cfg.augment.eq_prob:
                 clean = augment.random_eq(clean, rng)
@@ -228,9 +261,14 @@ class Mixer:
             clean = augment.gain_sweep(clean, rng, cfg.augment.gain_sweep_db)
         if cfg.augment.gain_sweep and rng.random() < cfg.augment.gain_sweep_prob:
             noise = augment.gain_sweep(noise, rng, cfg.augment.gain_sweep_db)
+        observed = None
+        if self.rirs and rng.random() < cfg.augment.reverb_prob:
+            h = self.rirs[int(rng.integers(len(self.rirs)))]
+            observed, clean = augment.reverberate(clean, h, cfg.augment.early_ms)
+            self.stats.sources["reverb"] = self.stats.sources.get("reverb", 0) + 1
         snr = float(rng.uniform(*cfg.snr_db))
         level = float(rng.uniform(*cfg.level_dbfs))
-        clean, noisy, rescaled = mix_at(clean, noise, snr, level)
+        clean, noisy, rescaled = mix_at(clean, noise, snr, level, observed)
         self.stats.mixes += 1
         self.stats.rescaled_to_avoid_clipping += int(rescaled)
         return clean, noisy
@@ -248,15 +286,47 @@ def validation_set(
     items: int,
     seconds: float,
     seed: int,
+    kinds: Sequence[str] | None = None,
+    urban: Sequence[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A fixed validation set: ``items`` pairs of ``seconds`` s drawn with a fixed seed from
-    the validation folders, real noise only (no synthetic augmentation), same SNR and level
-    ranges as training. Returns (clean [items, n], noisy [items, n])."""
+    the validation folders, same SNR and level ranges as training, no augmentation of the
+    speech. Without ``kinds``: real noise of the validation folder only. With ``kinds``,
+    item k's noise is ``kinds[k % len(kinds)]``: "file", "colored" (stationary 1/f^a),
+    "babble" (other validation utterances) or "urban" (from ``urban``, held-out noise).
+    Returns (clean [items, n], noisy [items, n])."""
     vcfg = cfg.model_copy(
         update={"segment_seconds": seconds, "augment": cfg.augment.disabled()}, deep=True
     )
     mixer = Mixer(speech, noise, vcfg, np.random.default_rng(seed))
-    return mixer.batch(items)
+    if not kinds:
+        return mixer.batch(items)
+    if "urban" in kinds:
+        if not urban:
+            raise DataError("validation kind 'urban' needs held-out urban noise")
+        mixer.pools["urban"] = list(urban)
+    pairs = [mixer.sample(kinds[k % len(kinds)]) for k in range(items)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def split_holdout(
+    arrays: Sequence[np.ndarray], names: Sequence[str], subdir: str, fraction: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Cut the last ``fraction`` of every file under ``subdir/`` (names relative to the
+    loaded folder) off for validation: returns (training arrays with those files shortened,
+    held-out tails). Other files pass unchanged."""
+    train, held = [], []
+    prefix = subdir.rstrip("/") + "/"
+    for a, name in zip(arrays, names, strict=True):
+        if name.startswith(prefix):
+            cut = int(round(a.shape[0] * (1 - fraction)))
+            train.append(a[:cut])
+            held.append(a[cut:])
+        else:
+            train.append(a)
+    if not held:
+        raise DataError(f"no training noise under {subdir!r} to hold out for validation")
+    return train, held
 
 
 def fingerprint(names: Sequence[str], arrays: Sequence[np.ndarray]) -> str:

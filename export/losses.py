@@ -7,6 +7,9 @@ to a scalar tensor (mean over the batch; lower is better) and is differentiable.
 - :func:`neg_snr`: negative SNR in dB, scale-dependent (the DTLN paper's loss).
 - :func:`lms`: log-mel-spectra distance: |S|/512 -> triangular mel banks of 16, 32 and 64 ->
   log(. + 1e-7) -> RMSE, averaged over the three resolutions.
+- :func:`cc_mse`, :func:`cmag_mse`: MSE of power-law compressed STFTs (|X|^0.3 with the
+  phase kept), complex (real + imaginary MSE) and magnitude-only; GTCRN's recipe weighs them
+  30 : 70 and adds an SI-SNR term.
 - :func:`rtns_export.pmsqe.pmsqe`: PESQ-like perceptual loss.
 - :class:`CombinedLoss`: weighted sum of named terms (base:perceptual ratios such as
   SI-SNR:LMS 1:2 or SI-SNR:PMSQE 1:8, see docs/training.md).
@@ -50,6 +53,37 @@ def spectral_mse(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """MSE between STFT magnitudes (512-point Hann, hop 128)."""
     _check(est, ref)
     return torch.mean((stft_mag(est) - stft_mag(ref)) ** 2)
+
+
+#: Power-law exponent of the compressed-spectrum losses.
+COMPRESS = 0.3
+
+
+def compressed_stft(
+    x: torch.Tensor, c: float = COMPRESS, n_fft: int = 512, hop: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(|X|^c, Re X |X|^(c-1), Im X |X|^(c-1)) of the STFT (periodic Hann, no centering),
+    each [B, frames, bins]; |X| = sqrt(Re^2 + Im^2 + 1e-12) so gradients stay finite."""
+    win = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
+    spec = torch.stft(x, n_fft, hop, n_fft, win, center=False, return_complex=True)
+    re, im = spec.real.transpose(1, 2), spec.imag.transpose(1, 2)
+    mag = torch.sqrt(re * re + im * im + 1e-12)
+    scale = mag ** (c - 1.0)
+    return mag * scale, re * scale, im * scale
+
+
+def cc_mse(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Compressed complex spectral MSE: MSE(Re) + MSE(Im) of |X|^0.3 e^{j angle X}."""
+    _check(est, ref)
+    _, re_e, im_e = compressed_stft(est)
+    _, re_r, im_r = compressed_stft(ref)
+    return torch.mean((re_e - re_r) ** 2) + torch.mean((im_e - im_r) ** 2)
+
+
+def cmag_mse(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Compressed magnitude MSE: MSE of |X|^0.3."""
+    _check(est, ref)
+    return torch.mean((compressed_stft(est)[0] - compressed_stft(ref)[0]) ** 2)
 
 
 def sisnr(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -116,6 +150,8 @@ LOSSES: dict[str, LossFn] = {
     "neg_snr": neg_snr,
     "lms": lms,
     "pmsqe": _pmsqe,
+    "cc_mse": cc_mse,
+    "cmag_mse": cmag_mse,
 }
 
 

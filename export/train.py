@@ -33,9 +33,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from rtns.atten import AttenLimit
 from rtns.pack import Provenance, write_manifest
 from rtns_export import metrics
-from rtns_export.data import DataError, Mixer, fingerprint, load_folder, validation_set
+from rtns_export.data import (
+    DataError,
+    Mixer,
+    fingerprint,
+    load_folder,
+    split_holdout,
+    validation_set,
+)
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss
 from rtns_export.train_config import ConfigError, ScheduleConfig, TrainConfig
@@ -129,9 +137,9 @@ def score_pairs(clean: np.ndarray, est: np.ndarray, pesq_items: int) -> dict[str
 def with_atten_lim(est: np.ndarray, noisy: np.ndarray, db: float) -> np.ndarray:
     """What the engine outputs with an attenuation limit of ``db`` (inf: ``est`` itself):
     ``g * noisy + (1 - g) * est`` with ``g = 10^(-db/20)``; arrays time-aligned, [B, N]."""
-    if math.isinf(db):
+    g = AttenLimit.parse(db).dry_gain  # the engine's own rule (rtns.atten)
+    if g == 0.0:
         return est
-    g = 10.0 ** (-db / 20.0)
     return ((1.0 - g) * est + g * noisy).astype(np.float32)
 
 
@@ -242,9 +250,21 @@ class Trainer:
             f"{sum(map(len, noise)) / 16000 / 60:.1f} min, id {fingerprint(nn_, noise)})",
             "valid": f"{d.valid_speech} + {d.valid_noise} (id {fingerprint(vsn + vnn, vs + vn)})",
         }
-        self.mixer = Mixer(speech, noise, d, np.random.default_rng(self.cfg.seed))
         v = self.cfg.valid
-        self.valid_clean, self.valid_noisy = validation_set(vs, vn, d, v.items, v.seconds, v.seed)
+        urban = None
+        if v.kinds and "urban" in v.kinds:
+            noise, urban = split_holdout(noise, nn_, d.holdout_subdir, d.holdout_fraction)
+            self.data_info["valid"] += (
+                f"; urban validation noise: the last {d.holdout_fraction:g} of each of the "
+                f"{len(urban)} files under {d.train_noise}/{d.holdout_subdir} "
+                f"({sum(map(len, urban)) / 16000 / 60:.1f} min, cut from training)"
+            )
+        if v.kinds:
+            self.data_info["valid"] += f"; validation noise kinds {list(v.kinds)} in turn"
+        self.mixer = Mixer(speech, noise, d, np.random.default_rng(self.cfg.seed))
+        self.valid_clean, self.valid_noisy = validation_set(
+            vs, vn, d, v.items, v.seconds, v.seed, v.kinds, urban
+        )
         n = self.valid_noisy.shape[1]
         self.valid_input = score_pairs(self.valid_clean, self.valid_noisy[:, :n], v.pesq_items)
         self._log(f"data loaded in {time.time() - t0:.1f} s; {json.dumps(self.data_info)}")

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rtns.atten import MAX_DB
 from rtns.errors import first_validation_error
 
 Range = tuple[float, float]
@@ -49,6 +50,21 @@ class AugmentConfig(_Strict):
     gain_sweep: bool = True
     gain_sweep_prob: float = Field(0.2, ge=0, le=1)
     gain_sweep_db: float = Field(12.0, ge=0)
+    #: Speed perturbation of the speech (tempo and pitch, by resampling), factor drawn
+    #: uniformly from ``speed_range``.
+    speed: bool = False
+    speed_prob: float = Field(0.5, ge=0, le=1)
+    speed_range: tuple[float, float] = (0.9, 1.1)
+    #: Room reverberation: the speech is convolved with one of ``rir_count`` image-method RIRs
+    #: (generated once with ``rir_seed``, RT60 drawn from ``rt60``, cached in the data cache);
+    #: the training target is the speech convolved with the direct path and the reflections
+    #: of the first ``early_ms`` only.
+    reverb: bool = False
+    reverb_prob: float = Field(0.3, ge=0, le=1)
+    rir_count: int = Field(200, ge=1)
+    rir_seed: int = 7
+    rt60: tuple[float, float] = (0.2, 0.8)
+    early_ms: float = Field(50.0, ge=0, le=200)
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
@@ -57,11 +73,27 @@ class AugmentConfig(_Strict):
             raise ValueError("babble_talkers must be (low, high) with 1 <= low <= high <= 11")
         if self.babble * self.babble_prob + self.colored * self.colored_prob > 1:
             raise ValueError("babble_prob + colored_prob must not exceed 1")
+        if not 0.5 <= self.speed_range[0] <= self.speed_range[1] <= 2.0:
+            raise ValueError("speed_range must be (low, high) within 0.5..2")
+        if not 0.05 <= self.rt60[0] <= self.rt60[1] <= 2.0:
+            raise ValueError("rt60 must be (low, high) within 0.05..2 s")
         return self
 
     def disabled(self) -> AugmentConfig:
         return self.model_copy(
-            update={k: False for k in ("babble", "colored", "hum", "clicks", "eq", "gain_sweep")}
+            update={
+                k: False
+                for k in (
+                    "babble",
+                    "colored",
+                    "hum",
+                    "clicks",
+                    "eq",
+                    "gain_sweep",
+                    "speed",
+                    "reverb",
+                )
+            }
         )
 
 
@@ -75,6 +107,11 @@ class DataConfig(_Strict):
     snr_db: Range = (-5.0, 25.0)
     level_dbfs: Range = (-35.0, -15.0)
     augment: AugmentConfig = AugmentConfig()
+    #: Validation noise held out of the training noise: the last ``holdout_fraction`` of every
+    #: file under ``train_noise``/``holdout_subdir`` is cut from training and serves as the
+    #: "urban" validation noise (used only when ``valid.kinds`` names "urban").
+    holdout_subdir: str = "street"
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -86,7 +123,7 @@ class DataConfig(_Strict):
 
 
 class LossTerm(_Strict):
-    name: Literal["mse", "spectral_mse", "sisnr", "neg_snr", "lms", "pmsqe"]
+    name: Literal["mse", "spectral_mse", "sisnr", "neg_snr", "lms", "pmsqe", "cc_mse", "cmag_mse"]
     weight: float = 1.0
 
 
@@ -124,6 +161,11 @@ class ValidConfig(_Strict):
     #: unprocessed input's STOI plus this margin (an enhancer must not cost intelligibility).
     min_stoi_gain: float | None = None
     seed: int = 1234
+    #: Noise of the validation pairs, item k gets ``kinds[k % len(kinds)]``: "file" (the
+    #: validation noise folder), "colored" (stationary 1/f^a noise), "babble" (other
+    #: validation utterances), "urban" (the held-out street noise, see
+    #: ``data.holdout_subdir``). None: all "file" (the original validation set).
+    kinds: list[Literal["file", "colored", "babble", "urban"]] | None = None
 
 
 class ExportConfig(_Strict):
@@ -136,8 +178,8 @@ class ExportConfig(_Strict):
     #: of ``atten_lim_grid``, and keeps the one with the best ``valid.select`` among those
     #: whose STOI is at least the input's (plus ``valid.min_stoi_gain``). Validation scores,
     #: checkpoint selection and the exported pack all use the chosen limit.
-    atten_lim: Annotated[float, Field(ge=0, le=200)] | Literal["auto"] | None = None
-    atten_lim_grid: list[Annotated[float, Field(ge=0, le=200)]] = [30, 24, 18, 15, 12]
+    atten_lim: Annotated[float, Field(ge=0, le=MAX_DB)] | Literal["auto"] | None = None
+    atten_lim_grid: list[Annotated[float, Field(ge=0, le=MAX_DB)]] = [30, 24, 18, 15, 12]
 
 
 class TrainConfig(_Strict):
