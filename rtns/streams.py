@@ -39,6 +39,7 @@ import numpy as np
 
 from rtns import dsp
 from rtns.atten import AttenLimit
+from rtns.bank import BankFull, StreamBank
 from rtns.engine import Model, Stream
 from rtns.resample import ATTEN_DB, CUTOFF, HALF_WIDTH_S, Resampler, lowpass_fir
 
@@ -91,7 +92,13 @@ class ChannelStream:
       padding.
     """
 
-    def __init__(self, model: Model, channels: int = 1, rate: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        channels: int = 1,
+        rate: int | None = None,
+        bank: StreamBank | None = None,
+    ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be at least 1, got {channels}")
         self.model = model
@@ -99,7 +106,25 @@ class ChannelStream:
         self.rate = int(model.sample_rate if rate is None else rate)
         if self.rate <= 0:
             raise ValueError(f"sample rate must be positive, got {rate}")
-        self.streams: list[Stream] = [model.stream() for _ in range(channels)]
+        #: With a bank, the channels are slots of it (hops batched with other streams by
+        #: whoever owns the bank); without, each channel is its own engine Stream.
+        self.bank = bank
+        self.slots = np.zeros(0, np.int64)
+        self.streams: list[Stream] = []
+        if bank is not None:
+            if bank.model is not model:
+                raise ValueError("the bank runs another model")
+            taken: list[int] = []
+            try:
+                for _ in range(channels):
+                    taken.append(bank.open())
+            except BankFull:
+                for slot in taken:
+                    bank.close(slot)
+                raise
+            self.slots = np.asarray(taken, np.int64)
+        else:
+            self.streams = [model.stream() for _ in range(channels)]
         sr = model.sample_rate
         self.resampling = self.rate != sr
         self.full_band = self.rate > sr
@@ -140,19 +165,28 @@ class ChannelStream:
     # -- controls ------------------------------------------------------------------------
     @property
     def bypass(self) -> bool:
+        if self.bank is not None:
+            return bool(self.bank.bypass[self.slots[0]])
         return self.streams[0].bypass
 
     @bypass.setter
     def bypass(self, on: bool) -> None:
+        if self.bank is not None:
+            self.bank.bypass[self.slots] = bool(on)
         for st in self.streams:
             st.bypass = bool(on)
 
     @property
     def atten_lim(self) -> AttenLimit:
+        if self.bank is not None:
+            return self.bank.atten(int(self.slots[0]))
         return self.streams[0].atten_lim
 
     @atten_lim.setter
     def atten_lim(self, value: AttenLimit | str | float | None) -> None:
+        if self.bank is not None:
+            for slot in self.slots:
+                self.bank.set_atten(int(slot), value)
         for st in self.streams:
             st.atten_lim = value
 
@@ -182,6 +216,8 @@ class ChannelStream:
         """Back to a new stream (controls are kept)."""
         for st in self.streams:
             st.reset()
+        for slot in self.slots:
+            self.bank.reset(int(slot))
         if self._down is not None:
             self._down.reset()
             self._up.reset()
@@ -227,11 +263,42 @@ class ChannelStream:
     @property
     def pending(self) -> int:
         """16 kHz frames fed to the engine streams, waiting for their hop to complete."""
+        if self.bank is not None:
+            return int(self.bank.n_pending[self.slots[0]])
         return self.streams[0].pending
+
+    def close(self) -> None:
+        """Give the bank slots back (a bank-backed stream is unusable afterwards)."""
+        if self.bank is not None:
+            for slot in self.slots:
+                self.bank.close(int(slot))
+            self.slots = np.zeros(0, np.int64)
+
+    def fill(self) -> bool:
+        """Bank mode: feed queued input into the slots until the hop is complete; True if it
+        is (then the bank's owner steps the slots and hands the rows to :meth:`deliver`)."""
+        bank, shift = self.bank, self.model.block_shift
+        first = int(self.slots[0])
+        need = shift - int(bank.n_pending[first])
+        if need == 0:
+            return True
+        take = min(need, self._backlog.size)
+        if take:
+            x = self._backlog.take(take)
+            for c, slot in enumerate(self.slots):
+                bank.feed(int(slot), x[:, c])
+        return take == need
+
+    def deliver(self, hop: np.ndarray) -> None:
+        """Bank mode: the bank's output of one hop, float32 [shift, channels]."""
+        self._y16.append(hop)
+        self.hops += 1
 
     def next_hop(self) -> list[np.ndarray] | None:
         """Feed queued input until every channel has a complete hop; returns the blocks to
         infer (one float32 [block_len] view per channel) or None when input is short."""
+        if self.bank is not None:
+            raise RuntimeError("a bank-backed stream is stepped by its bank (fill/deliver)")
         shift = self.model.block_shift
         need = shift - self.streams[0].pending
         if need > self._backlog.size:
@@ -256,6 +323,10 @@ class ChannelStream:
         self.hops += 1
 
     def _run_hops(self) -> None:
+        if self.bank is not None:
+            while self.fill():
+                self.deliver(self.bank.step(self.slots).T.copy())
+            return
         infer = self.model.infer
         while (blocks := self.next_hop()) is not None:
             outs, states = [], []

@@ -1,0 +1,177 @@
+"""Many mono engine streams as rows of preallocated arrays: one batched hop for all of them.
+
+A :class:`StreamBank` holds, for up to ``capacity`` slots, everything a
+:class:`rtns.engine.Stream` holds for one stream: the 512-sample input block, the
+overlap-add buffer, the samples of the incomplete hop, every recurrent state tensor, and
+the controls (bypass, attenuation limit). :meth:`StreamBank.step` runs one hop for a set of
+slots: one rFFT over their blocks, one onnxruntime call per graph (at most ``max_batch``
+rows a call), one irFFT, one vectorised overlap-add. A slot's output equals, sample for
+sample, what a ``Stream`` gives for the same input when the model is batch-invariant
+(:func:`batch_invariant`, checked at start by whoever batches; the exporter makes every
+graph so by construction, see ``rtns_export.batchsafe``).
+
+The daemon keeps its sessions here; :class:`rtns.streams.ChannelStream` uses slots of a
+bank for its channels when given one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtns.atten import OFF, AttenLimit
+from rtns.engine import Model, State
+
+
+class BankFull(RuntimeError):
+    """Every slot of the bank is taken."""
+
+
+class StreamBank:
+    """``capacity`` mono streams of one model in preallocated [slots, ...] arrays."""
+
+    def __init__(self, model: Model, capacity: int, max_batch: int = 256) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model = model
+        self.capacity = capacity
+        self.max_batch = max_batch
+        n, hop = model.block_len, model.block_shift
+        self.block_len, self.shift = n, hop
+        self.blocks = np.zeros((capacity, n), np.float32)
+        self.ola = np.zeros((capacity, n), np.float32)
+        self.pending = np.zeros((capacity, hop), np.float32)
+        self.n_pending = np.zeros(capacity, np.int64)
+        self._init = model.initial_state(1)
+        self.state: State = {k: np.repeat(v, capacity, axis=0) for k, v in self._init.items()}
+        #: Dry-mix gain of the attenuation limit per slot (0: unlimited) and 1 - it, each
+        #: rounded from float64 as :class:`rtns.engine.Stream` does (same bits).
+        self.dry_mix = np.zeros(capacity, np.float32)
+        self.wet = np.ones(capacity, np.float32)
+        self.bypass = np.zeros(capacity, bool)
+        self.in_use = np.zeros(capacity, bool)
+        self._free = list(range(capacity - 1, -1, -1))
+        self._default_limit = AttenLimit.from_optional(model.manifest.atten_lim_db)
+        #: Rows and calls run so far (stats).
+        self.rows = 0
+        self.calls = 0
+
+    # -- slots ------------------------------------------------------------------------------
+    def open(self) -> int:
+        """A fresh slot (new-stream state, the pack's default limit, bypass off)."""
+        if not self._free:
+            raise BankFull(f"all {self.capacity} stream slots are in use")
+        slot = self._free.pop()
+        self.in_use[slot] = True
+        self.reset(slot)
+        self.set_atten(slot, self._default_limit)
+        self.bypass[slot] = False
+        return slot
+
+    def close(self, slot: int) -> None:
+        if not self.in_use[slot]:
+            raise ValueError(f"slot {slot} is not open")
+        self.in_use[slot] = False
+        self._free.append(slot)
+
+    def reset(self, slot: int) -> None:
+        """Back to a new stream's state (controls kept)."""
+        self.blocks[slot] = 0.0
+        self.ola[slot] = 0.0
+        self.n_pending[slot] = 0
+        for k, v in self._init.items():
+            self.state[k][slot] = v[0]
+
+    @property
+    def open_slots(self) -> int:
+        return int(self.in_use.sum())
+
+    # -- controls ---------------------------------------------------------------------------
+    def set_atten(self, slot: int, limit: AttenLimit | str | float | None) -> None:
+        g = (OFF if limit is None else AttenLimit.parse(limit)).dry_gain
+        self.dry_mix[slot] = g
+        self.wet[slot] = 1.0 - g
+
+    def atten(self, slot: int) -> AttenLimit:
+        g = float(self.dry_mix[slot])
+        return OFF if g == 0.0 else AttenLimit(-20.0 * float(np.log10(g)))
+
+    # -- data -------------------------------------------------------------------------------
+    def feed(self, slot: int, x: np.ndarray) -> int:
+        """Append up to the hop's missing samples of float32 ``x`` [n]; returns how many."""
+        k = int(self.n_pending[slot])
+        take = min(self.shift - k, x.shape[0])
+        self.pending[slot, k : k + take] = x[:take]
+        self.n_pending[slot] = k + take
+        return take
+
+    def ready(self) -> np.ndarray:
+        """Slots whose hop is complete (int64 [k], ascending)."""
+        return np.flatnonzero(self.n_pending == self.shift)
+
+    def step(self, slots: np.ndarray) -> np.ndarray:
+        """One hop for each slot in ``slots`` (all complete; int [k], no repeats).
+
+        Returns float32 [k, shift]: the hop's output of each slot, in order.
+        """
+        slots = np.asarray(slots, dtype=np.int64)
+        k = slots.shape[0]
+        out = np.empty((k, self.shift), np.float32)
+        if k == 0:
+            return out
+        if not (self.n_pending[slots] == self.shift).all():
+            raise ValueError("step() needs a complete hop in every slot")
+        s = self.shift
+        for a in range(0, k, self.max_batch):
+            idx = slots[a : a + self.max_batch]
+            blocks = np.concatenate([self.blocks[idx, s:], self.pending[idx]], axis=1)
+            self.blocks[idx] = blocks
+            state = {name: v[idx] for name, v in self.state.items()}
+            y, new = self.model.infer(blocks, state)
+            for name, v in new.items():
+                self.state[name][idx] = v
+            ola = self.ola[idx]
+            ola[:, :-s] = ola[:, s:]
+            ola[:, -s:] = 0.0
+            ola += y
+            self.ola[idx] = ola
+            dry = blocks[:, :s]
+            hop = ola[:, :s] * self.wet[idx][:, None] + dry * self.dry_mix[idx][:, None]
+            byp = self.bypass[idx]
+            if byp.any():
+                hop[byp] = dry[byp]
+            out[a : a + idx.shape[0]] = hop
+            self.calls += 1
+        self.n_pending[slots] = 0
+        self.rows += k
+        return out
+
+
+def batch_invariant(model: Model, max_batch: int = 64, hops: int = 3) -> bool:
+    """Does every row of every ``infer`` call of 2..max_batch rows equal, bit for bit, the
+    same row run alone (batch 1)? Outputs and states are compared.
+
+    Runs ``hops - 1`` hops of random blocks at batch ``max_batch`` to get non-trivial states,
+    then one more hop at every batch size, so every (batch size, row position) a batcher
+    can use with this ``max_batch`` is checked once.
+    """
+    rng = np.random.default_rng(1234)
+    n = max_batch
+    state = model.initial_state(n)
+    blocks = (0.1 * rng.standard_normal((hops, n, model.block_len))).astype(np.float32)
+    for h in range(hops - 1):
+        _, state = model.infer(blocks[h], state)
+    alone = [model.infer(blocks[-1][b : b + 1], _rows(state, b, b + 1)) for b in range(n)]
+    for size in range(2, n + 1):
+        y, st = model.infer(blocks[-1][:size], _rows(state, 0, size))
+        for b in range(size):
+            if not np.array_equal(y[b], alone[b][0][0]):
+                return False
+            if any(not np.array_equal(st[k][b], alone[b][1][k][0]) for k in st):
+                return False
+    return True
+
+
+def _rows(state: State, a: int, b: int) -> State:
+    return {k: v[a:b] for k, v in state.items()}
