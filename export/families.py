@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from rtns.pack import Provenance
-from rtns_export import frcrn, gtcrn
+from rtns_export import frcrn, gtcrn, lowlat
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ FAMILIES: dict[str, Family] = {
     "dtln": Family("dtln", _build_dtln, _export_dtln),
     "frcrn": Family("frcrn", frcrn.build_frcrn, frcrn.export_frcrn_pack),
     "gtcrn": Family("gtcrn", gtcrn.build_gtcrn, gtcrn.export_gtcrn_pack),
+    "lowlat": Family("lowlat", lowlat.build_lowlat, lowlat.export_lowlat_pack),
 }
 
 

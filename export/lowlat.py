@@ -1,0 +1,194 @@
+"""A causal recurrent magnitude-mask model on the 257-bin STFT (family ``lowlat``), after the
+spectrogram-masking models of Wilson et al., "Exploring Tradeoffs in Models for Low-latency
+Speech Enhancement" (IWAENC 2018; shared/MODELS.md section 4, shared/seeds/003), made
+causal and streamable for this project's framing (512/128 sqrt-Hann STFT, 16 kHz).
+
+The published models read power-law compressed spectra (|X|^0.3, real and imaginary parts),
+apply a few convolutions (some dilated in time, all non-causal), a (B)LSTM and fully
+connected layers, and output a sigmoid magnitude mask. Here every time kernel looks back
+only and the LSTM is unidirectional::
+
+    (Re X, Im X) [B, 2, T, 257] -> |X|^0.3 e^{j angle X}
+      -> conv 1 x 7 along frequency (2 -> C), ReLU
+      -> conv 3 x 1 causal in time, dilation d (C -> C), ReLU      (cache: 2d frames)
+      -> FC (C * 257 -> H), ReLU -> LSTM (H, layers L)               (states h, c)
+      -> FC (H -> 257), sigmoid = magnitude mask; Y = X * mask (phase kept)
+
+It is exported in the engine's complex-mask pack layout (the mask's imaginary part is 0).
+As in :mod:`rtns_export.gtcrn`, rows of elementwise transcendental ops are padded to a
+multiple of 16 (272 bins) so the exported graph is batch-invariant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
+from rtns_export.gtcrn import (
+    StateDef,
+    analysis_window,
+    count_params,
+    overlap_add,
+    synthesis_window,
+)
+
+Tensor = torch.Tensor
+PAD_BINS = 272
+
+
+@dataclass(frozen=True)
+class LowLatConfig:
+    channels: int = 4
+    dilation: int = 2
+    hidden: int = 192
+    layers: int = 2
+    compress: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.dilation < 1 or self.layers < 1:
+            raise ValueError("channels, dilation and layers must be >= 1")
+        if self.hidden < 16 or self.hidden % 16:
+            raise ValueError(f"hidden must be a positive multiple of 16, got {self.hidden}")
+        if not 0 < self.compress <= 1:
+            raise ValueError("compress must be in (0, 1]")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LowLatConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown lowlat config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LowLat(nn.Module):
+    block_len = BLOCK_LEN
+    block_shift = BLOCK_SHIFT
+    latency = BLOCK_LEN - BLOCK_SHIFT
+
+    def __init__(self, cfg: LowLatConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or LowLatConfig()
+        c, h = cfg.channels, cfg.hidden
+        self.conv_f = nn.Conv2d(2, c, (1, 7), padding=(0, 3))
+        self.conv_t = nn.Conv2d(c, c, (3, 1), dilation=(cfg.dilation, 1))
+        self.fc_in = nn.Linear(c * N_BINS, h)
+        self.lstm = nn.LSTM(h, h, cfg.layers, batch_first=True)
+        self.fc_out = nn.Linear(h, N_BINS)
+        with torch.no_grad():  # start near a pass-through mask (sigmoid(2) ~ 0.88)
+            self.fc_out.bias.fill_(2.0)
+        cache = 2 * cfg.dilation
+        self.state_defs = [
+            StateDef("conv_cache", (c, cache, N_BINS), f"time conv input, last {cache} frames"),
+            StateDef("lstm_h", (cfg.layers, h), "LSTM hidden states per layer"),
+            StateDef("lstm_c", (cfg.layers, h), "LSTM cell states per layer"),
+        ]
+
+    def zero_states(self, batch: int, device=None) -> dict[str, Tensor]:
+        return {s.name: torch.zeros((batch, *s.shape), device=device) for s in self.state_defs}
+
+    def state_floats(self) -> int:
+        return sum(int(np.prod(s.shape)) for s in self.state_defs)
+
+    def net(self, feat: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """feat (Re X, Im X) [B, 2, T, 257] -> (mask [B, 2, T, 257] with imaginary 0, states)."""
+        c = self.cfg.compress
+        t = int(feat.shape[2])
+        fp = F.pad(feat, (0, PAD_BINS - N_BINS))
+        mag2 = fp[:, :1] * fp[:, :1] + fp[:, 1:] * fp[:, 1:] + 1e-12
+        x = (fp * torch.pow(mag2, (c - 1.0) / 2.0))[..., :N_BINS]
+        x = F.relu(self.conv_f(x))
+        x = torch.cat([st["conv_cache"], x], 2)
+        cache = x[:, :, -2 * self.cfg.dilation :]
+        x = F.relu(self.conv_t(x))  # [B, C, T, 257]
+        x = F.relu(self.fc_in(x.transpose(1, 2).reshape(-1, t, self.cfg.channels * N_BINS)))
+        h0 = st["lstm_h"].transpose(0, 1).contiguous()
+        c0 = st["lstm_c"].transpose(0, 1).contiguous()
+        y, (hn, cn) = self.lstm(x, (h0, c0))
+        m = F.pad(self.fc_out(y), (0, PAD_BINS - N_BINS))
+        m = torch.sigmoid(m)[..., :N_BINS][:, None]  # [B, 1, T, 257]
+        mask = torch.cat([m, torch.zeros_like(m)], 1)
+        new = {"conv_cache": cache, "lstm_h": hn.transpose(0, 1), "lstm_c": cn.transpose(0, 1)}
+        return mask, new
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, N] -> enhanced [B, (T - 1) * 128 + 512], output sample n estimates input n."""
+        frames = x.unfold(-1, BLOCK_LEN, BLOCK_SHIFT) * analysis_window(x.device)
+        spec = torch.fft.rfft(frames, dim=-1)
+        feat = torch.stack([spec.real, spec.imag], 1)
+        mask, _ = self.net(feat, self.zero_states(x.shape[0], x.device))
+        est = spec * mask[:, 0]
+        out = torch.fft.irfft(est, n=BLOCK_LEN, dim=-1) * synthesis_window(x.device)
+        return overlap_add(out, BLOCK_SHIFT)
+
+    def step(self, feat: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
+        st = {s.name: v for s, v in zip(self.state_defs, states, strict=True)}
+        mask, new = self.net(feat[:, :, None, :], st)
+        return (mask[:, :, 0, :], *(new[s.name] for s in self.state_defs))
+
+    def macs_per_frame(self) -> int:
+        c, h, L = self.cfg.channels, self.cfg.hidden, self.cfg.layers
+        conv = N_BINS * c * 2 * 7 + N_BINS * c * c * 3
+        return conv + c * N_BINS * h + L * 4 * h * 2 * h + h * N_BINS
+
+
+def export_lowlat(model: LowLat, out_dir, *, name: str, provenance, **kw):
+    from rtns.pack import FrontEnd
+    from rtns_export.exporter import GraphExport, StateExport, export_pack, step_module
+
+    n_params = count_params(model)
+    prov = provenance.model_copy(
+        update={
+            "architecture": "lowlat",
+            "parameters": n_params,
+            "macs_per_hop": model.macs_per_frame(),
+            "state_floats": model.state_floats(),
+        }
+    )
+    graph = GraphExport(
+        "mask",
+        "lowlat_mask.onnx",
+        step_module(model, model.step),
+        ("spectrum", (2, N_BINS)),
+        ("mask", (2, N_BINS)),
+        [
+            StateExport(s.name, f"{s.name}_out", s.shape, s.init, s.description)
+            for s in model.state_defs
+        ],
+    )
+    return export_pack(
+        model,
+        out_dir,
+        name=name,
+        family="frcrn",
+        frontend=FrontEnd(window="sqrt_hann", mask="complex"),
+        graphs=[graph],
+        latency=model.latency,
+        provenance=prov,
+        description=(
+            f"causal recurrent magnitude mask (after Wilson et al. 2018), LSTM "
+            f"{model.cfg.layers} x {model.cfg.hidden}, {n_params:,} parameters, "
+            f"{model.macs_per_frame() / 1e6:.2f} MMAC per 8 ms hop; complex-mask pack layout"
+        ),
+        **kw,
+    )
+
+
+def build_lowlat(cfg: dict) -> LowLat:
+    from rtns_export.families import FamilyError
+
+    try:
+        return LowLat(LowLatConfig.from_dict(cfg))
+    except (TypeError, ValueError) as e:
+        raise FamilyError(f"bad lowlat model options: {e}") from None
+
+
+def export_lowlat_pack(model: LowLat, out_dir, *, name: str, provenance, scores=None):
+    return export_lowlat(model, out_dir, name=name, provenance=provenance, scores=scores)
