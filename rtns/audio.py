@@ -67,6 +67,10 @@ DEAD_AFTER_BLOCKS = 4
 #: default -P 10) so the callback still preempts it, above every normal process so that
 #: background load cannot starve inference. Needs root, CAP_SYS_NICE or RLIMIT_RTPRIO.
 WORKER_RT_PRIORITY = 4
+#: SCHED_FIFO priority of the live process's other Python threads (main loop, terminal
+#: controls) while audio runs: they wake rarely and briefly, but must not be preempted by
+#: other processes while they hold the GIL (see :func:`set_thread_scheduling`).
+CONTROL_RT_PRIORITY = 1
 
 PORTAUDIO_MISSING = (
     "the PortAudio library is not installed; install the system package libportaudio2 "
@@ -352,18 +356,7 @@ class LiveRunner:
 
     def _make_realtime(self) -> None:
         """Ask for SCHED_FIFO on the calling (worker) thread; record the outcome."""
-        if self.rt_priority <= 0:
-            self.worker_scheduling = "normal (real-time priority not requested)"
-            return
-        if not hasattr(os, "sched_setscheduler"):
-            self.worker_scheduling = "normal (no real-time scheduling on this OS)"
-            return
-        try:
-            # pid 0 = the calling thread on Linux.
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
-            self.worker_scheduling = f"SCHED_FIFO {self.rt_priority}"
-        except OSError as e:
-            self.worker_scheduling = f"normal (no permission for real-time priority: {e.strerror})"
+        self.worker_scheduling = set_thread_scheduling(self.rt_priority)
 
     def _run(self) -> None:
         self._make_realtime()
@@ -501,6 +494,28 @@ class LiveRunner:
             bypass=self.bypass,
             atten_lim_db=self.atten_lim_db,
         )
+
+
+# -- scheduling ------------------------------------------------------------------------------
+def set_thread_scheduling(priority: int) -> str:
+    """SCHED_FIFO ``priority`` for the calling thread (0: back to normal scheduling);
+    returns how the thread is now scheduled, e.g. "SCHED_FIFO 4" or why it is not.
+
+    Every thread of a live process that takes the GIL while audio runs should be real-time:
+    a normal thread preempted by other processes while it holds (or is being handed) the
+    GIL stalls the worker and the callback behind it for a whole scheduler slice.
+    """
+    if not hasattr(os, "sched_setscheduler"):
+        return "normal (no real-time scheduling on this OS)"
+    try:
+        # pid 0 = the calling thread on Linux.
+        if priority <= 0:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            return "normal (real-time priority not requested)"
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return f"SCHED_FIFO {priority}"
+    except OSError as e:
+        return f"normal (no permission for real-time priority: {e.strerror})"
 
 
 # -- devices ---------------------------------------------------------------------------------

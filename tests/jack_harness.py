@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import os
+import pty
 import re
 import shutil
 import signal
@@ -37,6 +38,8 @@ def skip_reason() -> str | None:
     """Why JACK tests cannot run here, or None."""
     if shutil.which("jackd") is None or shutil.which("jack_wait") is None:
         return "needs jackd2 (apt-get install jackd2)"
+    if shutil.which("setsid") is None:
+        return "needs setsid (util-linux)"
     if ctypes.util.find_library("portaudio") is None:
         return "needs libportaudio2 (apt-get install libportaudio2)"
     try:
@@ -53,9 +56,16 @@ class JackServer:
         _COUNTER[0] += 1
         self.rate, self.period = rate, period
         self.name = f"rtns-test-{os.getpid()}-{_COUNTER[0]}"
-        self.env = {**os.environ, "JACK_DEFAULT_SERVER": self.name, "JACK_NO_START_SERVER": "1"}
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
+        #: time.monotonic() when each line of ``log`` was read.
+        self.log_at: list[float] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for a client of this server: today's os.environ (fixtures may
+        have added to it since the server started, e.g. $RTNS_EXTRA_FAMILIES) + the server."""
+        return {**os.environ, "JACK_DEFAULT_SERVER": self.name, "JACK_NO_START_SERVER": "1"}
 
     def __enter__(self) -> JackServer:
         cmd = [
@@ -83,7 +93,9 @@ class JackServer:
 
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
+        realtime_thread(1)  # stamps xruns on time even on a busy host
         for line in self.proc.stdout:
+            self.log_at.append(time.monotonic())
             self.log.append(line)
 
     def __exit__(self, *exc: object) -> None:
@@ -104,8 +116,19 @@ class JackServer:
         """XRuns jackd has logged so far."""
         return sum("XRun" in line for line in self.log)
 
+    def xrun_times(self) -> list[float]:
+        """time.monotonic() of each xrun jackd has logged so far."""
+        return [t for t, line in zip(self.log_at, self.log, strict=False) if "XRun" in line]
 
-def retry_on_host_xruns(server: JackServer, attempt: Callable[[], T], tries: int = 2) -> T:
+    def kill(self, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig`` to jackd; returns the time.monotonic() just before."""
+        assert self.proc is not None
+        t = time.monotonic()
+        self.proc.send_signal(sig)
+        return t
+
+
+def retry_on_host_xruns(server: JackServer, attempt: Callable[[], T], tries: int = 3) -> T:
     """Run ``attempt``; if it fails while jackd itself logged xruns (the host missed the
     dummy driver's deadlines, which no client can make up for), run it again, at most
     ``tries`` times in all. A failure without jackd xruns is raised at once."""
@@ -119,6 +142,24 @@ def retry_on_host_xruns(server: JackServer, attempt: Callable[[], T], tries: int
                 raise
             print(f"\njackd logged {host} xruns during a failed attempt; retrying", flush=True)
     return attempt()
+
+
+def realtime_thread(priority: int = 1) -> None:
+    """SCHED_FIFO ``priority`` for the calling thread (0: normal), where permitted.
+
+    The player and recorder callbacks run Python on JACK's real-time threads and need this
+    process's GIL: a normal-priority thread of the test process preempted by other work
+    while it holds the GIL would make them miss the cycle (a jackd xrun). So the threads
+    that wake while audio runs (the test's main thread, the output readers) are real-time
+    too, below JACK's own client threads.
+    """
+    try:
+        if priority > 0:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        else:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
 
 
 class Loopback:
@@ -143,6 +184,10 @@ class Loopback:
         self.t0: int | None = None
         self.player.set_process_callback(self._play)
         self.recorder.set_process_callback(self._record)
+        # Hand the GIL to the JACK callbacks within 0.5 ms, as rtns does for its own.
+        self._old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
+        realtime_thread(1)
         self.player.activate()
         self.recorder.activate()
 
@@ -212,56 +257,74 @@ class Loopback:
         for c in (self.player, self.recorder):
             c.deactivate()
             c.close()
+        realtime_thread(0)
+        sys.setswitchinterval(self._old_switch)
 
 
 class RtnsProcess:
-    """``python -m rtns <args>`` with stdin open and stderr/stdout collected by a thread."""
+    """``python -m rtns <args>`` on a terminal of its own, stderr/stdout collected by a thread.
+
+    rtns reads controls only from a terminal it has in the foreground, so stdin is a
+    pseudo-terminal that ``setsid --ctty`` makes the controlling terminal of a new session
+    (rtns is its foreground process group); :meth:`send` types on it.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtns", *args],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        )
+        self._master, slave = pty.openpty()
+        try:
+            self.proc = subprocess.Popen(
+                ["setsid", "--ctty", sys.executable, "-m", "rtns", *args],
+                env=env,
+                stdin=slave,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        finally:
+            os.close(slave)
         self.lines: list[str] = []
+        #: time.monotonic() when each line of ``lines`` was read.
+        self.stamps: list[float] = []
+        self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
+        realtime_thread(1)
         for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+            with self._changed:
+                self.stamps.append(time.monotonic())
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
 
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
 
     def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        """The first output line matching ``pattern``, waiting up to ``timeout`` s for it."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = rx.search(line)
-                if m:
-                    return m
-            if self.proc.poll() is not None:
-                self._reader.join(2)
-                for line in self.lines:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                raise RuntimeError(f"rtns exited ({self.proc.returncode}):\n{self.output}")
-            time.sleep(0.05)
+
+        def first() -> re.Match | None:
+            return next((m for line in self.lines if (m := rx.search(line))), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: first() or not self._reader.is_alive(), timeout)
+            m = first()
+        if m:
+            return m
+        if not self._reader.is_alive():
+            self.proc.wait()
+            raise RuntimeError(f"rtns exited ({self.proc.returncode}):\n{self.output}")
         raise TimeoutError(f"no {pattern!r} from rtns:\n{self.output}")
 
     def send(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text)
-        self.proc.stdin.flush()
+        """Type ``text`` on rtns's terminal."""
+        os.write(self._master, text.encode())
 
     def interrupt(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -270,16 +333,34 @@ class RtnsProcess:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
             raise
         self._reader.join(5)
+        self._close_terminal()
         return rc
+
+    def exit_time(self, timeout: float = 30.0) -> float:
+        """Wait for the exit; returns time.monotonic() when it was seen (within 5 ms)."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rtns did not exit within {timeout:g} s:\n{self.output}")
+            time.sleep(0.005)
+        t = time.monotonic()
+        self._reader.join(5)
+        return t
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._close_terminal()
+
+    def _close_terminal(self) -> None:
+        # Only once rtns is gone: closing a session's terminal hangs it up (SIGHUP).
+        if self._master >= 0:
+            os.close(self._master)
+            self._master = -1
 
 
 LATENCY_RX = (
@@ -294,6 +375,49 @@ SUMMARY_RX = (
     r" output underflows (?P<out_under>\d+), dropped in/out (?P<in_drop>\d+)/(?P<out_drop>\d+),"
     r" RTF (?P<rtf>[\d.]+), max hop (?P<max_hop>[\d.]+) ms"
 )
+
+
+STATUS_RX = r"^\[\s*(?P<secs>[\d.]+) s\] RTF [\d.]+ .*  under-runs (?P<underruns>\d+) "
+
+
+class UnderrunAudit:
+    """rtns's under-runs split by whether the host kept time around them.
+
+    rtns prints its cumulative under-run count once a second; jackd logs an xrun whenever
+    the host missed the dummy driver's deadline (then no client, rtns included, can be on
+    time). An under-run in a status interval is *excused* when jackd logged an xrun within
+    ``margin`` seconds of that interval, and *unexcused* otherwise: those are rtns's own.
+    """
+
+    def __init__(self, proc: RtnsProcess, server: JackServer, margin: float = 1.0) -> None:
+        xruns = server.xrun_times()
+        status = re.compile(STATUS_RX)
+        summary = re.compile(SUMMARY_RX)
+        self.unexcused = self.excused = self.clean = self.tainted = 0
+        prev_count, prev_t = 0, None
+        for t, line in zip(proc.stamps, proc.lines, strict=False):
+            m = status.search(line) or summary.search(line)
+            if prev_t is None:
+                if line.startswith("rtns: latency"):
+                    prev_t = t
+                continue
+            if not m:
+                continue
+            count = int(m["underruns"])
+            lo, hi = prev_t - margin, t + margin
+            if any(lo <= x <= hi for x in xruns):
+                self.tainted += 1
+                self.excused += count - prev_count
+            else:
+                self.clean += 1
+                self.unexcused += count - prev_count
+            prev_count, prev_t = count, t
+
+    def __repr__(self) -> str:
+        return (
+            f"under-runs: {self.unexcused} in {self.clean} clean intervals, {self.excused} in "
+            f"{self.tainted} intervals with jackd xruns"
+        )
 
 
 def measure_delay(signal: np.ndarray, recording: np.ndarray, max_delay: int) -> int:
@@ -336,7 +460,7 @@ def run_click_measurement(
     (as Ctrl-C would).
 
     Returns {"measured": frames, "latency": regex groups (ms), "summary": regex groups,
-    "rc": exit code, "output": text, "signal", "recording"}.
+    "rc": exit code, "output": text, "audit": :class:`UnderrunAudit`, "signal", "recording"}.
     """
     loop = Loopback(server)
     proc = RtnsProcess(["run", *rtns_args], server.env)
@@ -361,6 +485,7 @@ def run_click_measurement(
         "summary": summary,
         "rc": rc,
         "output": proc.output,
+        "audit": UnderrunAudit(proc, server),
         "signal": x,
         "recording": rec,
     }

@@ -19,6 +19,7 @@ from jack_harness import (
     JackServer,
     Loopback,
     RtnsProcess,
+    UnderrunAudit,
     band_limited_noise,
     click_train,
     retry_on_host_xruns,
@@ -111,6 +112,10 @@ def test_run_reports_device_errors(server16: JackServer, passthrough_pack: Path)
 def test_passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) -> None:
     """Clicks come out exactly as they went in, delayed by the reported in-process latency;
     the reported total (which adds PortAudio's output latency) is within one block."""
+    retry_on_host_xruns(server16, lambda: _passthrough_delay_at_16k(server16, passthrough_pack))
+
+
+def _passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) -> None:
     res = run_click_measurement(server16, ["-m", str(passthrough_pack), *DEVICE_ARGS])
     lat, summary = res["latency"], res["summary"]
     assert res["rc"] == 0, res["output"]  # Ctrl-C (SIGINT) stops cleanly
@@ -121,9 +126,10 @@ def test_passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) 
     assert abs(d - total_frames(lat)) <= BLOCK_16K
     x, rec = res["signal"], res["recording"]
     np.testing.assert_allclose(rec[d : d + x.shape[0]], x, atol=1e-5)
-    assert int(summary["underruns"]) == 0
+    assert res["audit"].unexcused == 0, res["audit"]
+    assert int(summary["callbacks"]) > 0
     status = [line for line in res["output"].splitlines() if line.startswith("[")]
-    assert status and all("RTF" in line and "under-runs 0" in line for line in status)
+    assert status and all("RTF" in line and "under-runs" in line for line in status)
 
 
 def test_resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) -> None:
@@ -152,7 +158,7 @@ def _resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) -> Non
     mask[: r // 10] = False
     err = np.sqrt(np.mean((rec[mask] - noise[mask]) ** 2)) / np.sqrt(np.mean(noise[mask] ** 2))
     assert err < 0.01, err
-    assert int(res["summary"]["underruns"]) == 0
+    assert res["audit"].unexcused == 0, res["audit"]
 
 
 def test_dtln_changes_the_signal_and_bypass_restores_it(
@@ -185,7 +191,8 @@ def _dtln_and_bypass(server16: JackServer, dtln_args: list[str]) -> None:
         rec = loop.wait()
         proc.interrupt()
         assert proc.finish() == 0, proc.output
-        summary = proc.wait_for(SUMMARY_RX).groupdict()
+        proc.wait_for(SUMMARY_RX)
+        audit = UnderrunAudit(proc, server16)
     finally:
         proc.kill()
         loop.close()
@@ -209,7 +216,7 @@ def _dtln_and_bypass(server16: JackServer, dtln_args: list[str]) -> None:
     # Bypass: the dry input with the same delay, exactly.
     np.testing.assert_allclose(y[bypassed], x[bypassed], atol=1e-6)
     assert rel_diff(model_again) > 0.05, "SIGUSR1 did not turn bypass off"
-    assert int(summary["underruns"]) == 0
+    assert audit.unexcused == 0, audit
 
 
 @pytest.mark.slow
@@ -218,13 +225,15 @@ def test_sixty_seconds_without_underruns(server16: JackServer, dtln_args: list[s
 
 
 def _sixty_seconds(server16: JackServer, dtln_args: list[str]) -> None:
+    """60 s of the default model: no under-run in any second in which the host kept time
+    (jackd logged no xrun within 1 s of it), at least 10 such seconds, and an in-process
+    RTF far below 1. Under-runs next to jackd xruns are the host's: the dummy driver's
+    cycle itself was late, and no client can make up for that."""
     r, secs = 16000, 60
     x = band_limited_noise(secs * r, r, 7000, seed=2, rms=0.05)
     loop = Loopback(server16)
     xruns_before = server16.xruns()
-    proc = RtnsProcess(
-        ["run", *dtln_args, *DEVICE_ARGS, "--quiet", "--duration", str(secs + 1)], server16.env
-    )
+    proc = RtnsProcess(["run", *dtln_args, *DEVICE_ARGS, "--duration", str(secs + 1)], server16.env)
     try:
         proc.wait_for(LATENCY_RX)
         loop.wire()
@@ -235,8 +244,47 @@ def _sixty_seconds(server16: JackServer, dtln_args: list[str]) -> None:
     finally:
         proc.kill()
         loop.close()
-    print(f"\n60 s: {summary}; jackd xruns {server16.xruns() - xruns_before}")
-    assert int(summary["underruns"]) == 0, proc.output
+    audit = UnderrunAudit(proc, server16)
+    print(f"\n60 s: {summary}; jackd xruns {server16.xruns() - xruns_before}; {audit}")
+    assert audit.unexcused == 0, f"{audit}\n{proc.output}"
+    assert audit.clean >= 10, f"the host missed jackd's deadlines nearly every second: {audit}"
     assert int(summary["callbacks"]) >= secs * r // 128
-    assert float(summary["rtf"]) < 1.0
+    assert float(summary["rtf"]) < 0.5
     assert np.sqrt(np.mean(rec[r:] ** 2)) > 1e-3  # the model produced audio throughout
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGSTOP"])
+def test_run_exits_by_itself_when_the_sound_server_goes(
+    sig: str, passthrough_pack: Path, tmp_path: Path
+) -> None:
+    """jackd killed (or frozen) under a running `rtns run`: it used to hang for ever in
+    Stream.stop(). Now it exits by itself within 2 s of the kill, status 1, with the summary
+    and one error line (no traceback, no PortAudio assertion at exit). The banner shows the
+    limit in force: `--atten-lim off` on a pack whose own limit is 18 dB."""
+    import signal
+
+    from test_engine import limited_copy
+
+    pack = limited_copy(passthrough_pack, tmp_path / "limited", 18.0)
+    with JackServer(16000) as server:
+        proc = RtnsProcess(["run", "-m", str(pack), *DEVICE_ARGS, "--atten-lim", "off"], server.env)
+        try:
+            banner = proc.wait_for(r"^rtns: .* at 16000 Hz, attenuation limit (.*)$")
+            assert banner.group(1) == "off", banner.group(0)
+            proc.wait_for(r"^\[\s*1\.0 s\] RTF")  # streaming for a second
+            t_kill = server.kill(getattr(signal, sig))
+            t_exit = proc.exit_time(timeout=30)
+            rc = proc.proc.wait()
+        finally:
+            proc.kill()
+            if sig == "SIGSTOP":
+                server.kill(signal.SIGCONT)
+    took = t_exit - t_kill
+    print(f"\njackd {sig}: rtns exited {rc} after {took:.3f} s:\n{proc.output}")
+    assert rc == 1, proc.output
+    assert took < 2.0, proc.output
+    assert "Traceback" not in proc.output and "Assertion" not in proc.output
+    errors = [line for line in proc.lines if line.startswith("rtns: error:")]
+    assert len(errors) == 1, proc.output
+    assert "sound server gone" in errors[0], errors[0]
+    proc.wait_for(SUMMARY_RX)

@@ -32,8 +32,9 @@ the sound server quit or the device was removed) or does not stop within 1 s. Th
 prints the summary and one error line and leaves at once (os._exit), without PortAudio's
 cleanup, which blocks or aborts when the sound server is gone."""
 
-#: How long the main loop sleeps between checks of the stream (liveness, stop requests).
-POLL_S = 0.05
+#: How long the main loop sleeps between checks of the stream (liveness, the worker's
+#: health). Signals wake it at once; few wake-ups leave the GIL to the audio threads.
+POLL_S = 0.1
 #: How long PortAudio gets to start a stream, to stop and close a live one, and to abort a
 #: dead one, before rtns gives up on it.
 START_TIMEOUT_S = 5.0
@@ -299,7 +300,7 @@ def _leave_now(lines: list[str], code: int) -> None:
 
 
 def run_live(args: argparse.Namespace) -> int:
-    from rtns.audio import LiveRunner, import_sounddevice
+    from rtns.audio import LiveRunner, import_sounddevice, set_thread_scheduling
     from rtns.config import SAMPLE_RATE, EngineConfig
     from rtns.engine import Model
 
@@ -351,6 +352,7 @@ def run_live(args: argparse.Namespace) -> int:
         old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
 
     def restore() -> None:
+        set_thread_scheduling(0)
         runner.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
@@ -408,7 +410,10 @@ def _run_stream(
 
     Returns (why it failed or None, whether the stream is dead). Waits in slices of
     :data:`POLL_S` so signals, a dead stream and the worker's failure are noticed at once.
+    This thread and the controls thread run at SCHED_FIFO :data:`CONTROL_RT_PRIORITY`
+    (when real-time is requested) so they never hold the GIL while preempted.
     """
+    from rtns.audio import CONTROL_RT_PRIORITY, set_thread_scheduling
 
     def active() -> bool:
         try:
@@ -417,6 +422,8 @@ def _run_stream(
             return False
 
     runner.start()
+    control_rt = min(CONTROL_RT_PRIORITY, runner.rt_priority)
+    set_thread_scheduling(control_rt)  # undone by run_live when the stream is stopped
     if not _bounded(stream.start, START_TIMEOUT_S):
         return f"the audio stream did not start within {START_TIMEOUT_S:g} s", True
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -441,9 +448,12 @@ def _run_stream(
         fd = -1
     if fd >= 0 and stdin_controls_allowed(fd):
         lines = _terminal_lines(fd, stop)
-        threading.Thread(
-            target=_stdin_controls, args=(runner, stop, lines), name="rtns-controls", daemon=True
-        ).start()
+
+        def controls() -> None:
+            set_thread_scheduling(control_rt)
+            _stdin_controls(runner, stop, lines)
+
+        threading.Thread(target=controls, name="rtns-controls", daemon=True).start()
     t_end = None if args.duration is None else time.monotonic() + args.duration
     next_status = time.monotonic() + 1.0
     prev = runner.stats()
