@@ -29,13 +29,17 @@ class BankFull(RuntimeError):
 class StreamBank:
     """``capacity`` mono streams of one model in preallocated [slots, ...] arrays."""
 
-    def __init__(self, model: Model, capacity: int, max_batch: int = 256) -> None:
+    def __init__(
+        self, model: Model, capacity: int, max_batch: int = 256, max_capacity: int | None = None
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.capacity = capacity
+        #: open() grows the arrays (doubling) up to this many slots.
+        self.max_capacity = max(capacity, max_capacity or capacity)
         self.max_batch = max_batch
         n, hop = model.block_len, model.block_shift
         self.block_len, self.shift = n, hop
@@ -51,6 +55,7 @@ class StreamBank:
         self.wet = np.ones(capacity, np.float32)
         self.bypass = np.zeros(capacity, bool)
         self.in_use = np.zeros(capacity, bool)
+        self._limits: list[AttenLimit] = [OFF] * capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._default_limit = AttenLimit.from_optional(model.manifest.atten_lim_db)
         #: Rows and calls run so far (stats).
@@ -61,13 +66,35 @@ class StreamBank:
     def open(self) -> int:
         """A fresh slot (new-stream state, the pack's default limit, bypass off)."""
         if not self._free:
-            raise BankFull(f"all {self.capacity} stream slots are in use")
+            if self.capacity >= self.max_capacity:
+                raise BankFull(f"all {self.capacity} stream slots are in use")
+            self._grow(min(2 * self.capacity, self.max_capacity))
         slot = self._free.pop()
         self.in_use[slot] = True
         self.reset(slot)
         self.set_atten(slot, self._default_limit)
         self.bypass[slot] = False
         return slot
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate every array with ``capacity`` rows (slots keep their numbers)."""
+        old = self.capacity
+
+        def more(a: np.ndarray, fill: float | bool = 0) -> np.ndarray:
+            b = np.full((capacity, *a.shape[1:]), fill, a.dtype)
+            b[:old] = a
+            return b
+
+        self.blocks, self.ola, self.pending = more(self.blocks), more(self.ola), more(self.pending)
+        self.n_pending, self.dry_mix = more(self.n_pending), more(self.dry_mix)
+        self.wet, self.bypass, self.in_use = more(self.wet, 1), more(self.bypass), more(self.in_use)
+        self.state = {
+            k: np.concatenate([v, np.repeat(self._init[k], capacity - old, axis=0)])
+            for k, v in self.state.items()
+        }
+        self._limits += [OFF] * (capacity - old)
+        self._free = list(range(capacity - 1, old - 1, -1)) + self._free
+        self.capacity = capacity
 
     def close(self, slot: int) -> None:
         if not self.in_use[slot]:
@@ -89,13 +116,14 @@ class StreamBank:
 
     # -- controls ---------------------------------------------------------------------------
     def set_atten(self, slot: int, limit: AttenLimit | str | float | None) -> None:
-        g = (OFF if limit is None else AttenLimit.parse(limit)).dry_gain
+        lim = OFF if limit is None else AttenLimit.parse(limit)
+        self._limits[slot] = lim
+        g = lim.dry_gain
         self.dry_mix[slot] = g
         self.wet[slot] = 1.0 - g
 
     def atten(self, slot: int) -> AttenLimit:
-        g = float(self.dry_mix[slot])
-        return OFF if g == 0.0 else AttenLimit(-20.0 * float(np.log10(g)))
+        return self._limits[slot]
 
     # -- data -------------------------------------------------------------------------------
     def feed(self, slot: int, x: np.ndarray) -> int:

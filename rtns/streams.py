@@ -166,6 +166,8 @@ class ChannelStream:
     @property
     def bypass(self) -> bool:
         if self.bank is not None:
+            if not self.slots.size:
+                return self._closed_controls[0]
             return bool(self.bank.bypass[self.slots[0]])
         return self.streams[0].bypass
 
@@ -179,6 +181,8 @@ class ChannelStream:
     @property
     def atten_lim(self) -> AttenLimit:
         if self.bank is not None:
+            if not self.slots.size:
+                return self._closed_controls[1]
             return self.bank.atten(int(self.slots[0]))
         return self.streams[0].atten_lim
 
@@ -268,8 +272,10 @@ class ChannelStream:
         return self.streams[0].pending
 
     def close(self) -> None:
-        """Give the bank slots back (a bank-backed stream is unusable afterwards)."""
-        if self.bank is not None:
+        """Give the bank slots back: the stream can still :meth:`take` what it produced
+        (with the controls it had), but no longer run hops."""
+        if self.bank is not None and self.slots.size:
+            self._closed_controls = (self.bypass, self.atten_lim)
             for slot in self.slots:
                 self.bank.close(int(slot))
             self.slots = np.zeros(0, np.int64)

@@ -94,3 +94,20 @@ def test_channel_stream_on_a_bank_equals_its_own_streams(dtln, rate):
     with pytest.raises(BankFull):
         ChannelStream(dtln, 5, rate, bank=bank)
     assert bank.open_slots == 0  # a refused stream gives its slots back
+
+
+def test_bank_grows_and_keeps_open_slots(dtln):
+    bank = StreamBank(dtln, capacity=1, max_capacity=3)
+    a = bank.open()
+    x = signals(1, 256, seed=8)[0]
+    bank.feed(a, x[:128])
+    first = bank.step(np.array([a]))
+    b, c = bank.open(), bank.open()  # grows 1 -> 2 -> 3
+    assert bank.capacity == 3 and len({a, b, c}) == 3
+    with pytest.raises(BankFull):
+        bank.open()
+    bank.feed(a, x[128:])
+    st = dtln.stream()
+    np.testing.assert_array_equal(
+        np.concatenate([first[0], bank.step(np.array([a]))[0]]), st.push(x)
+    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+import math
 import secrets
 import threading
 import time
@@ -35,11 +36,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rtns.atten import AttenLimit
+from rtns.bank import StreamBank, batch_invariant
 from rtns.config import EngineConfig
 from rtns.daemon import protocol as P
 from rtns.daemon.logs import log, log_event
 from rtns.daemon.session import Served, Session
-from rtns.engine import Model, State
+from rtns.engine import Model
 from rtns.errors import UserInputError
 from rtns.streams import ChannelStream
 
@@ -68,6 +70,9 @@ class ServerConfig(BaseModel):
     idle_timeout: float = Field(30.0, gt=0)
     #: Queued input per session, sample frames at 16 kHz (6 s): more gives ``queue_full``.
     queue_limit: int = Field(96_000, ge=128)
+    #: Hops are collected every this many ms (the clocked tick; at most one hop, 8 ms, so
+    #: an answer is never held longer than a hop).
+    tick_ms: float = Field(4.0, gt=0, le=8.0)
     #: Most hops one session gets per tick (fairness between big and small chunks).
     hops_per_tick: int = Field(8, ge=1)
     #: False: one infer per session and hop (for comparison; ``--no-batch``).
@@ -105,35 +110,6 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-def batch_invariant(model: Model, max_batch: int = 64, hops: int = 3) -> bool:
-    """Does every row of every ``infer`` call of 2..max_batch rows equal, bit for bit, the
-    same row run alone (batch 1)? Outputs and states are compared.
-
-    Runs ``hops - 1`` hops of random blocks at batch ``max_batch`` to get non-trivial states,
-    then one more hop at every batch size, so every (batch size, row position) the server
-    can use with this ``max_batch`` is checked once.
-    """
-    rng = np.random.default_rng(1234)
-    n = max_batch
-    state = model.initial_state(n)
-    blocks = (0.1 * rng.standard_normal((hops, n, model.block_len))).astype(np.float32)
-    for h in range(hops - 1):
-        _, state = model.infer(blocks[h], state)
-    alone = [model.infer(blocks[-1][b : b + 1], _rows(state, b, b + 1)) for b in range(n)]
-    for size in range(2, n + 1):
-        y, st = model.infer(blocks[-1][:size], _rows(state, 0, size))
-        for b in range(size):
-            if not np.array_equal(y[b], alone[b][0][0]):
-                return False
-            if any(not np.array_equal(st[k][b], alone[b][1][k][0]) for k in st):
-                return False
-    return True
-
-
-def _rows(state: State, a: int, b: int) -> State:
-    return {k: v[a:b] for k, v in state.items()}
-
-
 class Server:
     """The daemon. ``run()`` blocks until ``stop()``; everything else is internal."""
 
@@ -159,15 +135,26 @@ class Server:
             if model.name in self.models:
                 raise UserInputError(f"two --model packs are both named {model.name!r}")
             if not config.batch:
-                served = Served(model, False, "--no-batch")
+                batched, why = False, "--no-batch"
             elif not config.probe:
-                served = Served(model, True, "probe skipped")
+                batched, why = True, "probe skipped"
             elif batch_invariant(model, config.max_batch):
+                batched = True
                 why = f"rows bit-identical at every batch size 1..{config.max_batch}"
-                served = Served(model, True, why)
             else:
-                served = Served(model, False, "batched rows differ from batch 1 on this CPU")
-            self.models[model.name] = served
+                # Loud: the log's "model" event, stats and `ready` say so, and load.py prints it.
+                batched, why = False, "batched rows differ from batch 1 on this CPU"
+                log.warning(
+                    "batching off",
+                    extra={"fields": {"model": model.name, "why": why}},
+                )
+            bank = StreamBank(
+                model,
+                capacity=min(config.max_sessions, 64),
+                max_batch=config.max_batch if batched else 1,
+                max_capacity=config.max_sessions * P.MAX_CHANNELS,
+            )
+            self.models[model.name] = Served(model, batched, why, bank)
         self.default_model = next(iter(self.models))
         self.sessions: dict[bytes, Session] = {}
         self._stop = threading.Event()
@@ -250,14 +237,25 @@ class Server:
             self._open()
             next_expiry = time.monotonic() + 0.5
             next_stats = time.monotonic() + self.config.stats_every
+            # The clock: hops are collected on a fixed cadence (half a hop by default), not
+            # per message, so each tick carries the hops of many sessions in one batch.
+            tick_s = self.config.tick_ms / 1e3
+            next_tick = time.monotonic()
+            busy = False
             while not self._stop.is_set():
-                busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
-                events = self.poller.poll(0 if busy else self.config.poll_ms)
+                if busy:
+                    wait_ms = max(0.0, 1e3 * (next_tick - time.monotonic()))
+                    events = self.poller.poll(math.ceil(wait_ms))
+                else:
+                    events = self.poller.poll(self.config.poll_ms)
                 if events:
                     self._drain()
-                if busy or events:
-                    self._tick()
                 now = time.monotonic()
+                if now >= next_tick or (events and not busy):
+                    self._tick()
+                    now = time.monotonic()
+                    next_tick = now + tick_s
+                busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
                 if now >= next_expiry:
                     self._expire(now)
                     next_expiry = now + 0.5
@@ -368,7 +366,7 @@ class Server:
                 "server_full", f"the server is at its limit of {self.config.max_sessions} sessions"
             )
         model = served.model
-        cs = ChannelStream(model, msg.channels, msg.sample_rate)
+        cs = ChannelStream(model, msg.channels, msg.sample_rate, bank=served.bank)
         if msg.atten_lim_db is not None:  # None: the pack's default
             cs.atten_lim = AttenLimit.parse(msg.atten_lim_db)
         sess = Session(
@@ -460,6 +458,7 @@ class Server:
         """Send the tail and ``closed``; forget the session."""
         self.sessions.pop(sess.ident, None)
         self.counters[f"closed_{reason}"] += 1
+        self._release(sess)
         cs = sess.cs
         tail = np.zeros((0, sess.channels), np.float32)
         if reason in ("close", "shutdown") and sess.closing is not None:
@@ -504,14 +503,17 @@ class Server:
 
     # -- the tick -------------------------------------------------------------------------
     def _tick(self) -> None:
-        """Run rounds of batched hops, then answer every message that is complete."""
+        """Run rounds of batched hops, then answer every message that is complete.
+
+        A round fills every active session's slots from its queue; the slots whose hop is
+        complete go through one :meth:`StreamBank.step` per model (at most ``max_batch``
+        rows a call). Rounds repeat while hops are ready, at most ``hops_per_tick``."""
         active = [s for s in self.sessions.values() if s.queued or s.unanswered or s.closing]
         for _ in range(self.config.hops_per_tick):
-            groups: dict[str, list[tuple[Session, list[np.ndarray]]]] = {}
+            groups: dict[str, list[Session]] = {}
             for s in active:
-                blocks = s.cs.next_hop()
-                if blocks is not None:
-                    groups.setdefault(s.served.model.name, []).append((s, blocks))
+                if s.cs.fill():
+                    groups.setdefault(s.served.model.name, []).append(s)
             if not groups:
                 break
             t0 = time.perf_counter()
@@ -521,10 +523,9 @@ class Server:
                     rows += self._run_group(self.models[name], group)
                 except Exception:  # a bug must cost these sessions, never the daemon
                     log.exception("inference failed", extra={"fields": {"model": name}})
-                    failed = [g for g, _ in group]
-                    for g in failed:
+                    for g in group:
                         self._fail(g)
-                    active = [a for a in active if a not in failed]
+                    active = [a for a in active if a not in group]
             self.infer_ms.append((time.perf_counter() - t0) * 1e3)
             self.rows_per_tick.append(rows)
             self.counters["ticks"] += 1
@@ -535,6 +536,11 @@ class Server:
                 log.exception("answer failed", extra={"fields": {"session": s.sid}})
                 self._fail(s)
 
+    @staticmethod
+    def _release(sess: Session) -> None:
+        """Give the session's stream slots back to its model's bank (idempotent)."""
+        sess.cs.close()
+
     def _fail(self, s: Session) -> None:
         """End a session that hit a server bug: a fatal ``internal`` error, no tail."""
         self.dropped["internal"] += 1
@@ -542,35 +548,21 @@ class Server:
         msg = "the server failed processing this session; it has been ended"
         self._send(s.ident, P.Error(code="internal", message=msg, fatal=True))
 
-    def _run_group(self, served: Served, group: list[tuple[Session, list[np.ndarray]]]) -> int:
-        """One hop of every channel of every session in ``group`` (session, its blocks)."""
-        model = served.model
-        streams = [st for s, _ in group for st in s.cs.streams]
-        blocks = np.stack([b for _, bl in group for b in bl])
-        outs = np.empty_like(blocks)
-        states: list[State] = []
-        if served.batched:
-            step = self.config.max_batch
-            for a in range(0, len(streams), step):
-                part = streams[a : a + step]
-                state = {k: np.concatenate([st.state[k] for st in part]) for k in part[0].state}
-                y, new = model.infer(blocks[a : a + step], state)
-                self.counters["infer_calls"] += 1
-                outs[a : a + len(part)] = y
-                states += [_rows(new, i, i + 1) for i in range(len(part))]
-        else:
-            for i, st in enumerate(streams):
-                y, new = model.infer(blocks[i : i + 1], st.state)
-                outs[i] = y[0]
-                states.append(new)
-            self.counters["infer_calls"] += len(streams)
-        self.counters["blocks"] += len(streams)
+    def _run_group(self, served: Served, group: list[Session]) -> int:
+        """One hop of every channel of every session in ``group`` (their slots are full)."""
+        slots: list[int] = []
+        for s in group:
+            slots.extend(s.cs.slots.tolist())
+        calls = served.bank.calls
+        out = served.bank.step(np.asarray(slots, np.int64))
+        self.counters["infer_calls"] += served.bank.calls - calls
+        self.counters["blocks"] += len(slots)
         i = 0
-        for s, _ in group:
+        for s in group:
             n = s.channels
-            s.cs.finish_hop(outs[i : i + n], states[i : i + n])
+            s.cs.deliver(out[i : i + n].T)
             i += n
-        return len(streams)
+        return len(slots)
 
     def _answer(self, s: Session) -> None:
         if self.sessions.get(s.ident) is not s:
@@ -609,6 +601,7 @@ class Server:
             self.dropped["send_unreachable"] += 1
             sess = self.sessions.pop(ident, None)
             if sess is not None:
+                self._release(sess)
                 self.counters["closed_vanished"] += 1
                 log_event("vanished", session=sess.sid)
 

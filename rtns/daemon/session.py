@@ -11,17 +11,20 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+from rtns.bank import StreamBank
 from rtns.engine import Model
 from rtns.streams import ChannelStream
 
 
 @dataclass
 class Served:
-    """A loaded model and how the server runs it."""
+    """A loaded model, how the server runs it, and the bank holding its sessions' streams
+    (``max_batch`` 1 when not batched: one row per call, independent by construction)."""
 
     model: Model
     batched: bool
     why: str
+    bank: StreamBank
 
 
 @dataclass
