@@ -19,7 +19,7 @@ from rtns.pack import DEFAULT_PACK, read_manifest, resolve_pack, verify_files
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "models" / DEFAULT_PACK
 TEST_SET = "vbdemand36"
-#: The metrics scored for every pair (DNSMOS, ~1 s a clip, runs on one pair only).
+#: The metrics scored for every pair (DNSMOS, the slowest, runs on two pairs only).
 METRICS = ("pesq_wb", "stoi", "si_sdr")
 #: How far the manifest may sit from a fresh computation: onnxruntime's float rounding can
 #: differ between machines and builds, and PESQ amplifies it most.
@@ -135,14 +135,16 @@ def test_default_limit_keeps_intelligibility(scored):
     assert pack["pesq_wb"] > off["pesq_wb"], (pack, off)
 
 
-def test_default_pack_improves_dnsmos(shared_dir):
-    """Non-intrusive DNSMOS OVRL rises, measured on one of the noisiest pairs (~1 s a clip,
-    so not the whole set)."""
+@pytest.mark.parametrize("name", ["p257_094.flac", "p257_395.flac"])
+def test_default_pack_improves_dnsmos(shared_dir, name):
+    """Non-intrusive DNSMOS OVRL rises, on two noisy pairs (not the whole set: speechmos
+    tiles a clip to >= 9.01 s and scores every 9 s window; these 2.3 s clips tile to one
+    window, about 0.5 s a score)."""
     pytest.importorskip("speechmos", reason="DNSMOS needs the speechmos package (test extra)")
     from rtns.engine import Model
     from rtns_export import metrics
 
-    noisy = {name: x for name, _, x in _pairs(shared_dir)}["p257_231.flac"]
+    noisy = {n: x for n, _, x in _pairs(shared_dir)}[name]
     before = metrics.dnsmos(noisy)["ovrl"]
     after = metrics.dnsmos(_enhance(Model(None), noisy))["ovrl"]
-    assert after > before + 0.2, (before, after)
+    assert after > before + 0.4, (before, after)
