@@ -11,13 +11,16 @@ and reports:
 * rows per tick (how many hops one round carried);
 * answer latency (send -> answer received, per message), p50/p99;
 * late blocks: answers that arrived more than ``--deadline-ms`` after their chunk was due
-  (default: one chunk duration, the most a one-chunk playout buffer absorbs), and dropped
+  (default 60 ms), and dropped
   blocks (refused with an error such as ``queue_full``, or not answered by 0.5 s after the
   run: an overloaded server falls further behind every second);
 * server CPU use (fraction of one core) and how late this client process itself sent
   (if that is large, the client, not the server, was the bottleneck);
-* the largest N that stays real time (late < 1 %, nothing dropped, client lag p99 < one
-  chunk) per mode.
+* which batching mode the server runs and why (its ``stats``), mean rows per tick, and the
+  server's CPU time per hop (µs, over the measured span);
+* the largest N that stays real time (no late answer, nothing dropped, client lag p99 < one
+  chunk) per mode. ``--server-cpus 0 --client-cpus 1`` pins the server and the clients to
+  different cores.
 
 Not a test: run it on a quiet machine (`uptime`), e.g.
 
@@ -58,14 +61,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(model: str, batch: bool, max_sessions: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str, batch: bool, max_sessions: int, cpus: set[int] | None = None, workers: int = 1
+) -> tuple[subprocess.Popen, str]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", model]
     cmd += ["--max-sessions", str(max_sessions), "--log-level", "warning"]
+    if workers != 1:
+        cmd += ["--workers", str(workers)]
     if not batch:
         cmd.append("--no-batch")
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, text=True, preexec_fn=pin)
     return proc, endpoint
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (worker processes)."""
+    total = cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for c in children:
+        try:
+            total += process_tree_cpu(int(c))
+        except OSError:
+            pass
+    return total
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -198,7 +225,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     ap.add_argument("--chunk", type=int, default=320, help="samples per message (320 = 20 ms)")
-    ap.add_argument("--deadline-ms", type=float, default=None, help="default: chunk duration")
+    ap.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=60.0,
+        help="an answer later than this after its chunk was due is late (60)",
+    )
     ap.add_argument("--modes", default="batch,nobatch")
     ap.add_argument("--json", metavar="FILE", help="also write raw results here")
     ap.add_argument(
@@ -207,14 +239,32 @@ def main() -> int:
         help="after the list, search the largest real-time N (x1.5 steps, then bisection)",
     )
     ap.add_argument("--max-n", type=int, default=512, help="upper bound of --search")
+    ap.add_argument(
+        "--server-cpus",
+        default=None,
+        help="pin the server to these CPUs, e.g. 0 (default: not pinned)",
+    )
+    ap.add_argument(
+        "--client-cpus", default=None, help="pin this client process to these CPUs, e.g. 1"
+    )
+    ap.add_argument("--workers", type=int, default=1, help="rtns serve --workers")
     args = ap.parse_args()
+
+    def cpu_set(text: str | None) -> set[int] | None:
+        return {int(c) for c in text.split(",")} if text else None
+
+    server_cpus, client_cpus = cpu_set(args.server_cpus), cpu_set(args.client_cpus)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
     ns = [int(v) for v in args.ns.split(",")]
-    deadline = args.deadline_ms or 1e3 * args.chunk / 16_000
+    deadline = args.deadline_ms
     load = os.getloadavg()
     print(
         f"# rtns serve load: model {args.model}, chunk {args.chunk} samples "
         f"({1e3 * args.chunk / 16000:.0f} ms), {args.seconds:g} s measured per run, "
-        f"deadline {deadline:g} ms, {os.cpu_count()} CPUs, loadavg {load[0]:.2f} at start",
+        f"deadline {deadline:g} ms, {os.cpu_count()} CPUs, loadavg {load[0]:.2f} at start, "
+        f"server CPUs {args.server_cpus or 'any'}, client CPUs {args.client_cpus or 'any'}, "
+        f"workers {args.workers}",
         file=sys.stderr,
     )
     results = []
@@ -222,28 +272,39 @@ def main() -> int:
     chunk_ms = 1e3 * args.chunk / 16_000
 
     def run_one(mode: str, n: int) -> dict:
-        proc, endpoint = start_server(args.model, mode == "batch", max(256, n))
+        proc, endpoint = start_server(
+            args.model, mode == "batch", max(256, n), server_cpus, args.workers
+        )
         try:
-            request_stats(ctx, endpoint)  # waits until the server is up
-            cpu0, w0 = cpu_seconds(proc.pid), time.monotonic()
+            st0 = request_stats(ctx, endpoint)  # waits until the server is up
             r = run_clients(endpoint, n, args.seconds, args.warmup, args.chunk, deadline)
+            # run_clients reset the stats when measuring began; read CPU over the same span
             st = request_stats(ctx, endpoint)
-            cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - w0)
+            cpu_s = process_tree_cpu(proc.pid)
         finally:
             stop_server(proc)
         tick = st["tick_infer_ms"]
+        blocks = max(1, st["blocks_processed"])
+        span = max(1e-9, st["uptime_s"])
+        # What the server says about batching, e.g. "batched (rows bit-identical ...)".
+        models = st0.get("models", {})
+        mode_text = "; ".join(
+            f"{'batched' if m['batched'] else 'one row per call'} ({m['why']})"
+            for m in models.values()
+        )
         r |= {
             "mode": mode,
+            "server_mode": mode_text,
             "n": n,
             "tick_p50_ms": tick["p50"],
             "tick_p99_ms": tick["p99"],
             "rows_per_tick": st["rows_per_tick"]["mean"],
-            "server_cpu": cpu,
+            "server_cpu": st.get("cpu_s", 0.0) / span if "cpu_s" in st else None,
+            "server_cpu_total_s": cpu_s,
+            "server_us_per_hop": 1e6 * st["cpu_s"] / blocks if "cpu_s" in st else None,
             "server_overruns": st["overruns"],
         }
-        r["realtime"] = (
-            r["late_pct"] < 1.0 and r["dropped"] == 0 and r["client_lag_p99_ms"] < chunk_ms
-        )
+        r["realtime"] = r["late"] == 0 and r["dropped"] == 0 and r["client_lag_p99_ms"] < chunk_ms
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
         return r
@@ -271,9 +332,12 @@ def main() -> int:
                     hi = n
         best[mode] = lo
     ctx.term()
+    modes_seen = sorted({r["server_mode"] for r in results})
+    for m in modes_seen:
+        print(f"server batching: {m}")
     cols = (
-        "| mode | N | tick infer p50 / p99 ms | rows/tick | answer p50 / p99 ms | late % "
-        "| dropped | server CPU | client lag p99 ms | real time |"
+        "| mode | N | tick infer p50 / p99 ms | rows/tick | server CPU us/hop | answer p50 / p99 ms "
+        "| late | dropped | server CPU | client lag p99 ms | real time |"
     )
     print(cols)
     print("|---" * (cols.count("|") - 1) + "|")
@@ -284,8 +348,10 @@ def main() -> int:
 
         print(
             f"| {r['mode']} | {r['n']} | {f(r['tick_p50_ms'])} / {f(r['tick_p99_ms'])} "
-            f"| {f(r['rows_per_tick'], 1)} | {f(r['lat_p50_ms'])} / {f(r['lat_p99_ms'])} "
-            f"| {r['late_pct']:.2f} | {r['dropped']} | {100 * r['server_cpu']:.0f} % "
+            f"| {f(r['rows_per_tick'], 1)} | {f(r['server_us_per_hop'], 1)} "
+            f"| {f(r['lat_p50_ms'])} / {f(r['lat_p99_ms'])} "
+            f"| {r['late']} ({r['late_pct']:.2f} %) | {r['dropped']} "
+            f"| {f(None if r['server_cpu'] is None else 100 * r['server_cpu'], 0)} % "
             f"| {f(r['client_lag_p99_ms'])} | {'yes' if r['realtime'] else 'no'} |"
         )
     for mode, n in best.items():

@@ -120,3 +120,20 @@ def test_server_messages_round_trip():
     e = P.Error(code="seq_gap", message="m", seq=3)
     assert P.parse_server([P.encode(e)]) == e
     assert P.parse_server([P.encode_dict({"type": "stats", "sessions": 2})])["sessions"] == 2
+
+
+def test_audio_hot_path_agrees_with_the_full_parser():
+    frames = [P.encode(P.Audio(seq=12345)), b"\0" * 8]
+    assert P.audio_seq(frames) == 12345 == P.parse_client(frames).seq
+    for head in (
+        b'{"type":"audio","seq":-1}',
+        b'{"type":"audio","seq":01}',
+        b'{"type":"audio","seq":1.0}',
+        b'{"type":"audio","seq":1,"x":2}',
+        b'{"type":"audio", "seq":1}',
+        b'{"type":"audio","seq":9007199254740992}',
+    ):
+        assert P.audio_seq([head, b""]) is None  # left to the full parser
+    assert P.audio_seq([frames[0]]) is None
+    out = P.encode_audio_out(3, 320, 64)
+    assert out == P.encode(P.AudioOut(seq=3, samples=320, queued=64))

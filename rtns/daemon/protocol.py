@@ -210,6 +210,31 @@ def encode_dict(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+#: The exact header every client library here sends for audio (compact JSON, this key order).
+_AUDIO_PREFIX = b'{"type":"audio","seq":'
+
+
+def audio_seq(frames: list[bytes]) -> int | None:
+    """The hot path: the seq of a well-formed audio message in its canonical compact form
+    (``{"type":"audio","seq":N}`` + one PCM frame), without building any object; None for
+    anything else, which :func:`parse_client` then checks in full."""
+    if len(frames) != 2:
+        return None
+    head = frames[0]
+    if not (head.startswith(_AUDIO_PREFIX) and head.endswith(b"}")) or len(head) > 48:
+        return None
+    digits = head[len(_AUDIO_PREFIX) : -1]
+    if not digits.isdigit() or (len(digits) > 1 and digits[0:1] == b"0"):
+        return None
+    seq = int(digits)
+    return seq if seq < 2**53 else None
+
+
+def encode_audio_out(seq: int, samples: int, queued: int) -> bytes:
+    """The ``audio`` answer header, as :class:`AudioOut` would encode it, without pydantic."""
+    return b'{"type":"audio","seq":%d,"samples":%d,"queued":%d}' % (seq, samples, queued)
+
+
 def parse_client(frames: list[bytes]) -> Hello | Audio | Close | StatsRequest | Ping:
     """Decode the frames of a client message (identity removed); raises ProtocolError."""
     if not frames:

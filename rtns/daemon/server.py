@@ -171,6 +171,7 @@ class Server:
         self.infer_ms: collections.deque[float] = collections.deque(maxlen=100_000)
         self.rows_per_tick: collections.deque[int] = collections.deque(maxlen=100_000)
         self.started = time.monotonic()
+        self._cpu0 = time.process_time()
 
     # -- life cycle -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -241,18 +242,22 @@ class Server:
             # per message, so each tick carries the hops of many sessions in one batch.
             tick_s = self.config.tick_ms / 1e3
             next_tick = time.monotonic()
-            busy = False
+            busy = work = False
             while not self._stop.is_set():
-                if busy:
+                if busy or work:
                     wait_ms = max(0.0, 1e3 * (next_tick - time.monotonic()))
                     events = self.poller.poll(math.ceil(wait_ms))
                 else:
                     events = self.poller.poll(self.config.poll_ms)
                 if events:
                     self._drain()
+                    work = True
                 now = time.monotonic()
-                if now >= next_tick or (events and not busy):
+                if now >= next_tick and (busy or work):
+                    # After an idle spell the first message is served at once; from then on
+                    # every tick_ms, whatever the message rate.
                     self._tick()
+                    work = False
                     now = time.monotonic()
                     next_tick = now + tick_s
                 busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
@@ -322,10 +327,14 @@ class Server:
                 )
 
     def _handle(self, ident: bytes, frames: list[bytes]) -> None:
-        msg = P.parse_client(frames)
         sess = self.sessions.get(ident)
         if sess is not None:
             sess.last_seen = time.monotonic()
+            seq = P.audio_seq(frames)
+            if seq is not None and not sess.closing:  # the hot path: no header objects
+                self._audio(sess, seq, frames[1])
+                return
+        msg = P.parse_client(frames)
         if isinstance(msg, P.Audio):
             if sess is None or sess.closing:
                 raise P.ProtocolError(
@@ -438,7 +447,7 @@ class Server:
                 seq,
             )
         try:
-            added = sess.cs.put(x)
+            added = sess.cs.put(x, owned=True)
         except ValueError as e:  # NaN / Inf in float PCM (decode_pcm checks first)
             raise P.ProtocolError("bad_samples", str(e), seq) from None
         sess.next_seq = seq + 1
@@ -577,7 +586,7 @@ class Server:
             self._send_raw(
                 s.ident,
                 [
-                    P.encode(P.AudioOut(seq=seq, samples=y.shape[0], queued=s.queued)),
+                    P.encode_audio_out(seq, y.shape[0], s.queued),
                     P.encode_pcm(y, s.fmt),
                 ],
             )
@@ -617,6 +626,8 @@ class Server:
         return {
             "type": "stats",
             "uptime_s": round(time.monotonic() - self.started, 3),
+            #: CPU seconds of the server process since the counters were (re)set.
+            "cpu_s": round(time.process_time() - self._cpu0, 4),
             "sessions": len(self.sessions),
             "models": {
                 n: {"batched": s.batched, "why": s.why, "latency": s.model.latency}
