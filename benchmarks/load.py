@@ -67,6 +67,7 @@ def start_server(
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", model]
     cmd += ["--max-sessions", str(max_sessions), "--log-level", "warning"]
+    cmd += ["--max-sessions-per-peer", str(max_sessions), "--allow-stats-reset"]
     if workers != 1:
         cmd += ["--workers", str(workers)]
     if not batch:

@@ -33,6 +33,7 @@ from rtns.streams import ChannelStream
 def running_server(packs: list[Path], **kw) -> Iterator[Server]:
     """A Server in a daemon thread on a free loopback port; stopped and joined on exit."""
     kw.setdefault("bind", "tcp://127.0.0.1:*")
+    kw.setdefault("allow_stats_reset", True)
     srv = Server(ServerConfig(models=[str(p) for p in packs], **kw))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()

@@ -98,6 +98,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="log a stats line every S seconds (60; 0: never)",
     )
+    p.add_argument(
+        "--max-sessions-per-peer",
+        type=options.positive_int,
+        default=None,
+        metavar="N",
+        help="sessions one peer address may hold (default: half of --max-sessions)",
+    )
+    p.add_argument(
+        "--max-output-mb",
+        type=options.positive_float,
+        default=64.0,
+        metavar="MB",
+        help="answers queued for a client that does not read, in MiB, before they are "
+        "dropped and counted (64)",
+    )
+    p.add_argument(
+        "--allow-stats-reset",
+        action="store_true",
+        help="let clients reset the stats counters (benchmarks)",
+    )
     p.add_argument("--log-format", choices=("json", "kv"), default="json")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
     options.one_line_errors(p)
@@ -239,6 +259,9 @@ def run_serve(args: argparse.Namespace) -> int:
             batch=not args.no_batch,
             max_batch=args.max_batch,
             stats_every=args.stats_every,
+            max_sessions_per_peer=args.max_sessions_per_peer,
+            max_output_bytes=round(args.max_output_mb * 2**20),
+            allow_stats_reset=args.allow_stats_reset,
             curve=curve,
             engine=EngineConfig(threads=args.threads),
         )

@@ -30,6 +30,14 @@ class ServerError(RtnsError):
         self.error = err
 
 
+class _SessionEnded(Exception):
+    """A ``closed`` arrived while streaming (the server ended the session)."""
+
+    def __init__(self, tail: np.ndarray | None) -> None:
+        super().__init__("session ended")
+        self.tail = tail
+
+
 class NoReply(RtnsError):
     """No answer within the timeout."""
 
@@ -58,6 +66,8 @@ class Client:
         self.ctx = context or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if endpoint.startswith("tcp://["):
+            self.sock.setsockopt(zmq.IPV6, 1)  # an IPv6 server address
         if server_key is not None:
             import zmq.auth
 
@@ -135,9 +145,14 @@ class Client:
         if x.ndim == 1:
             x = x[:, None]
         s = self.seq if seq is None else seq
-        self.sock.send_multipart(
-            [P.encode(P.Audio(seq=s)), P.encode_pcm(x, self.ready.format)], copy=False
-        )
+        pcm = P.encode_pcm(x, self.ready.format)
+        if len(pcm) > self.ready.max_message_bytes:
+            # The server would drop the connection (ZMQ_MAXMSGSIZE) and we would time out.
+            raise RtnsError(
+                f"a frame of {len(pcm)} bytes is too large for this server (its limit is "
+                f"{self.ready.max_message_bytes} bytes); send smaller chunks"
+            )
+        self.sock.send_multipart([P.encode(P.Audio(seq=s)), pcm], copy=False)
         if seq is None:
             self.seq += 1
         return s
@@ -148,6 +163,8 @@ class Client:
             msg, _ = self.recv()
             if isinstance(msg, dict):
                 return msg
+            if isinstance(msg, P.Error) and msg.code == "not_allowed":
+                raise ServerError(msg)
 
     def close_session(self) -> tuple[list[tuple[Any, np.ndarray | None]], np.ndarray]:
         """Send ``close``; returns the messages that came before ``closed`` and the tail."""
@@ -228,23 +245,37 @@ class Client:
                 pass  # a copy sent after a refused seq; it is resent after the rewind
             elif isinstance(msg, P.Error):
                 raise ServerError(msg)
+            elif isinstance(msg, P.Closed):
+                # The server ended the session (it is shutting down): that is the end.
+                self.closed = msg
+                raise _SessionEnded(pcm)
 
-        while k < len(chunks) or inflight:
-            if k < len(chunks) and gate and len(inflight) < window:
-                wait = t0 + k * period - time.monotonic() if realtime else 0.0
-                if wait > 0:
-                    if self.sock.poll(int(wait * 1000) + 1):
-                        handle(*self.recv())
+        try:
+            while k < len(chunks) or inflight:
+                if k < len(chunks) and gate and len(inflight) < window:
+                    wait = t0 + k * period - time.monotonic() if realtime else 0.0
+                    if wait > 0:
+                        if self.sock.poll(int(wait * 1000) + 1):
+                            handle(*self.recv())
+                        continue
+                    self.send_audio(chunks[k], seq=k)
+                    inflight.add(k)
+                    k += 1
+                    self.seq = k
                     continue
-                self.send_audio(chunks[k], seq=k)
-                inflight.add(k)
-                k += 1
-                self.seq = k
-                continue
-            handle(*self.recv())
-        before, tail = self.close_session()
-        for msg, pcm in before:
-            handle(msg, pcm)
+                handle(*self.recv())
+            before, tail = self.close_session()
+            for msg, pcm in before:
+                handle(msg, pcm)
+        except _SessionEnded as end:
+            reason = self.closed.reason if self.closed else "?"
+            if k < len(chunks) or reason != "shutdown":
+                raise RtnsError(
+                    f"the server ended the session ({reason}) after {k} of {len(chunks)} "
+                    "chunks were sent; the output is incomplete"
+                ) from None
+            # Everything was sent: a shutting-down server flushes it all, tail included.
+            tail = end.tail if end.tail is not None else np.zeros((0, xs.shape[1]), np.float32)
         outs.append(tail)
         y = np.concatenate(outs) if outs else np.zeros((0, xs.shape[1]), np.float32)
         y = aligned(y, ready.latency, xs.shape[0])

@@ -55,6 +55,7 @@ ERROR_CODES: dict[str, str] = {
     "too_large": "the PCM frame is larger than the server's message limit",
     "queue_full": "the session's input queue is full; resend the same seq later",
     "internal": "the server failed processing this session",
+    "not_allowed": "the request needs the operator's permission (a stats reset)",
 }
 
 

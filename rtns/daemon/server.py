@@ -88,9 +88,26 @@ class ServerConfig(BaseModel):
     curve: CurveConfig | None = None
     #: Refuse non-loopback binds without CURVE (always True outside tests of that check).
     require_curve_off_loopback: bool = True
-    #: Socket send/receive high-water marks (messages).
+    #: Socket receive high-water mark, and a ceiling on the send one (messages).
     hwm: int = Field(10_000, ge=10)
+    #: Answers queued for one client that does not read, in bytes (the send high-water mark
+    #: is this over the largest answer, max_message_bytes); beyond it answers are dropped
+    #: and counted (``send_hwm``), never blocking the server.
+    max_output_bytes: int = Field(64 * 2**20, ge=2**16)
+    #: Sessions one peer address (IP) may hold; None: half of max_sessions, so one local
+    #: process cannot take them all.
+    max_sessions_per_peer: int | None = Field(None, ge=1)
+    #: Let clients reset the stats counters (benchmarks); off, a reset request is refused.
+    allow_stats_reset: bool = False
     engine: EngineConfig = EngineConfig()
+
+
+def wants_ipv6(endpoint: str) -> bool:
+    """tcp:// with a bracketed IPv6 host or the wildcard: the socket needs ZMQ_IPV6."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+    return host.startswith("[") or host == "*"
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -157,8 +174,19 @@ class Server:
             self.models[model.name] = Served(model, batched, why, bank)
         self.default_model = next(iter(self.models))
         self.sessions: dict[bytes, Session] = {}
+        #: Open sessions per peer address.
+        self.per_peer: collections.Counter[str] = collections.Counter()
+        self.peer_limit = config.max_sessions_per_peer or max(1, config.max_sessions // 2)
+        # ZeroMQ counts messages, not bytes: an answer is at most about max_message_bytes,
+        # so this many queued answers stay under max_output_bytes (at least 64, because
+        # the pipe acknowledges reads in batches of half its high-water mark: at 64 a
+        # burst of 50 small answers was measured to overflow, at 256 not).
+        self.send_hwm = min(
+            config.hwm, max(64, config.max_output_bytes // config.max_message_bytes)
+        )
         self._stop = threading.Event()
         self._auth: Any = None
+        self._peer_frame: Any = None
         self.sock: Any = None
         self.bound = threading.Event()
         self.endpoint: str | None = None
@@ -184,8 +212,10 @@ class Server:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.SNDHWM, self.send_hwm)
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        if wants_ipv6(self.config.bind):
+            sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT, and dual stack for tcp://*
         curve = self.config.curve
         if curve is not None:
             import zmq.auth
@@ -236,47 +266,10 @@ class Server:
         """Serve until :meth:`stop`; then flush every open session and close the socket."""
         try:
             self._open()
-            next_expiry = time.monotonic() + 0.5
-            next_stats = time.monotonic() + self.config.stats_every
-            # The clock: hops are collected on a fixed cadence (half a hop by default), not
-            # per message, so each tick carries the hops of many sessions in one batch.
-            tick_s = self.config.tick_ms / 1e3
-            next_tick = time.monotonic()
-            busy = work = False
-            while not self._stop.is_set():
-                if busy or work:
-                    wait_ms = max(0.0, 1e3 * (next_tick - time.monotonic()))
-                    events = self.poller.poll(math.ceil(wait_ms))
-                else:
-                    events = self.poller.poll(self.config.poll_ms)
-                if events:
-                    self._drain()
-                    work = True
-                now = time.monotonic()
-                if now >= next_tick and (busy or work):
-                    # After an idle spell the first message is served at once; from then on
-                    # every tick_ms, whatever the message rate.
-                    self._tick()
-                    work = False
-                    now = time.monotonic()
-                    next_tick = now + tick_s
-                busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
-                if now >= next_expiry:
-                    self._expire(now)
-                    next_expiry = now + 0.5
-                if self.config.stats_every and now >= next_stats:
-                    st = self.stats()
-                    log_event(
-                        "stats",
-                        sessions=st["sessions"],
-                        blocks=st["blocks_processed"],
-                        overruns=st["overruns"],
-                        dropped=sum(st["dropped"].values()),
-                        tick_p50_ms=st["tick_infer_ms"]["p50"],
-                        tick_p99_ms=st["tick_infer_ms"]["p99"],
-                    )
-                    next_stats = now + self.config.stats_every
-            self._shutdown()
+            # Client data (huge or odd samples) must not print numpy warnings into the log.
+            with np.errstate(all="ignore"):
+                self._loop()
+                self._shutdown()
         finally:
             if self.sock is not None:
                 self.sock.close(linger=1000)
@@ -285,6 +278,49 @@ class Server:
             if self._own_ctx:
                 self.ctx.term()
             log_event("stopped")
+
+    def _loop(self) -> None:
+        """Poll, drain, tick on the clock, expire idle sessions, log stats; until stop()."""
+        next_expiry = time.monotonic() + 0.5
+        next_stats = time.monotonic() + self.config.stats_every
+        # The clock: hops are collected on a fixed cadence (half a hop by default), not
+        # per message, so each tick carries the hops of many sessions in one batch.
+        tick_s = self.config.tick_ms / 1e3
+        next_tick = time.monotonic()
+        busy = work = False
+        while not self._stop.is_set():
+            if busy or work:
+                wait_ms = max(0.0, 1e3 * (next_tick - time.monotonic()))
+                events = self.poller.poll(math.ceil(wait_ms))
+            else:
+                events = self.poller.poll(self.config.poll_ms)
+            if events:
+                self._drain()
+                work = True
+            now = time.monotonic()
+            if now >= next_tick and (busy or work):
+                # After an idle spell the first message is served at once; from then on
+                # every tick_ms, whatever the message rate.
+                self._tick()
+                work = False
+                now = time.monotonic()
+                next_tick = now + tick_s
+            busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
+            if now >= next_expiry:
+                self._expire(now)
+                next_expiry = now + 0.5
+            if self.config.stats_every and now >= next_stats:
+                st = self.stats()
+                log_event(
+                    "stats",
+                    sessions=st["sessions"],
+                    blocks=st["blocks_processed"],
+                    overruns=st["overruns"],
+                    dropped=sum(st["dropped"].values()),
+                    tick_p50_ms=st["tick_infer_ms"]["p50"],
+                    tick_p99_ms=st["tick_infer_ms"]["p99"],
+                )
+                next_stats = now + self.config.stats_every
 
     def _shutdown(self, deadline_s: float = 5.0) -> None:
         """Close every session, sending its tail and ``closed`` (reason ``shutdown``)."""
@@ -303,11 +339,16 @@ class Server:
         zmq = self._zmq
         for _ in range(max_messages):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                # The identity frame as a Frame: it carries the peer's address (hello only).
+                first = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            body = []
+            while self.sock.getsockopt(zmq.RCVMORE):
+                body.append(self.sock.recv())
             self.counters["messages_in"] += 1
-            ident, body = frames[0], frames[1:]
+            ident = first.bytes
+            self._peer_frame = first
             try:
                 self._handle(ident, body)
             except P.ProtocolError as e:
@@ -348,6 +389,10 @@ class Server:
                 raise P.ProtocolError("no_session", "close without an open session")
             self._begin_close(sess, "close")
         elif isinstance(msg, P.StatsRequest):
+            if msg.reset and not self.config.allow_stats_reset:
+                raise P.ProtocolError(
+                    "not_allowed", "this server's operator did not allow stats resets"
+                )
             self._send_raw(ident, [P.encode_dict(self.stats())])
             if msg.reset:
                 self._reset_counters()
@@ -369,6 +414,13 @@ class Server:
             raise P.ProtocolError(
                 "unknown_model", f"no model {name[:60]!r}; this server has {sorted(self.models)}"
             )
+        peer = self._peer()
+        if self.per_peer[peer] >= self.peer_limit:
+            self.counters["refused_peer"] += 1
+            raise P.ProtocolError(
+                "server_full",
+                f"{peer} already holds {self.per_peer[peer]} sessions, the most one peer may",
+            )
         if len(self.sessions) >= self.config.max_sessions:
             self.counters["refused_full"] += 1
             raise P.ProtocolError(
@@ -386,6 +438,8 @@ class Server:
             cs=cs,
             last_seen=time.monotonic(),
         )
+        sess.peer = peer
+        self.per_peer[peer] += 1
         self.sessions[ident] = sess
         self.counters["sessions_opened"] += 1
         log_event(
@@ -545,10 +599,22 @@ class Server:
                 log.exception("answer failed", extra={"fields": {"session": s.sid}})
                 self._fail(s)
 
-    @staticmethod
-    def _release(sess: Session) -> None:
-        """Give the session's stream slots back to its model's bank (idempotent)."""
+    def _release(self, sess: Session) -> None:
+        """Give the session's stream slots back and its peer's count (once)."""
+        if sess.released:
+            return
+        sess.released = True
         sess.cs.close()
+        self.per_peer[sess.peer] -= 1
+        if self.per_peer[sess.peer] <= 0:
+            del self.per_peer[sess.peer]
+
+    def _peer(self) -> str:
+        """The address of the peer whose message is being handled ("local" for inproc/ipc)."""
+        try:
+            return str(self._peer_frame.get("Peer-Address"))
+        except Exception:  # zmq raises for transports without addresses
+            return "local"
 
     def _fail(self, s: Session) -> None:
         """End a session that hit a server bug: a fatal ``internal`` error, no tail."""

@@ -44,6 +44,10 @@ class Session:
     closing: str | None = None
     overruns: int = 0
     next_seq: int = 0
+    #: The peer address the hello came from (per-peer session limit).
+    peer: str = "local"
+    #: Slots and the peer's count given back (see Server._release).
+    released: bool = False
     #: Frames sent back (client rate).
     sent: int = 0
 
