@@ -554,3 +554,18 @@ def test_serve_and_stream_cli_with_curve(passthrough_pack, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_shipped_default_among_a_hundred_sessions_equals_enhance():
+    """Batching is on by construction for the shipped default pack (the probe passes), and
+    one client among 100 others gets exactly `rtns enhance`'s samples."""
+    default = Model("rtns-dtln")
+    x = noise(8_000, seed=9)
+    with running_server([default.pack_dir], max_sessions=128, max_sessions_per_peer=128) as srv:
+        crowd = _crowd(srv, x, 100)
+        with Client(srv.endpoint) as c:
+            st = c.stats()
+    model = st["models"]["rtns-dtln"]
+    assert model["batched"], model["why"]
+    assert st["rows_per_tick"]["max"] >= 64  # the batches really were large
+    np.testing.assert_array_equal(crowd[384 : 384 + x.size], enhance_array(default, x))
