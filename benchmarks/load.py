@@ -68,8 +68,7 @@ def start_server(
     cmd = [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", model]
     cmd += ["--max-sessions", str(max_sessions), "--log-level", "warning"]
     cmd += ["--max-sessions-per-peer", str(max_sessions), "--allow-stats-reset"]
-    if workers != 1:
-        cmd += ["--workers", str(workers)]
+    cmd += ["--workers", str(workers)]
     if not batch:
         cmd.append("--no-batch")
 

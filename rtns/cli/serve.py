@@ -99,6 +99,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="log a stats line every S seconds (60; 0: never)",
     )
     p.add_argument(
+        "--workers",
+        type=options.positive_int,
+        default=None,
+        metavar="N",
+        help="batching worker processes behind the one address, each session pinned to one "
+        "(default: the cores this process may use)",
+    )
+    p.add_argument(
         "--max-sessions-per-peer",
         type=options.positive_int,
         default=None,
@@ -268,7 +276,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as e:  # the options' types should have refused it already
         where, msg = first_validation_error(e)
         raise UserInputError(f"rtns serve: {where}: {msg}") from None
-    server = _start(lambda: Server(config), args.bind)
+    workers = args.workers or len(os.sched_getaffinity(0))
+    if workers > 1:
+        from rtns.daemon.workers import Supervisor
+
+        server = _start(
+            lambda: Supervisor(config, workers, args.log_format, args.log_level), args.bind
+        )
+    else:
+        server = _start(lambda: Server(config), args.bind)
 
     def on_signal(signum: int, _frame: object) -> None:
         server.stop()

@@ -45,6 +45,9 @@ from rtns.engine import Model
 from rtns.errors import UserInputError
 from rtns.streams import ChannelStream
 
+#: Relay control frame: the supervisor tells a worker that a client's connection is gone.
+VANISHED = b"\x00vanished"
+
 
 class CurveConfig(BaseModel):
     """CurveZMQ: the server's secret certificate and a folder of allowed client public keys."""
@@ -99,6 +102,9 @@ class ServerConfig(BaseModel):
     max_sessions_per_peer: int | None = Field(None, ge=1)
     #: Let clients reset the stats counters (benchmarks); off, a reset request is refused.
     allow_stats_reset: bool = False
+    #: Internal: a worker of `rtns serve --workers` (a PAIR socket at ``bind`` carrying
+    #: [client id, peer address, frames...] from the supervisor).
+    relay: bool = False
     engine: EngineConfig = EngineConfig()
 
 
@@ -127,6 +133,67 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
+def check_bind(config: ServerConfig) -> None:
+    """Refuse a plaintext bind off loopback (one line, before anything starts)."""
+    if config.require_curve_off_loopback and not is_loopback(config.bind) and config.curve is None:
+        raise UserInputError(
+            f"binding to {config.bind} (not loopback) requires CurveZMQ keys: pass "
+            "--curve-secret and --allowed-clients (make keys with `rtns keys DIR`)"
+        )
+
+
+def open_front_socket(ctx: Any, config: ServerConfig, send_hwm: int) -> tuple[Any, Any, str]:
+    """The public ROUTER socket with every option of ``config`` (CURVE with its
+    authenticator thread, message size, high-water marks, IPv6), bound. Returns (socket,
+    authenticator or None, the bound endpoint)."""
+    import zmq
+
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+    sock.setsockopt(zmq.SNDHWM, send_hwm)
+    sock.setsockopt(zmq.RCVHWM, config.hwm)
+    if wants_ipv6(config.bind):
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT, and dual stack for tcp://*
+    auth = None
+    curve = config.curve
+    if curve is not None:
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        pub, secret = zmq.auth.load_certificate(str(curve.server_secret))
+        if secret is None:
+            sock.close(linger=0)
+            raise UserInputError(f"{curve.server_secret}: not a secret key file")
+        if not curve.allowed_clients.is_dir():
+            sock.close(linger=0)
+            raise UserInputError(f"{curve.allowed_clients}: no such folder of client keys")
+        n_keys = len(list(curve.allowed_clients.glob("*.key")))
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("rtns.daemon.zap"))
+        auth.start()
+        auth.configure_curve(domain="*", location=str(curve.allowed_clients))
+        sock.curve_secretkey = secret
+        sock.curve_publickey = pub
+        sock.curve_server = True
+        log_event(
+            "curve",
+            allowed_clients=str(curve.allowed_clients),
+            keys=n_keys,
+            note="CurveZMQ on: only clients whose public key is in that folder get in",
+        )
+    else:
+        log_event("curve", note="CurveZMQ off: plaintext, loopback only")
+    try:
+        sock.bind(config.bind)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
+        raise UserInputError(f"cannot bind {config.bind}: {e.strerror}") from None
+    return sock, auth, sock.getsockopt_string(zmq.LAST_ENDPOINT) or config.bind
+
+
 class Server:
     """The daemon. ``run()`` blocks until ``stop()``; everything else is internal."""
 
@@ -134,15 +201,7 @@ class Server:
         import zmq
 
         self.config = config
-        if (
-            config.require_curve_off_loopback
-            and not is_loopback(config.bind)
-            and config.curve is None
-        ):
-            raise UserInputError(
-                f"binding to {config.bind} (not loopback) requires CurveZMQ keys: pass "
-                "--curve-secret and --allowed-clients (make keys with `rtns keys DIR`)"
-            )
+        check_bind(config)
         self._zmq = zmq
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
@@ -187,6 +246,7 @@ class Server:
         self._stop = threading.Event()
         self._auth: Any = None
         self._peer_frame: Any = None
+        self._relay_peer = "local"
         self.sock: Any = None
         self.bound = threading.Event()
         self.endpoint: str | None = None
@@ -208,45 +268,19 @@ class Server:
 
     def _open(self) -> None:
         zmq = self._zmq
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        sock.setsockopt(zmq.SNDHWM, self.send_hwm)
-        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
-        if wants_ipv6(self.config.bind):
-            sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT, and dual stack for tcp://*
-        curve = self.config.curve
-        if curve is not None:
-            import zmq.auth
-            from zmq.auth.thread import ThreadAuthenticator
-
-            pub, secret = zmq.auth.load_certificate(str(curve.server_secret))
-            if secret is None:
-                raise UserInputError(f"{curve.server_secret}: not a secret key file")
-            if not curve.allowed_clients.is_dir():
-                raise UserInputError(f"{curve.allowed_clients}: no such folder of client keys")
-            n_keys = len(list(curve.allowed_clients.glob("*.key")))
-            self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("rtns.daemon.zap"))
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(curve.allowed_clients))
-            sock.curve_secretkey = secret
-            sock.curve_publickey = pub
-            sock.curve_server = True
-            log_event(
-                "curve",
-                allowed_clients=str(curve.allowed_clients),
-                keys=n_keys,
-                note="CurveZMQ on: only clients whose public key is in that folder get in",
-            )
-        else:
-            log_event("curve", note="CurveZMQ off: plaintext, loopback only")
-        try:
+        if self.config.relay:
+            # A worker behind `rtns serve --workers`: the supervisor owns the public socket
+            # (CURVE, message size, peers) and relays [client id, peer, frames...] here.
+            sock = self.ctx.socket(zmq.PAIR)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
             sock.bind(self.config.bind)
-        except zmq.ZMQError as e:
-            sock.close(linger=0)
-            raise UserInputError(f"cannot bind {self.config.bind}: {e.strerror}") from None
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.config.bind
+            self.endpoint = self.config.bind
+        else:
+            sock, self._auth, self.endpoint = open_front_socket(
+                self.ctx, self.config, self.send_hwm
+            )
         self.sock = sock
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
@@ -346,8 +380,16 @@ class Server:
             body = []
             while self.sock.getsockopt(zmq.RCVMORE):
                 body.append(self.sock.recv())
-            self.counters["messages_in"] += 1
             ident = first.bytes
+            if self.config.relay:
+                if len(body) < 2:
+                    continue  # not from the supervisor's relay
+                self._relay_peer = body[0].decode("utf-8", "replace")
+                body = body[1:]
+                if body == [VANISHED]:
+                    self._vanished(ident)
+                    continue
+            self.counters["messages_in"] += 1
             self._peer_frame = first
             try:
                 self._handle(ident, body)
@@ -611,6 +653,8 @@ class Server:
 
     def _peer(self) -> str:
         """The address of the peer whose message is being handled ("local" for inproc/ipc)."""
+        if self.config.relay:
+            return self._relay_peer
         try:
             return str(self._peer_frame.get("Peer-Address"))
         except Exception:  # zmq raises for transports without addresses
@@ -674,11 +718,15 @@ class Server:
                 raise
             # The client is gone (ROUTER_MANDATORY tells us): end its session quietly.
             self.dropped["send_unreachable"] += 1
-            sess = self.sessions.pop(ident, None)
-            if sess is not None:
-                self._release(sess)
-                self.counters["closed_vanished"] += 1
-                log_event("vanished", session=sess.sid)
+            self._vanished(ident)
+
+    def _vanished(self, ident: bytes) -> None:
+        """End the session of a client whose connection is gone, without answering."""
+        sess = self.sessions.pop(ident, None)
+        if sess is not None:
+            self._release(sess)
+            self.counters["closed_vanished"] += 1
+            log_event("vanished", session=sess.sid)
 
     # -- stats ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

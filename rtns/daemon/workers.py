@@ -1,0 +1,356 @@
+"""``rtns serve --workers N``: one batching worker process per core behind one address.
+
+The supervisor (this module, in the main process) owns the public ROUTER socket with every
+option of a single server (CURVE, message size, output cap, IPv6) and relays messages:
+
+    client --ROUTER--> supervisor --PAIR (ipc)--> worker k: Server(relay=True)
+                                  <--------------
+
+* A session is pinned to one worker for its life: a hello goes to the worker with the
+  fewest open sessions, and the route is kept from its ``ready`` to its ``closed``. Other
+  messages of a connection without a session go to a worker chosen by its id (they only get
+  errors). Frames travel as ``[client id, peer address, frames...]`` so each worker applies
+  its per-peer session limit (per worker) and answers exactly as a single server would.
+* ``stats`` asks every worker and answers with the sum (counters, sessions, CPU seconds,
+  blocks) and, per figure, the worst worker's percentiles.
+* A worker that dies ends only its sessions: each of their clients gets ``closed`` with
+  reason ``error`` (totals 0: the worker took them with it), the supervisor logs it and
+  starts a new worker in its place.
+* SIGTERM: every worker flushes its sessions (``closed`` reason ``shutdown``); the
+  supervisor relays until they have exited.
+
+Workers are separate processes (no GIL between them); each runs onnxruntime at one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rtns.daemon import protocol as P
+from rtns.daemon.logs import log, log_event
+from rtns.daemon.server import (
+    VANISHED,
+    Server,
+    ServerConfig,
+    check_bind,
+    open_front_socket,
+)
+from rtns.errors import RtnsError
+
+#: Prefix of the relay id under which the supervisor collects a worker's stats reply.
+_STATS = b"\x01stats:"
+
+
+def _worker_main(config_json: str, log_format: str, log_level: str) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter)."""
+    from rtns.daemon.logs import setup_logging
+
+    setup_logging(log_format, log_level)
+    server = Server(ServerConfig.model_validate_json(config_json))
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+    server.run()
+
+
+class Supervisor:
+    """The relay in front of ``workers`` worker processes. ``run()`` until ``stop()``."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        workers: int,
+        log_format: str = "json",
+        log_level: str = "info",
+    ) -> None:
+        import zmq
+
+        if workers < 2:
+            raise ValueError("a supervisor needs at least 2 workers")
+        from rtns.engine import Model
+
+        check_bind(config)
+        for spec in config.models:  # a bad pack is one line here, not a crash loop later
+            Model(spec, config.engine)
+        self.config = config
+        self.n = workers
+        self._zmq = zmq
+        self.ctx = zmq.Context()
+        self._dir = Path(tempfile.mkdtemp(prefix="rtns-workers-"))
+        self._log = (log_format, log_level)
+        self._mp = mp.get_context("spawn")
+        self.procs: list[Any] = [None] * workers
+        self.backs: list[Any] = [None] * workers
+        self.route: dict[bytes, int] = {}  # client id -> worker, while a session is open
+        self.sid: dict[bytes, str] = {}
+        self.load = [0] * workers  # open sessions per worker
+        self._stats_wait: dict[bytes, list[tuple[int, dict]]] = {}
+        self._stop = threading.Event()
+        self.bound = threading.Event()
+        self.endpoint: str | None = None
+        self.restarts = 0
+        self._started = [0.0] * workers
+        self._quick_deaths = 0
+        self.dropped = 0
+
+    # -- workers ------------------------------------------------------------------------------
+    def _endpoint(self, k: int) -> str:
+        return f"ipc://{self._dir}/worker{k}.sock"
+
+    def _start_worker(self, k: int) -> None:
+        c = self.config
+        peer_limit = c.max_sessions_per_peer or max(1, c.max_sessions // 2)
+        cfg = c.model_copy(
+            update={
+                "bind": self._endpoint(k),
+                "relay": True,
+                # The limits are the whole daemon's: each worker gets its share.
+                "max_sessions": -(-c.max_sessions // self.n),
+                "max_sessions_per_peer": -(-peer_limit // self.n),
+            }
+        )
+        proc = self._mp.Process(
+            target=_worker_main,
+            args=(cfg.model_dump_json(), *self._log),
+            name=f"rtns-worker-{k}",
+            daemon=True,
+        )
+        proc.start()
+        if self.backs[k] is None:
+            back = self.ctx.socket(self._zmq.PAIR)
+            back.setsockopt(self._zmq.LINGER, 0)
+            back.setsockopt(self._zmq.SNDHWM, 0)
+            back.setsockopt(self._zmq.RCVHWM, 0)
+            back.connect(self._endpoint(k))
+            self.backs[k] = back
+        self.procs[k] = proc
+        self._started[k] = time.monotonic()
+        log_event("worker", index=k, pid=proc.pid)
+
+    def _worker_died(self, k: int) -> None:
+        code = self.procs[k].exitcode
+        ended = [ident for ident, w in self.route.items() if w == k]
+        log.error(
+            "worker died",
+            extra={"fields": {"index": k, "exitcode": code, "sessions_ended": len(ended)}},
+        )
+        for ident in ended:
+            closed = P.Closed(
+                session=self.sid.pop(ident, "?"),
+                reason="error",
+                samples=0,
+                samples_in=0,
+                samples_out=0,
+            )
+            self._to_client([ident, P.encode(closed), b""])
+            del self.route[ident]
+        self.load[k] = 0
+        # A fresh socket: the old pair may still hold the dead worker's unread messages.
+        self.backs[k].close(linger=0)
+        self.backs[k] = None
+        self.restarts += 1
+        if time.monotonic() - self._started[k] < 5.0:
+            self._quick_deaths += 1
+            if self._quick_deaths >= 3:
+                raise RtnsError(
+                    f"worker processes keep dying at start (last exit code {code}); "
+                    "run with --workers 1 to see why"
+                )
+        else:
+            self._quick_deaths = 0
+        self._start_worker(k)
+
+    # -- relaying -----------------------------------------------------------------------------
+    def _to_client(self, frames: list[bytes]) -> None:
+        zmq = self._zmq
+        try:
+            self.front.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1  # the client does not read (the front's output cap)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            k = self.route.pop(frames[0], None)
+            if k is not None:  # tell its worker the connection is gone
+                self.sid.pop(frames[0], None)
+                self.load[k] -= 1
+                self.backs[k].send_multipart([frames[0], b"", VANISHED])
+
+    def _from_client(self) -> None:
+        zmq = self._zmq
+        first = self.front.recv(zmq.NOBLOCK, copy=False)
+        body = []
+        while self.front.getsockopt(zmq.RCVMORE):
+            body.append(self.front.recv())
+        ident = first.bytes
+        try:
+            peer = str(first.get("Peer-Address")).encode()
+        except Exception:
+            peer = b"local"
+        k = self.route.get(ident)
+        if k is None:
+            kind = _message_type(body)
+            if kind == "stats":
+                self._stats_wait[ident] = []
+                for back in self.backs:
+                    back.send_multipart([_STATS + ident, peer, *body])
+                return
+            if kind == "hello":
+                k = min(range(self.n), key=lambda w: self.load[w])
+            else:
+                k = int.from_bytes(ident[-2:] or b"\0", "big") % self.n
+        self.backs[k].send_multipart([ident, peer, *body])
+
+    def _from_worker(self, k: int) -> None:
+        frames = self.backs[k].recv_multipart()
+        ident = frames[0]
+        if ident.startswith(_STATS):
+            client = ident[len(_STATS) :]
+            got = self._stats_wait.get(client)
+            if got is None:
+                return
+            try:
+                got.append((k, json.loads(frames[1])))
+            except ValueError:
+                got.append((k, {}))
+            if len(got) == self.n:
+                del self._stats_wait[client]
+                got = [g for _, g in sorted(got, key=lambda kg: kg[0])]
+                if all(g.get("type") == "stats" for g in got):
+                    reply = P.encode_dict(merge_stats(got, self))
+                else:  # an error (e.g. not_allowed): the first worker's answer
+                    reply = frames[1]
+                self._to_client([client, reply])
+            return
+        head = frames[1] if len(frames) > 1 else b""
+        if head.startswith(b'{"type":"ready"'):
+            self.route[ident] = k
+            self.load[k] += 1
+            try:
+                self.sid[ident] = json.loads(head)["session"]
+            except (ValueError, KeyError):
+                self.sid[ident] = "?"
+        elif head.startswith(b'{"type":"closed"') or (
+            head.startswith(b'{"type":"error"') and b'"fatal":true' in head
+        ):
+            if self.route.pop(ident, None) is not None:
+                self.load[k] -= 1
+                self.sid.pop(ident, None)
+        self._to_client(frames)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        zmq = self._zmq
+        send_hwm = min(
+            self.config.hwm, max(64, self.config.max_output_bytes // self.config.max_message_bytes)
+        )
+        self.front, auth, self.endpoint = open_front_socket(self.ctx, self.config, send_hwm)
+        try:
+            for k in range(self.n):
+                self._start_worker(k)
+            log_event("listening", endpoint=self.endpoint, workers=self.n)
+            self.bound.set()
+            next_check = time.monotonic() + 0.2
+            stopping_since: float | None = None
+            while True:
+                if self._stop.is_set() and stopping_since is None:
+                    stopping_since = time.monotonic()
+                    for p in self.procs:
+                        if p.is_alive():
+                            os.kill(p.pid, signal.SIGTERM)
+                if stopping_since is not None:
+                    alive = [p for p in self.procs if p.is_alive()]
+                    if not alive or time.monotonic() - stopping_since > 15:
+                        for p in alive:
+                            p.kill()
+                        # relay what the workers sent while flushing
+                        self._drain_workers()
+                        break
+                poller = zmq.Poller()
+                poller.register(self.front, zmq.POLLIN)
+                for back in self.backs:
+                    poller.register(back, zmq.POLLIN)
+                events = dict(poller.poll(50))
+                if self.front in events and stopping_since is None:
+                    for _ in range(512):
+                        try:
+                            self._from_client()
+                        except zmq.Again:
+                            break
+                for k, back in enumerate(self.backs):
+                    if back in events:
+                        for _ in range(512):
+                            if not back.poll(0):
+                                break
+                            self._from_worker(k)
+                now = time.monotonic()
+                if now >= next_check and stopping_since is None:
+                    next_check = now + 0.2
+                    for k, p in enumerate(self.procs):
+                        if not p.is_alive():
+                            self._worker_died(k)
+        finally:
+            self.front.close(linger=1000)
+            for back in self.backs:
+                if back is not None:
+                    back.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            self.ctx.term()
+            log_event("stopped", workers=self.n, restarts=self.restarts)
+
+    def _drain_workers(self) -> None:
+        for k, back in enumerate(self.backs):
+            while back is not None and back.poll(0):
+                self._from_worker(k)
+
+
+def _message_type(body: list[bytes]) -> str | None:
+    if not body or len(body[0]) > P.MAX_HEADER_BYTES:
+        return None
+    try:
+        obj = json.loads(body[0])
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return obj.get("type") if isinstance(obj, dict) and isinstance(obj.get("type"), str) else None
+
+
+def merge_stats(parts: list[dict], sup: Supervisor) -> dict:
+    """One ``stats`` reply from every worker's: sums, and the worst worker's percentiles."""
+    out: dict[str, Any] = {"type": "stats", "workers": len(parts), "restarts": sup.restarts}
+    for key in ("sessions", "overruns", "blocks_processed", "cpu_s"):
+        out[key] = sum(p.get(key, 0) or 0 for p in parts)
+    out["uptime_s"] = max(p.get("uptime_s", 0) for p in parts)
+    for key in ("counters", "dropped"):
+        total: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.get(key, {}).items():
+                total[k] = total.get(k, 0) + v
+        out[key] = total
+    out["dropped"]["supervisor_send_hwm"] = sup.dropped
+    out["models"] = parts[0].get("models", {})
+    out["queue_depths"] = {k: v for p in parts for k, v in p.get("queue_depths", {}).items()}
+    ticks = [p["tick_infer_ms"] for p in parts if p.get("tick_infer_ms", {}).get("n")]
+    out["tick_infer_ms"] = {
+        "n": sum(t["n"] for t in ticks),
+        **{q: max((t[q] for t in ticks), default=None) for q in ("p50", "p90", "p99", "max")},
+    }
+    rows = [p["rows_per_tick"] for p in parts if p.get("rows_per_tick", {}).get("mean")]
+    out["rows_per_tick"] = {
+        "mean": round(sum(r["mean"] for r in rows) / len(rows), 3) if rows else None,
+        "max": max((r["max"] for r in rows), default=None),
+    }
+    out["per_worker"] = [
+        {k: p.get(k) for k in ("sessions", "blocks_processed", "cpu_s")} for p in parts
+    ]
+    return out

@@ -1,0 +1,123 @@
+"""rtns serve --workers: sessions pinned to worker processes behind one address."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtns.daemon import protocol as P
+from rtns.daemon.client import Client
+from rtns.engine import Model, enhance_array
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rtns",
+                "serve",
+                "--workers",
+                "2",
+                "--bind",
+                endpoint,
+                "--log-format",
+                "kv",
+            ],
+            stderr=err,
+        )
+    deadline = time.monotonic() + 60
+    while (
+        "event=listening endpoint=ipc" not in log.read_text()
+        or log.read_text().count("endpoint=ipc") < 2
+    ):  # both workers are up
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    yield proc, endpoint, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def worker_pids(log: Path) -> list[int]:
+    return [
+        int(w.split("pid=")[1].split()[0])
+        for w in log.read_text().splitlines()
+        if "event=worker " in w
+    ]
+
+
+def test_sessions_spread_exact_and_stats_summed(daemon):
+    proc, endpoint, log = daemon
+    x = (0.1 * np.random.default_rng(0).standard_normal(8000)).astype(np.float32)
+    ref = enhance_array(Model("rtns-dtln"), x)
+    clients = [Client(endpoint, timeout=20) for _ in range(4)]
+    try:
+        for c in clients:
+            c.hello()
+        with Client(endpoint) as s:
+            st = s.stats()
+        assert st["workers"] == 2 and st["sessions"] == 4
+        assert sorted(w["sessions"] for w in st["per_worker"]) == [2, 2]  # least loaded
+        for c in clients:
+            c.close_session()
+        for c in clients:
+            np.testing.assert_array_equal(c.enhance(x, chunk=320), ref)
+    finally:
+        for c in clients:
+            c.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_a_dead_worker_ends_only_its_sessions(daemon):
+    proc, endpoint, log = daemon
+    a, b = Client(endpoint, timeout=20), Client(endpoint, timeout=20)
+    try:
+        a.hello()
+        b.hello()
+        with Client(endpoint) as s:
+            per = s.stats()["per_worker"]
+        assert [w["sessions"] for w in per] == [1, 1]
+        first, _ = worker_pids(log)
+        os.kill(first, signal.SIGKILL)
+        # one of the two sessions ends with closed/error; the other streams on
+        ended, alive = [], []
+        for c in (a, b):
+            c.send_audio(np.zeros(320, np.float32))
+            msg, _ = c.recv(20)
+            (ended if isinstance(msg, P.Closed) else alive).append(msg)
+        assert len(ended) == 1 and ended[0].reason == "error", (ended, alive)
+        assert len(alive) == 1 and isinstance(alive[0], P.AudioOut)
+        deadline = time.monotonic() + 60
+        while len(worker_pids(log)) < 3:  # a new worker takes the dead one's place
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        x = np.zeros(3200, np.float32)
+        with Client(endpoint, timeout=30) as c:
+            assert c.enhance(x).shape == x.shape
+    finally:
+        a.close()
+        b.close()
