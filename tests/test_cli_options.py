@@ -82,6 +82,7 @@ def test_bounds_agree_with_the_settings_models():
     assert bounds(ServerConfig, "max_sessions") == (1, options.MAX_SESSIONS)
     assert bounds(ServerConfig, "max_batch") == (1, options.MAX_BATCH)
     assert bounds(ServerConfig, "max_message_bytes")[0] == options.MIN_MESSAGE_BYTES
+    assert bounds(ServerConfig, "max_output_bytes")[0] == options.MIN_OUTPUT_BYTES
 
 
 # Each case: arguments, and what the one error line must name. Before the bounds were in
@@ -94,6 +95,9 @@ OUT_OF_RANGE = [
     (["serve", "--threads", "65"], "--threads: 65 is out of range 1..64"),
     (["serve", "--idle-timeout", "1e300"], "--idle-timeout: 1e+300 must be more than 0"),
     (["serve", "--stats-every", "-1"], "--stats-every: -1 is out of range 0..86400"),
+    (["serve", "--max-output-mb", "0.01"], "--max-output-mb: 0.01 is out of range 0.0625.."),
+    (["serve", "--max-output-mb", "1e300"], "--max-output-mb: 1e+300 is out of range"),
+    (["serve", "--max-sessions-per-peer", "0"], "--max-sessions-per-peer: 0 is out of range"),
     (["serve", "--bind", "foo://x"], "--bind: 'foo://x' is not an endpoint"),
     (["serve", "--bind", "tcp://127.0.0.1:0"], "the port must be 1..65535"),
     (["run", "--blocksize", "100000"], "--blocksize: 100000 is out of range 0..4096"),

@@ -18,6 +18,9 @@ MAX_SESSIONS = 100_000
 #: ZMQ_MAXMSGSIZE of the daemon: at least one 1 KiB frame, at most 1 GiB.
 MIN_MESSAGE_BYTES = 1024
 MAX_MESSAGE_BYTES = 1 << 30
+#: Answers the daemon queues for a client that does not read: 64 KiB .. 64 GiB.
+MIN_OUTPUT_BYTES = 1 << 16
+MAX_OUTPUT_BYTES = 1 << 36
 #: Rows in one batched inference call of the daemon.
 MAX_BATCH = 1024
 #: Device frames per PortAudio callback (256 ms at 16 kHz; 0 lets the host API choose).
@@ -90,6 +93,8 @@ block_frames = between(int, 0, MAX_BLOCK_FRAMES)
 device_rate = between(int, MIN_DEVICE_RATE, MAX_DEVICE_RATE)
 rt_priority = between(int, 0, MAX_RT_PRIORITY)
 chunk_samples = between(int, 1, MAX_CHUNK)
+#: The daemon's output cap in MiB (--max-output-mb).
+output_mib = between(float, MIN_OUTPUT_BYTES / 2**20, MAX_OUTPUT_BYTES / 2**20)
 #: A timeout or an interval in seconds (> 0).
 wait_seconds = between(float, 0.0, MAX_WAIT_S, low_open=True)
 #: An interval in seconds where 0 means never.

@@ -108,14 +108,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-sessions-per-peer",
-        type=options.positive_int,
+        type=options.session_count,
         default=None,
         metavar="N",
         help="sessions one peer address may hold (default: half of --max-sessions)",
     )
     p.add_argument(
         "--max-output-mb",
-        type=options.positive_float,
+        type=options.output_mib,
         default=64.0,
         metavar="MB",
         help="answers queued for a client that does not read, in MiB, before they are "
