@@ -237,12 +237,12 @@ def test_sixty_seconds_without_underruns(server16: JackServer, dtln_args: list[s
 def _sixty_seconds(server16: JackServer, dtln_args: list[str]) -> None:
     """60 s of the default model with a worker far faster than real time (RTF < 0.5).
 
-    Under-runs: those within 1 s of a jackd xrun are the host's (the dummy driver's cycle
-    itself was late; no client can make up for that) and do not count. The rest must be
-    rare: at most one per 10 s of such clean seconds (1 in 1250 callbacks). A busy host
-    still delays the real-time worker now and then (1-3 per minute measured with both
-    cores busy), while a worker that cannot keep up or a prefill one block short
-    under-runs hundreds of times a minute."""
+    Under-runs in a status second with a jackd xrun or CPU steal (the hypervisor took a
+    vCPU away) within 0.3 s are the host's (UnderrunAudit) and do not count. The rest must
+    be rare: at most one per 10 such clean seconds (1 in 1250 callbacks). Measured with
+    both cores busy: 1-13 under-runs a minute, all in seconds with steal or xruns; a
+    worker that cannot keep up or a prefill one block short under-runs hundreds of times
+    a minute."""
     r, secs = 16000, 60
     x = band_limited_noise(secs * r, r, 7000, seed=2, rms=0.05)
     loop = Loopback(server16)
