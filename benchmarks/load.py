@@ -62,13 +62,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(
-    model: str, batch: bool, max_sessions: int, cpus: set[int] | None = None, workers: int = 1
+    model: str,
+    batch: bool,
+    max_sessions: int,
+    cpus: set[int] | None = None,
+    workers: int = 1,
+    extra: list[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", model]
     cmd += ["--max-sessions", str(max_sessions), "--log-level", "warning"]
     cmd += ["--max-sessions-per-peer", str(max_sessions), "--allow-stats-reset"]
-    cmd += ["--workers", str(workers)]
+    cmd += ["--workers", str(workers), *(extra or [])]
     if not batch:
         cmd.append("--no-batch")
 
@@ -248,6 +253,9 @@ def main() -> int:
         "--client-cpus", default=None, help="pin this client process to these CPUs, e.g. 1"
     )
     ap.add_argument("--workers", type=int, default=1, help="rtns serve --workers")
+    ap.add_argument(
+        "--serve-args", default="", help="more rtns serve options, e.g. '--max-batch 128'"
+    )
     args = ap.parse_args()
 
     def cpu_set(text: str | None) -> set[int] | None:
@@ -273,7 +281,12 @@ def main() -> int:
 
     def run_one(mode: str, n: int) -> dict:
         proc, endpoint = start_server(
-            args.model, mode == "batch", max(256, n), server_cpus, args.workers
+            args.model,
+            mode == "batch",
+            max(256, n),
+            server_cpus,
+            args.workers,
+            args.serve_args.split(),
         )
         try:
             st0 = request_stats(ctx, endpoint)  # waits until the server is up

@@ -63,8 +63,17 @@ class _Fifo:
             self.size += x.shape[0]
 
     def take(self, n: int) -> np.ndarray:
+        """The next n frames (a view when they lie in one stored chunk: do not keep it)."""
         if n > self.size:
             raise ValueError(f"FIFO holds {self.size} frames, {n} asked")
+        if n and self._chunks[0].shape[0] >= n:
+            front = self._chunks[0]
+            if front.shape[0] == n:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = front[n:]
+            self.size -= n
+            return front[:n]
         out = np.empty((n, self.channels), np.float32)
         got = 0
         while got < n:

@@ -99,6 +99,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="log a stats line every S seconds (60; 0: never)",
     )
     p.add_argument(
+        "--tick-ms",
+        type=options.positive_float,
+        default=4.0,
+        metavar="MS",
+        help="collect hops every MS ms (4; at most 8, one hop)",
+    )
+    p.add_argument(
         "--workers",
         type=options.positive_int,
         default=None,
@@ -266,6 +273,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_bytes,
             batch=not args.no_batch,
             max_batch=args.max_batch,
+            tick_ms=args.tick_ms,
             stats_every=args.stats_every,
             max_sessions_per_peer=args.max_sessions_per_peer,
             max_output_bytes=round(args.max_output_mb * 2**20),

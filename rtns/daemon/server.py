@@ -339,7 +339,9 @@ class Server:
                 work = False
                 now = time.monotonic()
                 next_tick = now + tick_s
-            busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
+                busy = any(
+                    s.queued or s.unanswered or s.closing for s in self.sessions.values()
+                )
             if now >= next_expiry:
                 self._expire(now)
                 next_expiry = now + 0.5
@@ -614,13 +616,16 @@ class Server:
         complete go through one :meth:`StreamBank.step` per model (at most ``max_batch``
         rows a call). Rounds repeat while hops are ready, at most ``hops_per_tick``."""
         active = [s for s in self.sessions.values() if s.queued or s.unanswered or s.closing]
+        candidates = active
         for _ in range(self.config.hops_per_tick):
             groups: dict[str, list[Session]] = {}
-            for s in active:
-                if s.cs.fill():
-                    groups.setdefault(s.served.model.name, []).append(s)
-            if not groups:
+            filled = [s for s in candidates if s.cs.fill()]
+            if not filled:
                 break
+            # No input arrives during a tick: only sessions that had a hop can have another.
+            candidates = filled
+            for s in filled:
+                groups.setdefault(s.served.model.name, []).append(s)
             t0 = time.perf_counter()
             rows = 0
             for name, group in groups.items():
@@ -631,6 +636,7 @@ class Server:
                     for g in group:
                         self._fail(g)
                     active = [a for a in active if a not in group]
+                    candidates = [a for a in candidates if a not in group]
             self.infer_ms.append((time.perf_counter() - t0) * 1e3)
             self.rows_per_tick.append(rows)
             self.counters["ticks"] += 1
