@@ -121,3 +121,22 @@ def test_a_dead_worker_ends_only_its_sessions(daemon):
     finally:
         a.close()
         b.close()
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(daemon):
+    proc, endpoint, log = daemon
+    pids = worker_pids(log)
+    proc.kill()  # SIGKILL: no chance to stop its workers
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    for pid in pids:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[1].split()[0] == "Z":  # exited, not yet reaped
+                    break
+            assert time.monotonic() < deadline, f"worker {pid} outlived its supervisor"
+            time.sleep(0.05)

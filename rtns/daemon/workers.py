@@ -57,7 +57,31 @@ def _worker_main(config_json: str, log_format: str, log_level: str) -> None:
     server = Server(ServerConfig.model_validate_json(config_json))
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+    _stop_with_parent(server)
     server.run()
+
+
+def _stop_with_parent(server: Server) -> None:
+    """A worker must not outlive its supervisor (even one killed with SIGKILL): the kernel
+    sends SIGTERM when the parent dies (Linux), and a watcher thread checks as well."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # died before prctl took effect
+        server.stop()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        server.stop()
+
+    threading.Thread(target=watch, name="rtns-parent-watch", daemon=True).start()
 
 
 class Supervisor:
