@@ -519,6 +519,19 @@ class UnderrunAudit:
         )
 
 
+def underrun_gaps(y: np.ndarray, expected: np.ndarray, min_len: int = 64) -> np.ndarray:
+    """Bool mask of the silence under-runs played: runs of at least ``min_len`` exact zeros
+    in ``y`` where ``expected`` (aligned with it) is not silent. Comparisons skip them; the
+    caller checks they add up to no more than the under-run frames rtns reported."""
+    z = np.concatenate(([0], (y == 0.0).astype(np.int8), [0]))
+    edges = np.flatnonzero(np.diff(z))
+    mask = np.zeros(y.shape[0], dtype=bool)
+    for a, b in zip(edges[::2], edges[1::2], strict=True):
+        if b - a >= min_len and np.any(expected[a:b] != 0):
+            mask[a:b] = True
+    return mask
+
+
 def measure_delay(signal: np.ndarray, recording: np.ndarray, max_delay: int) -> int:
     """The lag (samples, 0..max_delay) at which ``recording`` best matches ``signal``
     (peak of their cross-correlation, computed with FFTs)."""
