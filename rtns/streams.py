@@ -41,6 +41,7 @@ from rtns import dsp
 from rtns.atten import AttenLimit
 from rtns.bank import BankFull, StreamBank
 from rtns.engine import Model, Stream
+from rtns.framing import SAMPLE_RATE
 from rtns.resample import ATTEN_DB, CUTOFF, HALF_WIDTH_S, Resampler, lowpass_fir
 
 #: Band of the model's output (at 16 kHz) whose energy change sets the high-band gain.
@@ -468,7 +469,7 @@ def enhance_frames(
     x: np.ndarray,
     rate: int | None = None,
     atten_lim: AttenLimit | str | float | None = None,
-    chunk: int = 16_000,
+    chunk: int = SAMPLE_RATE,
     progress: Callable[[int], None] | None = None,
     bypass: bool = False,
 ) -> np.ndarray:

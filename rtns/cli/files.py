@@ -15,11 +15,12 @@ import numpy as np
 
 from rtns.cli import options
 from rtns.errors import RtnsError, UserInputError
+from rtns.framing import SAMPLE_RATE
 
 #: Files longer than this many seconds get a progress bar (when stderr is a terminal).
 PROGRESS_MIN_SECONDS = 5.0
 #: Samples (at the model rate) pushed per stream between progress updates.
-CHUNK = 16_000
+CHUNK = SAMPLE_RATE  # one second at the model rate
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -122,7 +123,7 @@ def enhance_channels(
             done[0] = frames
 
         return enhance_frames(
-            model, x, rate, atten_lim=atten_lim, chunk=CHUNK * rate // 16_000, progress=advance
+            model, x, rate, atten_lim=atten_lim, chunk=CHUNK * rate // SAMPLE_RATE, progress=advance
         )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rtns.cli import options
 from rtns.errors import UserInputError
+from rtns.framing import SAMPLE_RATE
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -269,7 +270,7 @@ def run_serve(args: argparse.Namespace) -> int:
             models=args.model or ["rtns-dtln"],
             max_sessions=args.max_sessions,
             idle_timeout=args.idle_timeout,
-            queue_limit=max(128, round(args.queue_seconds * 16_000)),
+            queue_limit=max(128, round(args.queue_seconds * SAMPLE_RATE)),
             max_message_bytes=args.max_message_bytes,
             batch=not args.no_batch,
             max_batch=args.max_batch,
@@ -348,7 +349,7 @@ def run_stream(args: argparse.Namespace) -> int:
         y = client.enhance(
             x,
             audio.sample_rate,
-            chunk=max(1, args.chunk * audio.sample_rate // 16_000),
+            chunk=max(1, args.chunk * audio.sample_rate // SAMPLE_RATE),
             realtime=not args.fast,
             model=args.model,
             atten_lim_db=args.atten_lim,

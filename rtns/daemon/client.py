@@ -18,6 +18,7 @@ import numpy as np
 from rtns.atten import AttenLimit
 from rtns.daemon import protocol as P
 from rtns.errors import RtnsError
+from rtns.framing import SAMPLE_RATE
 from rtns.streams import aligned
 
 
@@ -106,7 +107,7 @@ class Client:
 
     def hello(
         self,
-        sample_rate: int = 16_000,
+        sample_rate: int = SAMPLE_RATE,
         format: str = "f32le",
         channels: int = 1,
         model: str | None = None,
@@ -196,7 +197,7 @@ class Client:
     def enhance(
         self,
         x: np.ndarray,
-        sample_rate: int = 16_000,
+        sample_rate: int = SAMPLE_RATE,
         *,
         chunk: int = 512,
         realtime: bool = False,
@@ -218,7 +219,7 @@ class Client:
         ready = self.hello(sample_rate, format, xs.shape[1], model, atten_lim_db)
         chunks = [xs[i : i + chunk] for i in range(0, xs.shape[0], chunk)]
         # Never queue more than the server holds (in 16 kHz frames) when sending fast.
-        chunk16 = -(-chunk * 16_000 // sample_rate) + 1
+        chunk16 = -(-chunk * SAMPLE_RATE // sample_rate) + 1
         window = max(1, min(window, ready.queue_limit // chunk16))
         outs: list[np.ndarray] = []
         inflight: set[int] = set()

@@ -339,9 +339,7 @@ class Server:
                 work = False
                 now = time.monotonic()
                 next_tick = now + tick_s
-                busy = any(
-                    s.queued or s.unanswered or s.closing for s in self.sessions.values()
-                )
+                busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
             if now >= next_expiry:
                 self._expire(now)
                 next_expiry = now + 0.5
