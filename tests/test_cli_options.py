@@ -93,6 +93,8 @@ OUT_OF_RANGE = [
     (["serve", "--max-batch", "2000"], "--max-batch: 2000 is out of range 1..1024"),
     (["serve", "--max-sessions", "1000000000"], "--max-sessions: 1000000000 is out of range"),
     (["serve", "--threads", "65"], "--threads: 65 is out of range 1..64"),
+    (["serve", "--workers", "100000"], "--workers: 100000 is out of range 1..64"),
+    (["serve", "--tick-ms", "9"], "--tick-ms: 9 must be more than 0 and at most 8"),
     (["serve", "--idle-timeout", "1e300"], "--idle-timeout: 1e+300 must be more than 0"),
     (["serve", "--stats-every", "-1"], "--stats-every: -1 is out of range 0..86400"),
     (["serve", "--max-output-mb", "0.01"], "--max-output-mb: 0.01 is out of range 0.0625.."),

@@ -101,14 +101,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tick-ms",
-        type=options.positive_float,
+        type=options.tick_ms,
         default=4.0,
         metavar="MS",
         help="collect hops every MS ms (4; at most 8, one hop)",
     )
     p.add_argument(
         "--workers",
-        type=options.positive_int,
+        type=options.worker_count,
         default=None,
         metavar="N",
         help="batching worker processes behind the one address, each session pinned to one "

@@ -96,8 +96,8 @@ class Supervisor:
     ) -> None:
         import zmq
 
-        if workers < 2:
-            raise ValueError("a supervisor needs at least 2 workers")
+        if not 2 <= workers <= 64:
+            raise ValueError(f"a supervisor runs 2..64 workers, not {workers}")
         from rtns.engine import Model
 
         check_bind(config)
