@@ -302,7 +302,7 @@ def test_run_exits_by_itself_when_the_sound_server_goes(
         try:
             banner = proc.wait_for(r"^rtns: .* at 16000 Hz, attenuation limit (.*)$")
             assert banner.group(1) == "off", banner.group(0)
-            proc.wait_for(r"^\[\s*1\.0 s\] RTF")  # streaming for a second
+            proc.wait_for(r"^\[\s*[\d.]+ s\] RTF")  # streaming for a second
             t_kill = server.kill(getattr(signal, sig))
             t_exit = proc.exit_time(timeout=30)
             rc = proc.proc.wait()
