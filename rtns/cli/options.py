@@ -89,6 +89,7 @@ thread_count = between(int, 1, MAX_THREADS)
 #: Daemon worker processes: one per core is the point; more than this is a typo.
 MAX_WORKERS = 64
 worker_count = between(int, 1, MAX_WORKERS)
+port_number = between(int, 1, 65535)
 #: The daemon's tick: more than one 8 ms hop would hold answers longer than a hop.
 tick_ms = between(float, 0.0, 8.0, low_open=True)
 session_count = between(int, 1, MAX_SESSIONS)

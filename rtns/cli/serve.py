@@ -100,6 +100,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="log a stats line every S seconds (60; 0: never)",
     )
     p.add_argument(
+        "--metrics-port",
+        type=options.port_number,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (see docs/operations.md)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address of the metrics endpoint (127.0.0.1)",
+    )
+    p.add_argument(
         "--tick-ms",
         type=options.tick_ms,
         default=4.0,
@@ -275,6 +288,7 @@ def run_serve(args: argparse.Namespace) -> int:
             batch=not args.no_batch,
             max_batch=args.max_batch,
             tick_ms=args.tick_ms,
+            metrics=args.metrics_port is not None,
             stats_every=args.stats_every,
             max_sessions_per_peer=args.max_sessions_per_peer,
             max_output_bytes=round(args.max_output_mb * 2**20),
@@ -294,6 +308,17 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     else:
         server = _start(lambda: Server(config), args.bind)
+    if args.metrics_port is not None:
+        from rtns.daemon.metrics import serve_metrics
+
+        registry = None if workers > 1 else server.metrics.registry
+        try:
+            serve_metrics(args.metrics_port, args.metrics_addr, registry)
+        except OSError as e:
+            raise UserInputError(
+                f"--metrics-port {args.metrics_port}: cannot listen on "
+                f"{args.metrics_addr} ({e.strerror})"
+            ) from None
 
     def on_signal(signum: int, _frame: object) -> None:
         server.stop()

@@ -40,6 +40,7 @@ from rtns.bank import StreamBank, batch_invariant
 from rtns.config import EngineConfig
 from rtns.daemon import protocol as P
 from rtns.daemon.logs import log, log_event
+from rtns.daemon.metrics import DaemonMetrics, NoMetrics
 from rtns.daemon.session import Served, Session
 from rtns.engine import Model
 from rtns.errors import UserInputError
@@ -105,6 +106,10 @@ class ServerConfig(BaseModel):
     #: Internal: a worker of `rtns serve --workers` (a PAIR socket at ``bind`` carrying
     #: [client id, peer address, frames...] from the supervisor).
     relay: bool = False
+    #: Record Prometheus metrics (``rtns serve --metrics-port``; see rtns.daemon.metrics).
+    metrics: bool = False
+    #: Worker processes of the whole daemon (the ``rtns_workers`` metric).
+    workers_total: int = Field(1, ge=1)
     engine: EngineConfig = EngineConfig()
 
 
@@ -205,6 +210,8 @@ class Server:
         self._zmq = zmq
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
+        self.metrics = DaemonMetrics() if config.metrics else NoMetrics()
+        self.metrics.workers.set(config.workers_total)
         self.models: dict[str, Served] = {}
         for spec in config.models:
             model = Model(spec, config.engine)
@@ -231,6 +238,7 @@ class Server:
                 max_capacity=config.max_sessions * P.MAX_CHANNELS,
             )
             self.models[model.name] = Served(model, batched, why, bank)
+            self.metrics.batching.labels(model.name, why).set(1 if batched else 0)
         self.default_model = next(iter(self.models))
         self.sessions: dict[bytes, Session] = {}
         #: Open sessions per peer address.
@@ -395,10 +403,12 @@ class Server:
                 self._handle(ident, body)
             except P.ProtocolError as e:
                 self.dropped[e.code] += 1
+                self.metrics.errors.labels(e.code).inc()
                 self._send(ident, P.Error(code=e.code, message=e.message, seq=e.seq))
             except Exception:  # a bug must cost one session, never the daemon
                 log.exception("internal error handling a message")
                 self.dropped["internal"] += 1
+                self.metrics.errors.labels("internal").inc()
                 sess = self.sessions.get(ident)
                 if sess is not None:
                     self._end(sess, "error", send=False)
@@ -484,6 +494,8 @@ class Server:
         self.per_peer[peer] += 1
         self.sessions[ident] = sess
         self.counters["sessions_opened"] += 1
+        self.metrics.sessions.inc()
+        self.metrics.sessions_open.set(len(self.sessions))
         log_event(
             "open",
             session=sess.sid,
@@ -548,8 +560,9 @@ class Server:
             raise P.ProtocolError("bad_samples", str(e), seq) from None
         sess.next_seq = seq + 1
         self.counters["audio_messages"] += 1
+        self.metrics.audio_in.inc(x.shape[0] / sess.rate)
         sess.queued_total += added
-        sess.unanswered.append((seq, sess.queued_total))
+        sess.unanswered.append((seq, sess.queued_total, time.monotonic()))
 
     # -- closing --------------------------------------------------------------------------
     def _begin_close(self, sess: Session, reason: str) -> None:
@@ -573,6 +586,7 @@ class Server:
                 pad = np.zeros((owed - tail.shape[0], sess.channels), np.float32)
                 tail = np.concatenate([tail, pad])
             sess.sent += tail.shape[0]
+            self.metrics.audio_out.inc(tail.shape[0] / sess.rate)
         log_event(
             "close",
             session=sess.sid,
@@ -604,6 +618,7 @@ class Server:
         for s in list(self.sessions.values()):
             if now - s.last_seen > limit and not s.closing:
                 self.dropped["timeout"] += 1
+                self.metrics.errors.labels("timeout").inc()
                 self._end(s, "timeout")
 
     # -- the tick -------------------------------------------------------------------------
@@ -635,7 +650,9 @@ class Server:
                         self._fail(g)
                     active = [a for a in active if a not in group]
                     candidates = [a for a in candidates if a not in group]
-            self.infer_ms.append((time.perf_counter() - t0) * 1e3)
+            took = time.perf_counter() - t0
+            self.infer_ms.append(took * 1e3)
+            self.metrics.inference.observe(took)
             self.rows_per_tick.append(rows)
             self.counters["ticks"] += 1
         for s in active:
@@ -651,6 +668,7 @@ class Server:
             return
         sess.released = True
         sess.cs.close()
+        self.metrics.sessions_open.set(len(self.sessions))
         self.per_peer[sess.peer] -= 1
         if self.per_peer[sess.peer] <= 0:
             del self.per_peer[sess.peer]
@@ -667,6 +685,7 @@ class Server:
     def _fail(self, s: Session) -> None:
         """End a session that hit a server bug: a fatal ``internal`` error, no tail."""
         self.dropped["internal"] += 1
+        self.metrics.errors.labels("internal").inc()
         self._end(s, "error", send=False)
         msg = "the server failed processing this session; it has been ended"
         self._send(s.ident, P.Error(code="internal", message=msg, fatal=True))
@@ -680,6 +699,8 @@ class Server:
         out = served.bank.step(np.asarray(slots, np.int64))
         self.counters["infer_calls"] += served.bank.calls - calls
         self.counters["blocks"] += len(slots)
+        self.metrics.hops.inc(len(slots))
+        self.metrics.rows.observe(len(slots))
         i = 0
         for s in group:
             n = s.channels
@@ -692,11 +713,13 @@ class Server:
             return  # ended during this tick (its client vanished)
         hop_waiting = s.cs.pending >= s.served.model.block_shift
         while s.unanswered and s.unanswered[0][1] <= s.fed and not hop_waiting:
-            seq = s.unanswered.popleft()[0]
+            seq, _, arrived = s.unanswered.popleft()
             y = s.cs.take()
             if s.closing is not None:
                 y = y[: max(s.owed, 0)]  # never past input + latency
             s.sent += y.shape[0]
+            self.metrics.audio_out.inc(y.shape[0] / s.rate)
+            self.metrics.answered(time.monotonic() - arrived)
             self._send_raw(
                 s.ident,
                 [
@@ -717,11 +740,13 @@ class Server:
             self.sock.send_multipart([ident, *frames], zmq.NOBLOCK)
         except zmq.Again:  # the client does not read: its queue is at the high-water mark
             self.dropped["send_hwm"] += 1
+            self.metrics.errors.labels("send_hwm").inc()
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             # The client is gone (ROUTER_MANDATORY tells us): end its session quietly.
             self.dropped["send_unreachable"] += 1
+            self.metrics.errors.labels("send_unreachable").inc()
             self._vanished(ident)
 
     def _vanished(self, ident: bytes) -> None:

@@ -108,6 +108,13 @@ class Supervisor:
         self._zmq = zmq
         self.ctx = zmq.Context()
         self._dir = Path(tempfile.mkdtemp(prefix="rtns-workers-"))
+        if config.metrics:
+            # Every worker records into files here; the supervisor serves their sum.
+            from rtns.daemon.metrics import MULTIPROC_ENV
+
+            metrics_dir = self._dir / "metrics"
+            metrics_dir.mkdir()
+            os.environ[MULTIPROC_ENV] = str(metrics_dir)
         self._log = (log_format, log_level)
         self._mp = mp.get_context("spawn")
         self.procs: list[Any] = [None] * workers
@@ -135,6 +142,7 @@ class Supervisor:
             update={
                 "bind": self._endpoint(k),
                 "relay": True,
+                "workers_total": self.n,
                 # The limits are the whole daemon's: each worker gets its share.
                 "max_sessions": -(-c.max_sessions // self.n),
                 "max_sessions_per_peer": -(-peer_limit // self.n),
@@ -160,6 +168,10 @@ class Supervisor:
 
     def _worker_died(self, k: int) -> None:
         code = self.procs[k].exitcode
+        if self.config.metrics:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(self.procs[k].pid)
         ended = [ident for ident, w in self.route.items() if w == k]
         log.error(
             "worker died",

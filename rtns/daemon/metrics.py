@@ -1,0 +1,111 @@
+"""Prometheus metrics of the daemon (``rtns serve --metrics-port PORT``).
+
+With one process the server exposes its own registry. With ``--workers N`` every worker
+records into prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by
+the supervisor before the workers start) and the supervisor serves their sum, so one scrape
+covers the whole daemon. Without ``--metrics-port`` nothing is recorded (:class:`NoMetrics`).
+
+Metric names (all prefixed ``rtns_``) are listed in docs/operations.md with what to alert on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: An answer later than this after its message arrived counts as late (the load benchmark's
+#: real-time criterion).
+LATE_S = 0.060
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.1, 0.25, 1.0)
+_INFER_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class NoMetrics:
+    """The recorder when metrics are off: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self._nothing
+
+    @staticmethod
+    def _nothing(*args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class DaemonMetrics:
+    """Counters, gauges and histograms of one server process."""
+
+    def __init__(self) -> None:
+        from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+        multiproc = bool(os.environ.get(MULTIPROC_ENV))
+        # Single process: a private registry (tests may make several servers in one process).
+        self.registry = REGISTRY if multiproc else CollectorRegistry()
+        reg = {"registry": None if multiproc else self.registry}
+        if multiproc:
+            reg = {}
+        live = {"multiprocess_mode": "livesum"} if multiproc else {}
+        self.sessions_open = Gauge("rtns_sessions_open", "Open sessions", **reg, **live)
+        self.sessions = Counter("rtns_sessions", "Sessions opened", **reg)
+        self.audio_in = Counter(
+            "rtns_audio_in_seconds", "Audio received, seconds of sample frames", **reg
+        )
+        self.audio_out = Counter(
+            "rtns_audio_out_seconds", "Audio sent back, seconds of sample frames", **reg
+        )
+        self.hops = Counter("rtns_hops", "Hops run (128 samples at 16 kHz, per channel)", **reg)
+        self.rows = Histogram(
+            "rtns_rows_per_batch",
+            "Rows (channel hops) per batched step",
+            buckets=_ROW_BUCKETS,
+            **reg,
+        )
+        self.inference = Histogram(
+            "rtns_inference_seconds",
+            "Wall time of one round of batched inference (all models)",
+            buckets=_INFER_BUCKETS,
+            **reg,
+        )
+        self.answer_latency = Histogram(
+            "rtns_answer_latency_seconds",
+            "From an audio message's arrival to its answer being sent",
+            buckets=_LATENCY_BUCKETS,
+            **reg,
+        )
+        self.late = Counter(
+            "rtns_late_answers", f"Answers sent more than {LATE_S * 1e3:g} ms after arrival", **reg
+        )
+        self.errors = Counter("rtns_errors", "Error answers and drops by code", ["code"], **reg)
+        self.batching = Gauge(
+            "rtns_batching",
+            "1 when the model runs batched, 0 when one row per call",
+            ["model", "why"],
+            **reg,
+            **({"multiprocess_mode": "max"} if multiproc else {}),
+        )
+        self.workers = Gauge(
+            "rtns_workers",
+            "Worker processes of the daemon",
+            **reg,
+            **({"multiprocess_mode": "max"} if multiproc else {}),
+        )
+
+    def answered(self, latency_s: float) -> None:
+        self.answer_latency.observe(latency_s)
+        if latency_s > LATE_S:
+            self.late.inc()
+
+
+def serve_metrics(port: int, addr: str, registry: Any = None) -> Any:
+    """Start the /metrics HTTP endpoint on a daemon thread; returns the server."""
+    from prometheus_client import start_http_server
+
+    if registry is None:  # the supervisor: the sum of every worker's files
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server
