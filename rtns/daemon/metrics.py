@@ -24,14 +24,14 @@ _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class NoMetrics:
-    """The recorder when metrics are off: every call does nothing."""
+    """The recorder when metrics are off: any attribute, call or chain of them
+    (``metrics.errors.labels(code).inc()``) does nothing."""
 
-    def __getattr__(self, name: str) -> Any:
-        return self._nothing
+    def __getattr__(self, name: str) -> NoMetrics:
+        return self
 
-    @staticmethod
-    def _nothing(*args: Any, **kwargs: Any) -> None:
-        return None
+    def __call__(self, *args: Any, **kwargs: Any) -> NoMetrics:
+        return self
 
 
 class DaemonMetrics:
