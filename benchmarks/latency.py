@@ -118,6 +118,52 @@ def reference_row(weights: Path, blocks: int, warmup: int) -> dict:
     return row
 
 
+def interleaved_ratio(
+    pack: Path, weights: Path, blocks: int, warmup: int, round_hops: int = 250
+) -> dict:
+    """``Stream.push`` of ``pack`` against the official loop, alternating every
+    ``round_hops`` hops so both see the same machine load; per-hop wall times of each, and
+    the ratio of their medians (also the median of the per-round ratios)."""
+    from rtns.config import EngineConfig
+    from rtns.engine import Model
+    from rtns_export.official_dtln import OfficialDTLN
+
+    steps = {
+        "rtns": Model(pack, EngineConfig(threads=1)).stream().push,
+        "official": OfficialDTLN(weights, threads=1).hop,
+    }
+    rng = np.random.default_rng(1)
+    x = (0.05 * rng.standard_normal((round_hops, HOP))).astype(np.float32)
+    for step in steps.values():
+        for i in range(warmup):
+            step(x[i % round_hops])
+    times: dict[str, list[np.ndarray]] = {k: [] for k in steps}
+    clock = time.perf_counter_ns
+    for _ in range(max(1, blocks // round_hops)):
+        for name, step in steps.items():
+            ns = np.empty(round_hops, dtype=np.int64)
+            for i in range(round_hops):
+                t0 = clock()
+                step(x[i])
+                ns[i] = clock() - t0
+            times[name].append(ns)
+    med = {k: float(np.median(np.concatenate(v))) / 1e6 for k, v in times.items()}
+    per_round = [
+        float(np.median(a) / np.median(b))
+        for a, b in zip(times["rtns"], times["official"], strict=True)
+    ]
+    return {
+        "pack": str(pack),
+        "hops_each": round_hops * len(per_round),
+        "rtns_p50_ms": med["rtns"],
+        "official_p50_ms": med["official"],
+        "rtns_p99_ms": float(np.percentile(np.concatenate(times["rtns"]), 99)) / 1e6,
+        "official_p99_ms": float(np.percentile(np.concatenate(times["official"]), 99)) / 1e6,
+        "ratio_p50": med["rtns"] / med["official"],
+        "ratio_median_of_rounds": float(np.median(per_round)),
+    }
+
+
 # -- JACK end to end ----------------------------------------------------------------------
 def jack_available() -> str | None:
     sys.path.insert(0, str(REPO / "tests"))
@@ -321,6 +367,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     print(table(rows))
+    ratio = None
+    default = next((p for p in packs if p.name == "rtns-dtln"), None)
+    if default is not None and (args.official / "model_1.onnx").is_file():
+        print("interleaving rtns-dtln and the official loop ...", file=sys.stderr, flush=True)
+        ratio = interleaved_ratio(default, args.official, args.blocks, args.warmup)
+        print(
+            f"\nStream.push rtns-dtln vs the official DTLN loop, interleaved every 250 hops "
+            f"({ratio['hops_each']} hops each): p50 {ratio['rtns_p50_ms']:.3f} vs "
+            f"{ratio['official_p50_ms']:.3f} ms, p99 {ratio['rtns_p99_ms']:.3f} vs "
+            f"{ratio['official_p99_ms']:.3f} ms; ratio of medians {ratio['ratio_p50']:.2f} "
+            f"(median of per-round ratios {ratio['ratio_median_of_rounds']:.2f})"
+        )
     for why, what in ((jack_why, "JACK"), (daemon_why, "daemon")):
         if why:
             print(f"\n{what}: n/a ({why})")
@@ -335,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "blocks": args.blocks,
             "rows": rows,
+            "interleaved": ratio,
         }
         args.json.write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
