@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     options.add_threads(p)
     options.add_atten_lim(p)
     options.add_quiet(p)
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw input and output spectrograms and the energy removed per band "
+        "(needs matplotlib: pip install 'rtns[plot]')",
+    )
     p.set_defaults(func=run_enhance)
 
     p = sub.add_parser(
@@ -145,6 +152,16 @@ def run_enhance(args: argparse.Namespace) -> int:
         progress=interactive and audio.duration > PROGRESS_MIN_SECONDS,
     )
     report = audio_io.write_audio(plan, y)
+    if args.plot:
+        from rtns.plot import plot_enhancement
+
+        plot_enhancement(
+            audio.samples.mean(axis=1),
+            y.mean(axis=1),
+            audio.sample_rate,
+            args.plot,
+            title=f"{Path(args.input).name}: {model.name}",
+        )
     if report.clipped:
         _err(
             f"rtns: warning: {report.clipped} output samples exceeded full scale "
