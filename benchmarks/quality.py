@@ -456,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, metavar="PATH", help="write the table as markdown")
     p.add_argument("--per-file", action="store_true", help="also print per-file scores")
     p.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="write pictures here: spectrograms of the worst and best file (PESQ) of each "
+        "system, and a bar chart of the metrics per system (needs matplotlib)",
+    )
+    p.add_argument(
         "--write-manifest",
         action="store_true",
         help="store the means in each evaluated pack's manifest.json scores[SET_NAME]",
@@ -589,6 +596,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         results = evaluate(
             systems, pairs, args.jobs, not args.no_dnsmos, progress=not args.no_progress
         )
+        if args.plots:  # while imported packs still exist
+            for path in write_plots(args.plots, systems, results, pairs, keys):
+                print(f"quality: wrote {path}", file=sys.stderr)
 
     trimmed = [r for r in results if r.trimmed]
     resampled = [r for r in results if r.resampled]
@@ -681,6 +691,82 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             path = write_scores(s, set_name, got, packs[s.label]["graphs"])  # type: ignore[arg-type]
             print(f"quality: wrote scores[{set_name!r}] to {path}", file=sys.stderr)
     return 0
+
+
+def write_plots(
+    folder: Path,
+    systems: list[System],
+    results: list[FileResult],
+    pairs: list[Pair],
+    keys: list[str],
+) -> list[Path]:
+    """Spectrogram pictures of each system's worst and best file by PESQ, and one bar chart
+    of the mean of every metric per system; returns the files written."""
+    from rtns.plot import _pyplot, plot_enhancement
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_name = {p.name: p for p in pairs}
+    written: list[Path] = []
+    _init_worker(systems, False)
+    w = _WORKER
+    assert w is not None
+    for s in systems:
+        if s.kind == "unprocessed":
+            continue
+        scored = [(r.scores[s.label].get("pesq_wb"), r.name) for r in results]
+        scored = [(v, n) for v, n in scored if v is not None]
+        if not scored:
+            continue
+        for tag, (value, name) in (("worst", min(scored)), ("best", max(scored))):
+            from rtns.engine import enhance_array
+
+            _, noisy, _ = load_pair(by_name[name])
+            model = w.models[s.label]
+            stream = model.stream()
+            if s.limit_off:
+                stream.atten_lim_db = None
+            est = enhance_array(model, noisy, stream)
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s.label)
+            out = folder / f"{safe}-{tag}-{Path(name).stem}.png"
+            title = f"{s.label}: {tag} file {name} (PESQ {value:.2f})"
+            written.append(plot_enhancement(noisy, est, SAMPLE_RATE, out, title=title))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6), dpi=100)
+    axes = np.atleast_1d(axes)
+    labels = [s.label for s in systems]
+    for ax, key in zip(axes, keys, strict=True):
+        vals = []
+        for s in systems:
+            got = [r.scores[s.label].get(key) for r in results]
+            got = [v for v in got if v is not None]
+            vals.append(float(np.mean(got)) if got else np.nan)
+        ax.bar(range(len(labels)), vals, color=plt.cm.tab10(np.arange(len(labels)) % 10))
+        ax.set_title(key)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize="small")
+        # Fixed, honest baselines (the scales' floors), each bar labelled with its value.
+        lo, hi = {"pesq_wb": (1.0, 4.64), "stoi": (0.5, 1.0)}.get(
+            key, (1.0, 5.0) if key.startswith("dnsmos") else (None, None)
+        )
+        if lo is not None:
+            ax.set_ylim(lo, hi)
+        for i, v in enumerate(vals):
+            if np.isfinite(v):
+                ax.annotate(
+                    f"{v:.3g}",
+                    (i, v),
+                    ha="center",
+                    va="bottom",
+                    fontsize="small",
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
+    fig.tight_layout()
+    chart = folder / "metrics.png"
+    fig.savefig(chart, format="png")
+    plt.close(fig)
+    written.append(chart)
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -289,3 +289,21 @@ def test_si_sdr_of_a_known_mix(target_db):
         assert metrics.si_sdr(ref, est) == pytest.approx(target_db, abs=1e-6)
     with pytest.raises(ValueError, match=r"two \[N\] arrays"):
         metrics.si_sdr(ref, ref[:-1])
+
+
+def test_plots_worst_best_and_metrics_chart(quality, paired_set, random_dtln_pack, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image as mpimg
+
+    clean, noisy = paired_set
+    out = tmp_path / "plots"
+    rc = quality.main(
+        _args(clean, noisy, "--pack", f"rnd={random_dtln_pack}", "--no-dnsmos", "--plots", str(out))
+    )
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 3 and names[0] == "metrics.png"
+    assert names[1].startswith("rnd-best-") and names[2].startswith("rnd-worst-")
+    for p in out.iterdir():
+        img = mpimg.imread(p)[..., :3]
+        assert img.shape[0] > 300 and img.shape[1] > 600 and img.std() > 0.05, p.name
