@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from rtns.atten import MAX_DB
+from rtns.dsp import CLIP_LEVEL
 from rtns.errors import RtnsError
 
 #: Bumped on any incompatible change of a message below.
@@ -301,8 +302,12 @@ def decode_pcm(payload: bytes | memoryview, fmt: str, channels: int) -> np.ndarr
     if fmt == "s16le":
         return raw.astype(np.float32) * np.float32(1.0 / 32768.0)
     x = raw.astype(np.float32)  # native order, a copy (the zmq buffer is not ours)
-    if not np.isfinite(x).all():
-        raise ProtocolError("bad_samples", "PCM frame holds NaN or infinite samples")
+    # One pass: the peak is NaN when any sample is, inf when any is.
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if not peak <= CLIP_LEVEL:
+        if not np.isfinite(x).all():
+            raise ProtocolError("bad_samples", "PCM frame holds NaN or infinite samples")
+        np.clip(x, -CLIP_LEVEL, CLIP_LEVEL, out=x)  # far beyond full scale (rtns.dsp)
     return x
 
 

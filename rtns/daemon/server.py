@@ -241,6 +241,8 @@ class Server:
             self.metrics.batching.labels(model.name, why).set(1 if batched else 0)
         self.default_model = next(iter(self.models))
         self.sessions: dict[bytes, Session] = {}
+        #: Sessions with work (input queued, answers owed, closing), by client id.
+        self._active: dict[bytes, Session] = {}
         #: Open sessions per peer address.
         self.per_peer: collections.Counter[str] = collections.Counter()
         self.peer_limit = config.max_sessions_per_peer or max(1, config.max_sessions // 2)
@@ -347,7 +349,7 @@ class Server:
                 work = False
                 now = time.monotonic()
                 next_tick = now + tick_s
-                busy = any(s.queued or s.unanswered or s.closing for s in self.sessions.values())
+                busy = bool(self._active)
             if now >= next_expiry:
                 self._expire(now)
                 next_expiry = now + 0.5
@@ -563,6 +565,7 @@ class Server:
         self.metrics.audio_in.inc(x.shape[0] / sess.rate)
         sess.queued_total += added
         sess.unanswered.append((seq, sess.queued_total, time.monotonic()))
+        self._active[sess.ident] = sess
 
     # -- closing --------------------------------------------------------------------------
     def _begin_close(self, sess: Session, reason: str) -> None:
@@ -571,6 +574,7 @@ class Server:
         sess.cs.end()
         sess.queued_total = fed + sess.cs.queued
         sess.closing = reason
+        self._active[sess.ident] = sess
 
     def _end(self, sess: Session, reason: str, send: bool = True) -> None:
         """Send the tail and ``closed``; forget the session."""
@@ -628,7 +632,9 @@ class Server:
         A round fills every active session's slots from its queue; the slots whose hop is
         complete go through one :meth:`StreamBank.step` per model (at most ``max_batch``
         rows a call). Rounds repeat while hops are ready, at most ``hops_per_tick``."""
-        active = [s for s in self.sessions.values() if s.queued or s.unanswered or s.closing]
+        # Sessions with input queued, answers owed or closing: the ones a message touched
+        # since they were last idle (kept up to date instead of scanning every session).
+        active = [s for s in self._active.values() if self.sessions.get(s.ident) is s]
         candidates = active
         for _ in range(self.config.hops_per_tick):
             groups: dict[str, list[Session]] = {}
@@ -661,6 +667,11 @@ class Server:
             except Exception:
                 log.exception("answer failed", extra={"fields": {"session": s.sid}})
                 self._fail(s)
+        self._active = {
+            s.ident: s
+            for s in active
+            if self.sessions.get(s.ident) is s and (s.queued or s.unanswered or s.closing)
+        }
 
     def _release(self, sess: Session) -> None:
         """Give the session's stream slots back and its peer's count (once)."""
