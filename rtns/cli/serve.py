@@ -76,10 +76,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-batch",
         type=options.batch_rows,
-        default=64,
+        default=128,
         metavar="N",
         help="most rows per inference call; the start-up probe checks every size up to it "
-        f"(1..{options.MAX_BATCH}; 64)",
+        f"(1..{options.MAX_BATCH}; 128)",
     )
     options.add_threads(p)
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key (NAME.key_secret)")

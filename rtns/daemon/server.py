@@ -83,7 +83,7 @@ class ServerConfig(BaseModel):
     batch: bool = True
     #: Most rows in one infer call; more ready rows run in several calls. The start-up
     #: probe checks every batch size up to this one.
-    max_batch: int = Field(64, ge=1, le=1024)
+    max_batch: int = Field(128, ge=1, le=1024)
     #: Skip the batch-invariance probe (tests that want a known mode).
     probe: bool = True
     poll_ms: int = Field(50, ge=1, le=1000)
