@@ -575,6 +575,7 @@ def run_click_measurement(
     "rc": exit code, "output": text, "audit": :class:`UnderrunAudit`, "signal", "recording"}.
     """
     loop = Loopback(server)
+    xruns_before = server.xruns()
     proc = RtnsProcess(["run", *rtns_args], server.env)
     try:
         lat = proc.wait_for(LATENCY_RX).groupdict()
@@ -598,6 +599,7 @@ def run_click_measurement(
         "rc": rc,
         "output": proc.output,
         "audit": UnderrunAudit(proc, server),
+        "host_xruns": server.xruns() - xruns_before,
         "signal": x,
         "recording": rec,
     }
