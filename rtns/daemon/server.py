@@ -342,9 +342,11 @@ class Server:
                 self._drain()
                 work = True
             now = time.monotonic()
-            if now >= next_tick and (busy or work):
-                # After an idle spell the first message is served at once; from then on
-                # every tick_ms, whatever the message rate.
+            everyone = work and len(self._active) >= len(self.sessions)
+            if (now >= next_tick and (busy or work)) or everyone:
+                # On the clock: every tick_ms, whatever the message rate, so a tick carries
+                # the hops of many sessions. At once: after an idle spell, or when every
+                # open session has work (nothing to wait for: a lone client is not delayed).
                 self._tick()
                 work = False
                 now = time.monotonic()
