@@ -32,3 +32,48 @@ def run_rtns(
         timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(
+    tmp_path: Path, *args: str, workers: int = 1, timeout: float = 60.0
+) -> tuple[subprocess.Popen, str, Path]:
+    """`rtns serve --workers N` on a free loopback port with key=value logs in a file;
+    returns once the daemon (and each worker) logged `listening`: (process, endpoint, log)."""
+    import time
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rtns",
+                "serve",
+                "--bind",
+                endpoint,
+                "--workers",
+                str(workers),
+                "--log-format",
+                "kv",
+                *args,
+            ],
+            stderr=err,
+        )
+    want = 1 if workers == 1 else workers + 1  # the supervisor and every worker
+    deadline = time.monotonic() + timeout
+    while log.read_text().count("event=listening") < want:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"rtns serve did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return proc, endpoint, log

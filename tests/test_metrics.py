@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,15 +11,9 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
+from cli_helpers import free_port, start_serve  # noqa: E402
+
 from rtns.daemon.client import Client  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -37,34 +28,9 @@ def scrape(port: int) -> dict[str, float]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_metrics_after_a_streamed_file(tmp_path: Path, workers: int):
-    endpoint, mport = f"tcp://127.0.0.1:{free_port()}", free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rtns",
-                "serve",
-                "--bind",
-                endpoint,
-                "--workers",
-                str(workers),
-                "--metrics-port",
-                str(mport),
-                "--log-format",
-                "kv",
-            ],
-            stderr=err,
-        )
+    mport = free_port()
+    proc, endpoint, _ = start_serve(tmp_path, "--metrics-port", str(mport), workers=workers)
     try:
-        deadline = time.monotonic() + 60
-        while log.read_text().count("endpoint=ipc" if workers > 1 else "event=listening") < (
-            workers if workers > 1 else 1
-        ):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         x = (0.1 * np.random.default_rng(0).standard_normal(32_000)).astype(np.float32)
         for _ in range(2):
             with Client(endpoint, timeout=20) as c:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import start_serve
 
 from rtns.daemon import protocol as P
 from rtns.daemon.client import Client
@@ -19,42 +18,9 @@ from rtns.engine import Model, enhance_array
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def daemon(tmp_path):
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    log = tmp_path / "serve.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rtns",
-                "serve",
-                "--workers",
-                "2",
-                "--bind",
-                endpoint,
-                "--log-format",
-                "kv",
-            ],
-            stderr=err,
-        )
-    deadline = time.monotonic() + 60
-    while (
-        "event=listening endpoint=ipc" not in log.read_text()
-        or log.read_text().count("endpoint=ipc") < 2
-    ):  # both workers are up
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    proc, endpoint, log = start_serve(tmp_path, workers=2)
     yield proc, endpoint, log
     if proc.poll() is None:
         proc.kill()
