@@ -85,7 +85,9 @@ def main() -> int:
             )
         )
     lim = model.manifest.atten_lim_db
-    print(f"pack {model.name} (limit {lim if lim is not None else 'off'} dB), 48 kHz, {len(rows)} files")
+    print(
+        f"pack {model.name} (limit {lim if lim is not None else 'off'} dB), 48 kHz, {len(rows)} files"
+    )
     head = ("file", "identity SNR dB", "0-8k dB", "9-20k dB", "9-20k dB (off)", "12k tone dB")
     print(" | ".join(head))
     for r in rows:
