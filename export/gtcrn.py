@@ -629,7 +629,7 @@ def export_gtcrn(model: GTCRN, out_dir, *, name: str, provenance, description: s
         model,
         out_dir,
         name=name,
-        family="frcrn",
+        family="gtcrn",
         frontend=FrontEnd(window="sqrt_hann", mask="complex"),
         graphs=gtcrn_graphs(model),
         latency=model.latency,

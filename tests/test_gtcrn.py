@@ -247,7 +247,7 @@ def test_state_inventory(model):
 def test_exported_pack_matches_forward_and_manifest(model, pack):
     out, manifest, report = pack
     assert report.max_abs_err <= 1e-4 and report.n_samples >= 60_000
-    assert manifest.family == "frcrn"  # the engine's complex-mask pack layout
+    assert manifest.family == "gtcrn"  # its own family, on the complex-mask pack layout
     assert manifest.latency_samples == LATENCY
     assert manifest.frontend.window == "sqrt_hann" and manifest.frontend.mask == "complex"
     assert [g.role for g in manifest.graphs] == ["mask"]
