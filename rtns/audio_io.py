@@ -207,17 +207,6 @@ def _check_writable(path: Path) -> None:
         raise UserInputError(f"{path}: exists and is read-only")
 
 
-def check_output_path(path: str | Path) -> Path:
-    """Refuse an output path whose folder does not exist or which is a folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserInputError(f"{path}: is a folder; give an output file name")
-    if not path.parent.is_dir():
-        raise UserInputError(f"{path.parent}: output folder does not exist")
-    output_format(path)
-    return path
-
-
 @dataclass(frozen=True)
 class WriteReport:
     """What :func:`write_audio` had to do: clipped sample count and the peak before it."""

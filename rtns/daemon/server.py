@@ -147,7 +147,17 @@ def check_bind(config: ServerConfig) -> None:
         )
 
 
-def open_front_socket(ctx: Any, config: ServerConfig, send_hwm: int) -> tuple[Any, Any, str]:
+def send_hwm(config: ServerConfig) -> int:
+    """The public socket's send high-water mark in messages for ``max_output_bytes``.
+
+    ZeroMQ counts messages, not bytes: an answer is at most about max_message_bytes, so this
+    many queued answers stay under max_output_bytes (at least 64, because the pipe
+    acknowledges reads in batches of half its high-water mark: at 64 a burst of 50 small
+    answers was measured to overflow, at 256 not)."""
+    return min(config.hwm, max(64, config.max_output_bytes // config.max_message_bytes))
+
+
+def open_front_socket(ctx: Any, config: ServerConfig) -> tuple[Any, Any, str]:
     """The public ROUTER socket with every option of ``config`` (CURVE with its
     authenticator thread, message size, high-water marks, IPv6), bound. Returns (socket,
     authenticator or None, the bound endpoint)."""
@@ -157,7 +167,7 @@ def open_front_socket(ctx: Any, config: ServerConfig, send_hwm: int) -> tuple[An
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
-    sock.setsockopt(zmq.SNDHWM, send_hwm)
+    sock.setsockopt(zmq.SNDHWM, send_hwm(config))
     sock.setsockopt(zmq.RCVHWM, config.hwm)
     if wants_ipv6(config.bind):
         sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT, and dual stack for tcp://*
@@ -246,13 +256,6 @@ class Server:
         #: Open sessions per peer address.
         self.per_peer: collections.Counter[str] = collections.Counter()
         self.peer_limit = config.max_sessions_per_peer or max(1, config.max_sessions // 2)
-        # ZeroMQ counts messages, not bytes: an answer is at most about max_message_bytes,
-        # so this many queued answers stay under max_output_bytes (at least 64, because
-        # the pipe acknowledges reads in batches of half its high-water mark: at 64 a
-        # burst of 50 small answers was measured to overflow, at 256 not).
-        self.send_hwm = min(
-            config.hwm, max(64, config.max_output_bytes // config.max_message_bytes)
-        )
         self._stop = threading.Event()
         self._auth: Any = None
         self._peer_frame: Any = None
@@ -288,9 +291,7 @@ class Server:
             sock.bind(self.config.bind)
             self.endpoint = self.config.bind
         else:
-            sock, self._auth, self.endpoint = open_front_socket(
-                self.ctx, self.config, self.send_hwm
-            )
+            sock, self._auth, self.endpoint = open_front_socket(self.ctx, self.config)
         self.sock = sock
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)

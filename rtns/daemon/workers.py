@@ -287,10 +287,7 @@ class Supervisor:
 
     def run(self) -> None:
         zmq = self._zmq
-        send_hwm = min(
-            self.config.hwm, max(64, self.config.max_output_bytes // self.config.max_message_bytes)
-        )
-        self.front, auth, self.endpoint = open_front_socket(self.ctx, self.config, send_hwm)
+        self.front, auth, self.endpoint = open_front_socket(self.ctx, self.config)
         try:
             for k in range(self.n):
                 self._start_worker(k)
