@@ -341,9 +341,21 @@ class TestsetError(DataError):
     """make-testset cannot run with these arguments; one sentence."""
 
 
+def _load_folders(
+    dirs: Path | str | Sequence[Path | str], side: str
+) -> list[tuple[Path, list[np.ndarray], list[str]]]:
+    """(folder, arrays, names) of each folder of ``dirs`` (one folder or several)."""
+    folders = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+    if not folders:
+        raise TestsetError(f"make-testset needs at least one {side} folder")
+    if len(set(f.resolve() for f in folders)) != len(folders):
+        raise TestsetError(f"a {side} folder is given twice")
+    return [(f, *load_folder(f, cache_dir=None)) for f in folders]
+
+
 def make_testset(
-    clean_dir: Path,
-    noise_dir: Path,
+    clean_dir: Path | Sequence[Path],
+    noise_dir: Path | Sequence[Path],
     out_dir: Path,
     *,
     count: int = 50,
@@ -353,11 +365,15 @@ def make_testset(
     seed: int = 0,
 ) -> int:
     """Write a fixed paired test set: ``out/clean/NAME.wav`` and ``out/noisy/NAME.wav``
-    (16 kHz, 16-bit) with equal names, plus ``out/mixes.csv`` (name, clean file, noise
-    file, snr_db, level_dbfs, rescaled). Utterances are taken in a seeded random order
-    (each once while there are enough), cropped to ``max_seconds`` from the start; each
-    gets a noise excerpt from a random file at an SNR and level drawn uniformly from the
-    ranges. No audio is cached. Returns the number of pairs."""
+    (16 kHz, 16-bit) with equal names, plus ``out/mixes.csv`` (name, clean folder and file,
+    noise folder and file, snr_db, level_dbfs, rescaled; files relative to their folder).
+    ``clean_dir`` and ``noise_dir`` are one folder or several. Utterances of all clean
+    folders are pooled and taken in a seeded random order (each once while there are
+    enough), cropped to ``max_seconds`` from the start; each gets a noise excerpt from a
+    random file at an SNR and level drawn uniformly from the ranges. With several noise
+    folders, each pair first draws a folder (uniformly, so every folder is equally likely
+    whatever its number of files), then a file in it. No audio is cached. Returns the
+    number of pairs."""
     import csv
 
     import soundfile as sf
@@ -369,8 +385,12 @@ def make_testset(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TestsetError(f"output folder {out_dir} is not empty")
-    speech, snames = load_folder(clean_dir, cache_dir=None)
-    noise, nnames = load_folder(noise_dir, cache_dir=None)
+    speech = [
+        (folder, a, n)
+        for folder, arrays, names in _load_folders(clean_dir, "clean")
+        for a, n in zip(arrays, names, strict=True)
+    ]
+    noises = _load_folders(noise_dir, "noise")
     rng = np.random.default_rng(seed)
     order = np.concatenate(
         [rng.permutation(len(speech)) for _ in range(int(np.ceil(count / len(speech))))]
@@ -379,16 +399,26 @@ def make_testset(
     (out_dir / "noisy").mkdir(parents=True, exist_ok=True)
     with (out_dir / "mixes.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["name", "clean_file", "noise_file", "snr_db", "level_dbfs", "rescaled"])
+        w.writerow(
+            ["name", "clean_dir", "clean_file", "noise_dir", "noise_file"]
+            + ["snr_db", "level_dbfs", "rescaled"]
+        )
         for k, i in enumerate(order):
-            clean = speech[i][: int(max_seconds * SAMPLE_RATE)]
+            cdir, speech_i, sname = speech[i]
+            clean = speech_i[: int(max_seconds * SAMPLE_RATE)]
+            # one folder: the draws of the single-folder version, so old sets reproduce
+            d = int(rng.integers(len(noises))) if len(noises) > 1 else 0
+            ndir, noise, nnames = noises[d]
             j = int(rng.integers(len(noise)))
             nz = looped_segment(noise[j], clean.shape[0], rng)
             snr = float(rng.uniform(*snr_db))
             level = float(rng.uniform(*level_dbfs))
             c, y, rescaled = mix_at(clean, nz, snr, level)
-            name = f"{k:04d}_{Path(snames[i]).stem}.wav"
+            name = f"{k:04d}_{Path(sname).stem}.wav"
             sf.write(str(out_dir / "clean" / name), c, SAMPLE_RATE, subtype="PCM_16")
             sf.write(str(out_dir / "noisy" / name), y, SAMPLE_RATE, subtype="PCM_16")
-            w.writerow([name, snames[i], nnames[j], f"{snr:.2f}", f"{level:.2f}", int(rescaled)])
+            w.writerow(
+                [name, str(cdir), sname, str(ndir), nnames[j]]
+                + [f"{snr:.2f}", f"{level:.2f}", int(rescaled)]
+            )
     return count

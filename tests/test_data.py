@@ -4,6 +4,7 @@ augmentation generators, determinism, the config, and make-testset."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,64 @@ def test_make_testset(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_make_testset_several_folders(tmp_path):
+    """Several clean folders are pooled, several noise folders are drawn equally often, and
+    mixes.csv names the folder and file of every pair's speech and noise."""
+    roots = {}
+    for side, names in (("c1", ["a", "b"]), ("c2", ["a"]), ("n1", list("pqrstuvw")), ("n2", ["z"])):
+        roots[side] = tmp_path / side
+        roots[side].mkdir()
+        for i, name in enumerate(names):
+            if side.startswith("c"):
+                x = tone(200 + 50 * i + (300 if side == "c2" else 0), 1.2)
+            else:
+                x = np.random.default_rng(i).standard_normal(SR) * 0.1
+            sf.write(roots[side] / f"{name}.wav", x, SR)
+    out = tmp_path / "set"
+    clean, noise = [roots["c1"], roots["c2"]], [roots["n1"], roots["n2"]]
+    assert data.make_testset(clean, noise, out, count=60, snr_db=(0, 5), seed=3) == 60
+    rows = list(csv.DictReader((out / "mixes.csv").open()))
+    assert list(rows[0]) == [
+        "name",
+        "clean_dir",
+        "clean_file",
+        "noise_dir",
+        "noise_file",
+        "snr_db",
+        "level_dbfs",
+        "rescaled",
+    ]
+    used = [(r["clean_dir"], r["clean_file"]) for r in rows]
+    # every utterance once per round of three, from both folders (two files named a.wav)
+    assert sorted(used[:3]) == sorted(
+        [(str(roots["c1"]), "a.wav"), (str(roots["c1"]), "b.wav"), (str(roots["c2"]), "a.wav")]
+    )
+    # the one-file folder is as likely as the eight-file one (binomial 60, 1/2: 30 +- 12)
+    n2 = sum(r["noise_dir"] == str(roots["n2"]) for r in rows)
+    assert 18 <= n2 <= 42
+    assert all(r["noise_file"] == "z.wav" for r in rows if r["noise_dir"] == str(roots["n2"]))
+    assert {r["noise_file"] for r in rows if r["noise_dir"] == str(roots["n1"])} <= {
+        f"{c}.wav" for c in "pqrstuvw"
+    }
+    for r in rows[:6]:  # each pair is its recorded speech at its recorded SNR
+        c, _ = sf.read(out / "clean" / r["name"], dtype="float32")
+        y, _ = sf.read(out / "noisy" / r["name"], dtype="float32")
+        src, _ = sf.read(Path(r["clean_dir"]) / r["clean_file"], dtype="float32")
+        assert abs(np.corrcoef(c, src[: c.shape[0]])[0, 1]) > 0.99
+        snr = 20 * np.log10(data.active_rms(c) / data.active_rms(y - c))
+        assert snr == pytest.approx(float(r["snr_db"]), abs=0.3)
+    # one folder in a list is the single-folder call: the same set
+    one, two = tmp_path / "one", tmp_path / "two"
+    data.make_testset(roots["c1"], roots["n1"], one, count=4, seed=5)
+    data.make_testset([roots["c1"]], [roots["n1"]], two, count=4, seed=5)
+    for name in sorted(p.name for p in (one / "noisy").iterdir()):
+        a, _ = sf.read(one / "noisy" / name)
+        b, _ = sf.read(two / "noisy" / name)
+        assert np.array_equal(a, b)
+    with pytest.raises(data.DataError, match="given twice"):
+        data.make_testset([roots["c1"], roots["c1"]], noise, tmp_path / "x", count=2)
+
+
 def test_make_testset_cli(tmp_path):
     from rtns.cli import main
 
@@ -274,6 +333,14 @@ def test_make_testset_cli(tmp_path):
         == 0
     )
     assert len(list((tmp_path / "o" / "noisy").glob("*.wav"))) == 2
+    noise2 = tmp_path / "n2"
+    noise2.mkdir()
+    sf.write(noise2 / "d.wav", np.random.default_rng(1).standard_normal(SR) * 0.1, SR)
+    argv = ["make-testset", "--clean", str(clean_dir), "--noise", str(noise_dir)]
+    argv += ["--noise", str(noise2), "--out", str(tmp_path / "o3"), "--count", "6"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "o3" / "mixes.csv").open()))
+    assert len(rows) == 6 and {r["noise_dir"] for r in rows} <= {str(noise_dir), str(noise2)}
     assert (
         main(
             [

@@ -60,10 +60,22 @@ def add_parsers(sub: Any) -> None:
         "make-testset",
         help="build a fixed paired test set (clean/ and noisy/) from clean and noise folders",
         description="Mix clean utterances with noise at SNRs from a range (seeded) and write "
-        "OUT/clean/NAME.wav and OUT/noisy/NAME.wav (16 kHz) plus OUT/mixes.csv.",
+        "OUT/clean/NAME.wav and OUT/noisy/NAME.wav (16 kHz) plus OUT/mixes.csv (which "
+        "speech, noise, SNR and level each pair got).",
     )
-    m.add_argument("--clean", required=True, help="folder of clean speech (wav/flac, any rate)")
-    m.add_argument("--noise", required=True, help="folder of noise (wav/flac, any rate)")
+    m.add_argument(
+        "--clean",
+        required=True,
+        action="append",
+        help="folder of clean speech (wav/flac, any rate); repeat to pool several folders",
+    )
+    m.add_argument(
+        "--noise",
+        required=True,
+        action="append",
+        help="folder of noise (wav/flac, any rate); repeat for several folders, each then "
+        "equally likely per pair",
+    )
     m.add_argument("--out", required=True, help="output folder (created; must be empty)")
     m.add_argument(
         "--count", type=options.positive_int, default=50, help="number of pairs (default 50)"
@@ -161,8 +173,8 @@ def run_make_testset(args: argparse.Namespace) -> int:
 
     try:
         n = make_testset(
-            Path(args.clean),
-            Path(args.noise),
+            [Path(d) for d in args.clean],
+            [Path(d) for d in args.noise],
             Path(args.out),
             count=args.count,
             snr_db=tuple(args.snr),
