@@ -87,10 +87,13 @@ class BufferPlan(BaseModel):
     block_frames: int
     alignment_frames: int
     worker_frames: int
+    #: Extra prefill against a host API that delivers blocks in bursts (0 for ``rtns run``;
+    #: ``--virtual-mic`` adds one block: PulseAudio's ALSA plugin jitters by ~half a block).
+    margin_frames: int = 0
 
     @property
     def prefill_frames(self) -> int:
-        return self.alignment_frames + self.worker_frames
+        return self.alignment_frames + self.worker_frames + self.margin_frames
 
 
 def plan_buffering(
@@ -100,6 +103,7 @@ def plan_buffering(
     hop: int,
     count_out: Callable[[int], int] | None = None,
     seconds: float = 4.0,
+    margin_frames: int = 0,
 ) -> BufferPlan:
     """The smallest prefill that never starves the callback with ``block_frames`` blocks.
 
@@ -108,7 +112,8 @@ def plan_buffering(
     output a stream has produced after n device frames (:meth:`ChannelStream.count_out`:
     hops complete only every 128 engine samples, and resamplers emit at their own pace;
     default: whole hops at the engine rate). worker: one hop at the device rate rounded up
-    to whole blocks, the time the worker gets for each hop.
+    to whole blocks, the time the worker gets for each hop. ``margin_frames`` is added as
+    it stands (see :attr:`BufferPlan.margin_frames`).
     """
     if block_frames <= 0:
         raise ValueError(f"block size must be positive, got {block_frames}")
@@ -120,7 +125,12 @@ def plan_buffering(
         worst = max(worst, total - produced)
     hop_frames = hop * device_rate / rate
     worker = block_frames * math.ceil(hop_frames / block_frames - 1e-9)
-    return BufferPlan(block_frames=block_frames, alignment_frames=worst, worker_frames=worker)
+    return BufferPlan(
+        block_frames=block_frames,
+        alignment_frames=worst,
+        worker_frames=worker,
+        margin_frames=max(0, int(margin_frames)),
+    )
 
 
 class LatencyBreakdown(BaseModel):
@@ -136,11 +146,19 @@ class LatencyBreakdown(BaseModel):
     resampling_s: float
     portaudio_in_s: float
     portaudio_out_s: float
+    #: :attr:`BufferPlan.margin_frames` in seconds (0 for ``rtns run``).
+    margin_s: float = 0.0
 
     @property
     def in_process_s(self) -> float:
         """From the callback's input to its output: everything but PortAudio's buffering."""
-        return self.algorithmic_s + self.worker_s + self.alignment_s + self.resampling_s
+        return (
+            self.algorithmic_s
+            + self.worker_s
+            + self.alignment_s
+            + self.resampling_s
+            + self.margin_s
+        )
 
     @property
     def total_s(self) -> float:
@@ -152,7 +170,8 @@ class LatencyBreakdown(BaseModel):
             f"latency {self.total_s * ms:.3f} ms = algorithmic {self.algorithmic_s * ms:.3f}"
             f" + worker {self.worker_s * ms:.3f} + hop alignment {self.alignment_s * ms:.3f}"
             f" + resampling {self.resampling_s * ms:.3f}"
-            f" + PortAudio in {self.portaudio_in_s * ms:.3f} + out {self.portaudio_out_s * ms:.3f}"
+            + (f" + jitter margin {self.margin_s * ms:.3f}" if self.margin_s else "")
+            + f" + PortAudio in {self.portaudio_in_s * ms:.3f} + out {self.portaudio_out_s * ms:.3f}"
             f" (device {self.device_rate} Hz, {self.block_frames}-frame blocks)"
         )
 
@@ -200,9 +219,12 @@ class LiveRunner:
         device_rate: int,
         ring_seconds: float = RING_SECONDS,
         rt_priority: int = WORKER_RT_PRIORITY,
+        margin_blocks: int = 0,
     ) -> None:
         self.model = model
         self.rt_priority = rt_priority
+        #: Device blocks of extra prefill (:attr:`BufferPlan.margin_frames`).
+        self.margin_blocks = int(margin_blocks)
         #: How the worker thread is scheduled ("SCHED_FIFO 4" or why it is not real-time).
         self.worker_scheduling = "not started"
         self.rate = model.sample_rate
@@ -333,7 +355,12 @@ class LiveRunner:
 
     def _prime(self, block_frames: int) -> None:
         self.plan = plan_buffering(
-            block_frames, self.device_rate, self.rate, self.hop, self.cs.count_out
+            block_frames,
+            self.device_rate,
+            self.rate,
+            self.hop,
+            self.cs.count_out,
+            margin_frames=self.margin_blocks * block_frames,
         )
         if self.plan.prefill_frames + 4 * block_frames > self.out_ring.capacity:
             raise RtnsError(f"device blocks of {block_frames} frames are too large for rtns run")
@@ -473,6 +500,7 @@ class LiveRunner:
             resampling_s=resampling,
             portaudio_in_s=float(portaudio[0]),
             portaudio_out_s=float(portaudio[1]),
+            margin_s=self.plan.margin_frames / r,
         )
 
     def stats(self) -> Stats:

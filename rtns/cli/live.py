@@ -27,6 +27,12 @@ toggles bypass, `a DB` + Enter sets the attenuation limit (`a` alone: unlimited)
 Enter quits; SIGUSR1 toggles bypass; Ctrl-C or SIGTERM stops and prints a summary (a
 second one while the stream is stopping exits at once).
 
+With --virtual-mic NAME there is no output device: the enhanced signal becomes an input
+device NAME of the PulseAudio/PipeWire server (module-pipe-source fed through a FIFO by a
+writer thread), at the same fixed delay, with the same under-run accounting; the status
+line adds the FIFO's over-runs (samples dropped when nobody records from NAME) and fill.
+The source is removed when rtns stops; one left by a crash is removed at the next start.
+
 Exit status: 0 when stopped; 1 when the stream dies (no callback for 0.5 s or more, e.g.
 the sound server quit or the device was removed) or does not stop within 1 s. Then rtns
 prints the summary and one error line and leaves at once (os._exit), without PortAudio's
@@ -104,6 +110,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(default: 4, below JACK's client threads; 0: normal scheduling)",
     )
     p.add_argument("--bypass", action="store_true", help="start in bypass")
+    p.add_argument(
+        "--virtual-mic",
+        type=options.source_name,
+        metavar="NAME",
+        help="publish the enhanced input as microphone NAME in the running PulseAudio or "
+        "PipeWire (pipewire-pulse) server instead of playing it (no -o; 48 kHz mono; "
+        "removed when rtns stops; see docs/desktop.md)",
+    )
+    options.add_metrics(p, "live-path Prometheus metrics (RTF, under-runs, xruns, latency)")
     options.add_quiet(p, "no once-a-second status line")
     options.one_line_errors(p)
     p.set_defaults(func=run_live)
@@ -299,22 +314,127 @@ def _leave_now(lines: list[str], code: int) -> None:
     os._exit(code)
 
 
+def _pick_input_rate(sd: Any, i: int, devices: list[dict], wanted: int) -> int:
+    """The virtual microphone's rate ``wanted`` (48 kHz unless --samplerate) on input ``i``."""
+    try:
+        sd.check_input_settings(device=i, channels=1, dtype="float32", samplerate=wanted)
+    except Exception as e:  # sounddevice raises PortAudioError or ValueError
+        raise UserInputError(
+            f"input {i} ({devices[i]['name']}) does not run at {wanted} Hz ({e}); its default "
+            f"rate is {devices[i]['default_samplerate']:.0f} Hz (--samplerate)"
+        ) from None
+    return wanted
+
+
+class _VirtualMicSetup:
+    """The server side of --virtual-mic: checked and cleaned before the devices are opened,
+    published once the model is loaded, and removed on every way out."""
+
+    def __init__(self, name: str) -> None:
+        from rtns import vmic
+
+        self.vmic = vmic
+        self.name = name
+        self.info = vmic.server_info()  # one line when no server runs
+        if not self.info.local:
+            raise vmic.SoundServerError(
+                f"the sound server ({self.info.name}) is not on this machine; --virtual-mic "
+                "hands it a FIFO, so it needs a local one"
+            )
+        note = vmic.remove_leftover(name)
+        if note:
+            print(f"rtns: {note}", file=sys.stderr, flush=True)
+        pinned = vmic.pin_input_source(self.info, name)
+        if pinned:
+            print(
+                f"rtns: input pinned to source {pinned} (PULSE_SOURCE), so the new virtual "
+                "microphone never becomes rtns's own input",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.module: int | None = None
+        self.fd: int | None = None
+        self.writer: Any = None
+        self.mic: Any = None
+
+    def publish(self, runner: Any, rate: int, block: int) -> None:
+        vmic = self.vmic
+        cfg = vmic.VirtualMicConfig(name=self.name, rate=rate)
+        fifo = vmic.fifo_path(self.name)
+        self.module = vmic.load_pipe_source(cfg, fifo)
+        self.fd = vmic.open_fifo(fifo)
+        self.writer = vmic.PipeWriter(self.fd, rate)
+        self.mic = vmic.VirtualMic(runner, self.writer, block)
+        self.writer.start()
+
+    def remove(self) -> str | None:
+        """Stop the writer, close the FIFO, unload the source; returns a problem or None.
+        Safe to call more than once and from a signal handler."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        module, self.module = self.module, None
+        if module is None:
+            return None
+        try:
+            self.vmic.unload_module(module, timeout=self.vmic.CLEANUP_TIMEOUT_S)
+        except RtnsError as e:
+            return f"could not remove the virtual microphone {self.name!r}: {e}"
+        return None
+
+    def status(self) -> str:
+        w = self.writer.stats()
+        return (
+            f"  vmic over-runs {w.overruns} ({w.overrun_frames + w.full_frames} frames)"
+            f" pipe {w.fill_s * 1e3:.1f} ms"
+        )
+
+    def summary(self) -> str:
+        w = self.writer.stats()
+        rate = self.writer.rate
+        return (
+            f"rtns: virtual microphone {self.name}: {w.written_frames / rate:.1f} s written,"
+            f" {w.overruns} over-runs ({w.overrun_frames + w.full_frames} frames dropped)"
+        )
+
+
 def run_live(args: argparse.Namespace) -> int:
     from rtns.audio import LiveRunner, import_sounddevice, set_thread_scheduling
     from rtns.config import SAMPLE_RATE, EngineConfig
     from rtns.engine import Model
+
+    name = getattr(args, "virtual_mic", None)
+    if name and args.output is not None:
+        raise UserInputError("--virtual-mic publishes the output as a microphone; leave out -o")
+    # The sound server first: without one there is nothing to publish to.
+    vm = _VirtualMicSetup(name) if name else None
 
     sd = import_sounddevice()
     devices = list(sd.query_devices())
     if not devices:
         raise UserInputError("no audio devices found (no sound card, or no sound server running)")
     i = _pick_device(sd, args.input, devices, "input")
-    o = _pick_device(sd, args.output, devices, "output")
-    # Devices first: their errors are cheaper to find than a pack's.
-    rate = _pick_rate(sd, i, o, devices, args.samplerate, SAMPLE_RATE)
+    if vm is not None:
+        from rtns.vmic import DEFAULT_BLOCK_S, DEFAULT_RATE, MARGIN_BLOCKS
+
+        o = None
+        rate = _pick_input_rate(sd, i, devices, args.samplerate or DEFAULT_RATE)
+        blocksize = args.blocksize or round(rate * DEFAULT_BLOCK_S)
+        margin = MARGIN_BLOCKS
+    else:
+        o = _pick_device(sd, args.output, devices, "output")
+        # Devices first: their errors are cheaper to find than a pack's.
+        rate = _pick_rate(sd, i, o, devices, args.samplerate, SAMPLE_RATE)
+        blocksize = args.blocksize
+        margin = 0
     model = Model(args.model, EngineConfig(threads=1))
     rt = {} if args.rt_priority is None else {"rt_priority": args.rt_priority}
-    runner = LiveRunner(model, rate, **rt)
+    runner = LiveRunner(model, rate, margin_blocks=margin, **rt)
     # Applied at once (the worker has not started), so the banner shows what is in force.
     if args.atten_lim is not None:  # else the pack's default
         runner.set_atten_lim_db(args.atten_lim)
@@ -326,13 +446,27 @@ def run_live(args: argparse.Namespace) -> int:
     lat_ms = [float("nan")]
     old_handlers = {}
 
+    def summary_lines() -> list[str]:
+        lines = [_summary(runner.stats(), lat_ms[0])]
+        if vm is not None and vm.writer is not None:
+            lines.append(vm.summary())
+        return lines
+
+    def leave(lines: list[str], code: int) -> None:
+        """Remove the virtual microphone (if any), then :func:`_leave_now`."""
+        if vm is not None:
+            problem = vm.remove()
+            if problem:
+                lines = [*lines, f"rtns: error: {problem}"]
+        _leave_now(lines, code)
+
     def on_term(signum: int, frame: Any) -> None:
         if stopping.is_set():  # stuck stopping the stream: give up on it
-            name = signal.Signals(signum).name
-            _leave_now(
+            sig = signal.Signals(signum).name
+            leave(
                 [
-                    _summary(runner.stats(), lat_ms[0]),
-                    f"rtns: error: {name} while stopping the audio stream; left without closing it",
+                    *summary_lines(),
+                    f"rtns: error: {sig} while stopping the audio stream; left without closing it",
                 ],
                 128 + signum,
             )
@@ -351,62 +485,141 @@ def run_live(args: argparse.Namespace) -> int:
     if hasattr(signal, "SIGUSR1"):
         old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
 
-    def restore() -> None:
+    def restore() -> str | None:
         set_thread_scheduling(0)
         runner.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
+        return vm.remove() if vm is not None else None
 
     try:
-        stream = sd.Stream(
-            device=(i, o),
-            samplerate=rate,
-            blocksize=args.blocksize,
-            channels=(1, 1),
-            dtype="float32",
-            latency=args.pa_latency,
-            callback=runner.callback,
-        )
+        if vm is not None:
+            vm.publish(runner, rate, blocksize)
+            stream = sd.InputStream(
+                device=i,
+                samplerate=rate,
+                blocksize=blocksize,
+                channels=1,
+                dtype="float32",
+                latency=args.pa_latency,
+                callback=vm.mic.callback,
+            )
+        else:
+            stream = sd.Stream(
+                device=(i, o),
+                samplerate=rate,
+                blocksize=blocksize,
+                channels=(1, 1),
+                dtype="float32",
+                latency=args.pa_latency,
+                callback=runner.callback,
+            )
+    except RtnsError:
+        restore()
+        raise
     except Exception as e:  # PortAudioError, ValueError
         restore()
-        raise RtnsError(
-            f"cannot open the audio stream on devices {i} -> {o} at {rate} Hz: {e}"
-        ) from None
+        where = f"device {i}" if o is None else f"devices {i} -> {o}"
+        raise RtnsError(f"cannot open the audio stream on {where} at {rate} Hz: {e}") from None
 
+    if args.metrics_port is not None:
+        from rtns.daemon.metrics import live_registry, serve_metrics
+
+        registry = live_registry(
+            runner, lambda: lat_ms[0] / 1e3, vm.writer if vm is not None else None
+        )
+        try:
+            metrics_server = serve_metrics(args.metrics_port, args.metrics_addr, registry)
+        except OSError as e:
+            _bounded(stream.close, STOP_TIMEOUT_S)
+            restore()
+            raise UserInputError(
+                f"--metrics-port {args.metrics_port}: cannot listen on "
+                f"{args.metrics_addr} ({e.strerror})"
+            ) from None
+    else:
+        metrics_server = None
+
+    where = (
+        f"publishing microphone {name!r} (48 kHz mono)"
+        if vm is not None and rate == 48000
+        else f"publishing microphone {name!r} ({rate} Hz mono)"
+        if vm is not None
+        else f"to [{o}] {devices[o]['name']}"
+    )
     print(
-        f"rtns: {model.name} from [{i}] {devices[i]['name']} to [{o}] {devices[o]['name']} "
+        f"rtns: {model.name} from [{i}] {devices[i]['name']} {where} "
         f"at {rate} Hz, attenuation limit {options.limit_text(runner.stats().atten_lim_db)}",
         file=sys.stderr,
         flush=True,
     )
-    failure, dead = _run_stream(args, stream, runner, stop, lat_ms)
+    if metrics_server is not None:
+        print(
+            f"rtns: metrics on http://{args.metrics_addr}:{args.metrics_port}/metrics",
+            file=sys.stderr,
+            flush=True,
+        )
+    failure, dead = _run_stream(
+        args,
+        stream,
+        runner,
+        stop,
+        lat_ms,
+        extra_status=vm.status if vm is not None else None,
+        check=_writer_check(vm) if vm is not None else None,
+    )
 
     stopping.set()
     if dead:
         # The host API stopped calling back: stopping or closing the stream may never
         # return, and PortAudio's exit handler may abort. Try briefly, then leave.
         _bounded(lambda: (stream.abort(), stream.close()), ABORT_TIMEOUT_S)
-        _leave_now([_summary(runner.stats(), lat_ms[0]), f"rtns: error: {failure}"], 1)
+        leave([*summary_lines(), f"rtns: error: {failure}"], 1)
     if not _bounded(lambda: (stream.stop(), stream.close()), STOP_TIMEOUT_S):
-        _leave_now(
+        leave(
             [
-                _summary(runner.stats(), lat_ms[0]),
+                *summary_lines(),
                 f"rtns: error: the audio stream did not stop within {STOP_TIMEOUT_S:g} s "
                 "(sound server gone?); left without closing it",
             ],
             1,
         )
-    restore()
-    print(_summary(runner.stats(), lat_ms[0]), file=sys.stderr, flush=True)
+    lines = summary_lines()
+    problem = restore()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    if vm is not None and problem is None:
+        print(f"rtns: virtual microphone {name} removed", file=sys.stderr, flush=True)
     if failure:
         raise RtnsError(failure)
+    if problem:
+        raise RtnsError(problem)
     return 0
 
 
+def _writer_check(vm: _VirtualMicSetup) -> Callable[[], str | None]:
+    def check() -> str | None:
+        err = vm.writer.stats().error
+        return f"{err} (sound server gone?)" if err else None
+
+    return check
+
+
 def _run_stream(
-    args: argparse.Namespace, stream: Any, runner: Any, stop: threading.Event, lat_ms: list
+    args: argparse.Namespace,
+    stream: Any,
+    runner: Any,
+    stop: threading.Event,
+    lat_ms: list,
+    extra_status: Callable[[], str] | None = None,
+    check: Callable[[], str | None] | None = None,
 ) -> tuple[str | None, bool]:
     """Start the stream and watch it until ``stop``, ``--duration`` or a failure.
+
+    ``extra_status``: appended to each status line; ``check``: another way to fail (a
+    message, or None while all is well), polled with the stream's liveness.
 
     Returns (why it failed or None, whether the stream is dead). Waits in slices of
     :data:`POLL_S` so signals, a dead stream and the worker's failure are noticed at once.
@@ -434,7 +647,10 @@ def _run_stream(
             return None, False
         if not active() or time.monotonic() > deadline:
             return f"the audio stream delivered no callback within {START_TIMEOUT_S:g} s", True
-    lat = runner.latency(stream.latency)
+    pa_latency = stream.latency
+    if not isinstance(pa_latency, (tuple, list)):  # an input-only stream: one number
+        pa_latency = (pa_latency, 0.0)
+    lat = runner.latency(pa_latency)
     lat_ms[0] = lat.total_s * 1e3
     print(f"rtns: {lat.describe()}", file=sys.stderr, flush=True)
     print(
@@ -464,6 +680,9 @@ def _run_stream(
         why = runner.dead(active())
         if why:
             return why, True
+        why = check() if check is not None else None
+        if why:
+            return why, False
         now = time.monotonic()
         if t_end is not None and now >= t_end:
             break
@@ -471,6 +690,9 @@ def _run_stream(
             next_status += 1.0
             if not args.quiet:
                 stats = runner.stats()
-                print(_status_line(stats, prev, lat_ms[0]), file=sys.stderr, flush=True)
+                line = _status_line(stats, prev, lat_ms[0])
+                if extra_status is not None:
+                    line += extra_status()
+                print(line, file=sys.stderr, flush=True)
                 prev = stats
     return None, False

@@ -175,5 +175,32 @@ def add_atten_lim(p: argparse.ArgumentParser) -> None:
     )
 
 
+def source_name(text: str) -> str:
+    """A sound-server source name for ``--virtual-mic`` (see :data:`rtns.vmic.NAME_RX`)."""
+    from rtns.errors import UserInputError
+    from rtns.vmic import check_name
+
+    try:
+        return check_name(text)
+    except UserInputError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+
+
+def add_metrics(p: argparse.ArgumentParser, what: str) -> None:
+    """``--metrics-port PORT`` and ``--metrics-addr ADDR`` (Prometheus, off by default)."""
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help=f"serve {what} on http://ADDR:PORT/metrics (default: off)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address of the metrics endpoint (default: 127.0.0.1; it has no authentication)",
+    )
+
+
 def add_quiet(p: argparse.ArgumentParser, what: str = "no progress bar or summary") -> None:
     p.add_argument("--quiet", "-q", action="store_true", help=what)

@@ -109,3 +109,96 @@ def serve_metrics(port: int, addr: str, registry: Any = None) -> Any:
         multiprocess.MultiProcessCollector(registry)
     server, _thread = start_http_server(port, addr=addr, registry=registry)
     return server
+
+
+class LiveCollector:
+    """Prometheus metrics of the live path (``rtns run --metrics-port PORT``).
+
+    A custom collector: every value is read from the runner's counters when /metrics is
+    scraped, so the audio callback and the worker record nothing extra. ``runner``: a
+    :class:`rtns.audio.LiveRunner`; ``latency_s``: a callable giving the reported total
+    delay (NaN until the stream has started); ``writer``: the virtual microphone's
+    :class:`rtns.vmic.PipeWriter`, or None.
+    """
+
+    def __init__(self, runner: Any, latency_s: Any, writer: Any = None) -> None:
+        self.runner = runner
+        self.latency_s = latency_s
+        self.writer = writer
+
+    def describe(self) -> list:
+        return []  # collected only on scrape (the registry must not call collect early)
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.runner.stats()
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        yield counter("rtns_live_audio_seconds", "Device audio through the callback", s.seconds)
+        yield counter("rtns_live_callbacks", "Audio callbacks", s.callbacks)
+        yield counter(
+            "rtns_live_processed_seconds", "Engine audio the worker processed", s.processed_s
+        )
+        yield counter("rtns_live_busy_seconds", "Worker compute time", s.busy_s)
+        yield gauge("rtns_live_rtf", "Worker compute time / audio time since start", s.rtf)
+        yield gauge("rtns_live_max_hop_seconds", "Slowest hop since start", s.max_hop_s)
+        yield counter(
+            "rtns_live_underruns", "Callbacks the worker was late for (silence out)", s.underruns
+        )
+        yield counter(
+            "rtns_live_underrun_frames", "Device frames played as silence", s.underrun_frames
+        )
+        xruns = CounterMetricFamily(
+            "rtns_live_xruns", "PortAudio status flags by kind", labels=["kind"]
+        )
+        for kind, value in (
+            ("input_overflow", s.pa_input_overflow),
+            ("input_underflow", s.pa_input_underflow),
+            ("output_underflow", s.pa_output_underflow),
+            ("output_overflow", s.pa_output_overflow),
+        ):
+            xruns.add_metric([kind], value)
+        yield xruns
+        dropped = CounterMetricFamily(
+            "rtns_live_dropped_frames", "Frames a full ring dropped", labels=["ring"]
+        )
+        dropped.add_metric(["input"], s.input_dropped)
+        dropped.add_metric(["output"], s.output_dropped)
+        yield dropped
+        yield gauge(
+            "rtns_live_latency_seconds", "Reported input-to-output delay", float(self.latency_s())
+        )
+        yield gauge("rtns_live_bypass", "1 while bypass is on", float(s.bypass))
+        if self.writer is not None:
+            w = self.writer.stats()
+            yield counter(
+                "rtns_live_vmic_written_seconds",
+                "Audio written to the virtual microphone",
+                w.written_frames / self.writer.rate,
+            )
+            yield counter(
+                "rtns_live_vmic_overruns",
+                "Times the virtual microphone's backlog was trimmed (nobody reading, or late)",
+                w.overruns,
+            )
+            yield counter(
+                "rtns_live_vmic_overrun_frames",
+                "Frames dropped by those trims",
+                w.overrun_frames + w.full_frames,
+            )
+            yield gauge("rtns_live_vmic_pipe_fill_seconds", "Audio waiting in the FIFO", w.fill_s)
+
+
+def live_registry(runner: Any, latency_s: Any, writer: Any = None) -> Any:
+    """A private registry holding :class:`LiveCollector` for one live stream."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(LiveCollector(runner, latency_s, writer))
+    return registry

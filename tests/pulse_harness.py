@@ -1,0 +1,251 @@
+"""A private headless PulseAudio server for tests, and the pieces the virtual-microphone
+tests and benchmarks/virtual_mic.py share.
+
+The server runs as the issue describes (``pulseaudio -n --daemonize=no
+--exit-idle-time=-1`` with the native protocol, a null sink ``fake_mic`` and
+module-always-sink) with ``XDG_RUNTIME_DIR`` and ``HOME`` in a private folder, so it never
+meets a user's own server. ``fake_mic`` runs at 48 kHz mono: what is played into it reaches
+``fake_mic.monitor`` without a resampler in between. Every wait polls a condition against
+a deadline; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BINARIES = ("pulseaudio", "pactl", "paplay", "parecord")
+ALSA_PULSE_PLUGIN = "libasound_module_pcm_pulse.so"
+RATE = 48_000
+#: Generous: both cores may be busy (a training run, the rest of the suite).
+START_TIMEOUT_S = 30.0
+
+
+def skip_reason() -> str | None:
+    """Why the PulseAudio tests cannot run here, or None."""
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        return (
+            f"needs {', '.join(missing)} (apt-get install pulseaudio pulseaudio-utils "
+            "libasound2-plugins)"
+        )
+    libdirs = [
+        Path(p) for p in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")
+    ]
+    if not any((d / "alsa-lib" / ALSA_PULSE_PLUGIN).exists() for d in libdirs):
+        return "needs ALSA's pulse plugin (apt-get install libasound2-plugins)"
+    try:
+        import sounddevice  # noqa: F401
+    except OSError:
+        return "needs libportaudio2"
+    return None
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02):
+    """Poll ``cond`` until it is truthy (returns its value) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)
+
+
+class PulseServer:
+    """``with PulseServer(tmp) as srv:`` a running server; ``srv.env`` for its clients."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.runtime = self.folder / "run"
+        self.home = self.folder / "home"
+        self.log = self.folder / "pulseaudio.log"
+        self.proc: subprocess.Popen | None = None
+        env = dict(os.environ)
+        for key in ("PULSE_SERVER", "PULSE_SOURCE", "PULSE_SINK", "PULSE_COOKIE"):
+            env.pop(key, None)
+        env.update(XDG_RUNTIME_DIR=str(self.runtime), HOME=str(self.home))
+        env["PYTHONWARNINGS"] = "ignore"
+        self.env = env
+
+    def start(self) -> PulseServer:
+        self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "pulseaudio",
+                    "-n",
+                    "--daemonize=no",
+                    "--exit-idle-time=-1",
+                    "-L",
+                    "module-native-protocol-unix",
+                    "-L",
+                    f"module-null-sink sink_name=fake_mic rate={RATE} channels=1",
+                    "-L",
+                    "module-always-sink",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        socket = self.runtime / "pulse" / "native"
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pulseaudio exited:\n{self.log.read_text()}")
+            return socket.exists() and self.pactl_ok("info")
+
+        wait_until(ready, START_TIMEOUT_S, "pulseaudio to answer pactl info", step=0.05)
+        return self
+
+    def pactl_ok(self, *args: str) -> bool:
+        return self.run("pactl", *args).returncode == 0
+
+    def run(self, *cmd: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def sources(self) -> list[str]:
+        out = self.run("pactl", "list", "short", "sources").stdout
+        return [line.split("\t")[1] for line in out.splitlines() if "\t" in line]
+
+    def modules(self) -> str:
+        return self.run("pactl", "list", "short", "modules").stdout
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> PulseServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Rtns:
+    """``rtns run`` as a subprocess whose stderr lines are collected by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rtns", "run", *args],
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT_S) -> re.Match:
+        rx = re.compile(pattern)
+
+        def found() -> re.Match | None:
+            for line in list(self.lines):
+                m = rx.search(line)
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                self._thread.join(timeout=5)
+                raise AssertionError(f"rtns exited ({self.proc.returncode}):\n{self.output}")
+            return None
+
+        return wait_until(found, timeout, f"{pattern!r} from rtns")
+
+    def interrupt(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        rc = self.proc.wait(timeout=timeout)
+        self._thread.join(timeout=5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._thread.join(timeout=5)
+
+
+class Recorder:
+    """``parecord`` of a source into a raw float32 mono 48 kHz file (low latency)."""
+
+    def __init__(self, srv: PulseServer, source: str, path: Path) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(
+            [
+                "parecord",
+                f"--device={source}",
+                "--raw",
+                "--format=float32le",
+                f"--rate={RATE}",
+                "--channels=1",
+                "--latency-msec=20",
+                str(path),
+            ],
+            env=srv.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def frames(self) -> int:
+        try:
+            return self.path.stat().st_size // 4
+        except FileNotFoundError:
+            return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def samples(self):
+        import numpy as np
+
+        return np.fromfile(self.path, dtype="<f4")
+
+
+def best_lag(y, ref, max_lag: int) -> tuple[int, float]:
+    """The lag ``d`` (0..max_lag) maximising the normalised correlation of ``y[d:]`` with
+    ``ref`` over their overlap, and that correlation. Shapes: y [n], ref [m]."""
+    import numpy as np
+    from scipy.signal import fftconvolve
+
+    y = np.asarray(y, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    # c[d] = sum_k y[k + d] * ref[k]
+    c = fftconvolve(y, ref[::-1], mode="full")[len(ref) - 1 :][: max_lag + 1]
+    d = int(np.argmax(c))
+    n = min(len(ref), len(y) - d)
+    a, b = y[d : d + n], ref[:n]
+    corr = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+    return d, corr
