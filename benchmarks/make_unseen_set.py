@@ -19,6 +19,12 @@ The DEMAND noise is written to ``OUT_demand_noise/`` (float wav, one file per vb
 pair, same name), then ``rtns make-testset`` mixes the set into ``OUT/clean``,
 ``OUT/noisy`` and ``OUT/mixes.csv`` (which speech folder and file, noise folder and file,
 SNR and level each pair got). Same arguments, same files.
+
+Then score it, and break the scores down by speech and noise source::
+
+    python benchmarks/quality.py --clean out/unseen120/clean --noisy out/unseen120/noisy \
+        --pack models/rtns-dtln --json out/quality_unseen120.json
+    python benchmarks/make_unseen_set.py --breakdown out/quality_unseen120.json
 """
 
 from __future__ import annotations
@@ -54,14 +60,64 @@ def write_demand_noise(vbd: Path, out: Path) -> int:
     return n
 
 
+def breakdown(report: Path, mixes: Path) -> str:
+    """Markdown: each system's mean PESQ-WB / STOI / SI-SDR / DNSMOS OVRL on every group
+    of pairs (all, by speech folder, by noise folder) of a quality.py JSON report, and
+    its mean paired difference from the unprocessed input with a 95 % interval
+    (+-1.96 standard errors of the per-pair differences)."""
+    import json
+
+    import numpy as np
+
+    rep = json.loads(report.read_text())
+    rows = {r["name"]: r for r in csv.DictReader(mixes.open())}
+    systems = rep["systems"]
+    unp = next(s for s in systems if s["kind"] == "unprocessed")
+    names = sorted(unp["per_file"])
+    if set(names) != set(rows):
+        raise SystemExit(f"{report} and {mixes} name different pairs")
+    groups = {"all": names}
+    for col, tag in (("clean_dir", "speech"), ("noise_dir", "noise")):
+        for d in sorted({rows[n][col] for n in names}):
+            groups[f"{tag} {'/'.join(Path(d).parts[-2:])}"] = [
+                n for n in names if rows[n][col] == d
+            ]
+    keys = [k for k in ("pesq_wb", "stoi", "si_sdr", "dnsmos_ovrl") if k in rep["metrics"]]
+    out = ["| system | pairs | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for gname, members in groups.items():
+        for s in systems:
+            cells = []
+            for k in keys:
+                v = np.array([s["per_file"][n][k] for n in members], dtype=float)
+                if s is unp:
+                    cells.append(f"{np.nanmean(v):.3f}")
+                    continue
+                d = v - np.array([unp["per_file"][n][k] for n in members], dtype=float)
+                d = d[np.isfinite(d)]
+                half = 1.96 * d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
+                cells.append(f"{np.nanmean(v):.3f} ({d.mean():+.3f} +- {half:.3f})")
+            out.append(f"| {s['label']} | {gname} ({len(members)}) | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--breakdown",
+        type=Path,
+        metavar="JSON",
+        help="build nothing: print the scores of a `quality.py --json` report on this set "
+        "by speech and noise folder, each with its paired difference from the input",
+    )
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     p.add_argument("--out", type=Path, default=REPO / "out" / "unseen120")
     p.add_argument("--count", type=int, default=120)
     p.add_argument("--snr", type=float, nargs=2, default=(-5.0, 20.0), metavar=("LOW", "HIGH"))
     p.add_argument("--seed", type=int, default=12)
     args = p.parse_args(argv)
+    if args.breakdown:
+        print(breakdown(args.breakdown, args.out / "mixes.csv"), end="")
+        return 0
 
     vbd = args.data / "test" / "vbdemand36"
     demand = args.out.with_name(args.out.name + "_demand_noise")
