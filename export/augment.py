@@ -242,6 +242,14 @@ def reverberate(
     return full.astype(np.float32), early.astype(np.float32)
 
 
+def rir_cache_name(count: int, seed: int, rt60: Sequence[float]) -> str:
+    """The cache file name of :func:`rir_bank`'s bank for these arguments."""
+    import hashlib
+
+    key = hashlib.sha1(f"rirs|{count}|{seed}|{rt60[0]:g}|{rt60[1]:g}|v1".encode()).hexdigest()[:16]
+    return f"rirs_{key}.npz"
+
+
 def rir_bank(
     count: int,
     seed: int,
@@ -250,11 +258,9 @@ def rir_bank(
 ) -> list[np.ndarray]:
     """``count`` image-method RIRs generated once with ``seed`` (offline: cached in
     ``cache_dir`` as one .npz keyed by the arguments)."""
-    import hashlib
     from pathlib import Path
 
-    key = hashlib.sha1(f"rirs|{count}|{seed}|{rt60[0]:g}|{rt60[1]:g}|v1".encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"rirs_{key}.npz" if cache_dir else None
+    path = Path(cache_dir) / rir_cache_name(count, seed, rt60) if cache_dir else None
     if path is not None and path.exists():
         with np.load(path) as z:
             return [z[f"r{i}"] for i in range(count)]

@@ -279,6 +279,136 @@ class Mixer:
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
+def _feed(
+    speech: Sequence[np.ndarray],
+    noise: Sequence[np.ndarray],
+    cfg: DataConfig,
+    seed: Sequence[int],
+    size: int,
+    k: int,
+    slots: np.ndarray,
+    free,
+    ready,
+    parent: int,
+) -> None:
+    """Feeder process k: mix a batch into a free slot of its shared ``slots`` [depth, 2, B, n]
+    and announce (k, slot) on ``ready``, until the parent goes."""
+    import os
+    import queue as queue_mod
+    import signal
+
+    # forked from a trainer whose handlers only set a flag: stop on SIGTERM, leave Ctrl-C
+    # (sent to the whole foreground group) to the trainer, which then closes the feeder
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mixer = Mixer(speech, noise, cfg, np.random.default_rng(list(seed)))
+    while True:
+        clean, noisy = mixer.batch(size)
+        while True:
+            if os.getppid() != parent:
+                return
+            try:
+                slot = free.get(timeout=1.0)
+                break
+            except queue_mod.Empty:
+                continue
+        slots[slot, 0] = clean
+        slots[slot, 1] = noisy
+        ready.put((k, slot))
+
+
+class BatchFeeder:
+    """Training batches mixed ahead by ``workers`` forked processes, each a :class:`Mixer`
+    of its own seeded with ``(seed, start_step, k)``: a run restarted at another step draws
+    other batches. The batches travel through shared memory, the queues carry only slot
+    numbers (writes of a few bytes, whole even when a worker dies in them), so a killed
+    worker cannot leave half a message: ``batch()`` raises :class:`DataError` instead."""
+
+    def __init__(
+        self,
+        speech: Sequence[np.ndarray],
+        noise: Sequence[np.ndarray],
+        cfg: DataConfig,
+        *,
+        seed: int,
+        start_step: int,
+        size: int,
+        workers: int,
+        depth: int = 3,
+    ) -> None:
+        import multiprocessing as mp
+        import os
+
+        if workers < 1:
+            raise ValueError("BatchFeeder needs at least one worker")
+        ctx = mp.get_context("fork")  # the arrays are inherited, not pickled
+        n = int(round(cfg.segment_seconds * SAMPLE_RATE))
+        shape = (depth, 2, size, n)
+        self.ready = ctx.Queue()
+        self.free, self.slots, self.procs = [], [], []
+        for k in range(workers):
+            raw = ctx.RawArray("f", int(np.prod(shape)))
+            slots = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+            free = ctx.Queue()
+            for i in range(depth):
+                free.put(i)
+            self.free.append(free)
+            self.slots.append(slots)
+            self.procs.append(
+                ctx.Process(
+                    target=_feed,
+                    args=(
+                        speech,
+                        noise,
+                        cfg,
+                        (seed, start_step, k),
+                        size,
+                        k,
+                        slots,
+                        free,
+                        self.ready,
+                        os.getpid(),
+                    ),
+                    daemon=True,
+                    name=f"rtns-feeder-{k}",
+                )
+            )
+        for p in self.procs:
+            p.start()
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next ready batch (clean [B, n], noisy [B, n]) float32, copied out."""
+        import queue as queue_mod
+
+        while True:
+            try:
+                k, slot = self.ready.get(timeout=1.0)
+                break
+            except queue_mod.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise DataError(
+                        f"data worker {dead[0].name} exited (code {dead[0].exitcode})"
+                    ) from None
+        clean, noisy = self.slots[k][slot, 0].copy(), self.slots[k][slot, 1].copy()
+        self.free[k].put(slot)
+        return clean, noisy
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for q in (self.ready, *self.free):
+            q.close()
+            q.cancel_join_thread()
+
+
 def validation_set(
     speech: Sequence[np.ndarray],
     noise: Sequence[np.ndarray],

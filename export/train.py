@@ -37,6 +37,7 @@ from rtns.atten import AttenLimit
 from rtns.pack import Provenance, write_manifest
 from rtns_export import metrics
 from rtns_export.data import (
+    BatchFeeder,
     DataError,
     Mixer,
     fingerprint,
@@ -54,18 +55,29 @@ class LRSchedule:
     """Learning-rate factor per step (constant / cosine with warmup) times a plateau factor
     that shrinks after ``patience`` validations without a new best. Has a state dict."""
 
-    def __init__(self, cfg: ScheduleConfig, base_lr: float, total_steps: int) -> None:
+    def __init__(
+        self,
+        cfg: ScheduleConfig,
+        base_lr: float,
+        total_steps: int,
+        total_seconds: float | None = None,
+    ) -> None:
         self.cfg, self.base_lr, self.total = cfg, base_lr, max(total_steps, 1)
+        self.total_seconds = total_seconds
         self.plateau_factor = 1.0
         self.bad = 0
 
-    def lr(self, step: int) -> float:
+    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
         c = self.cfg
         f = 1.0
         if c.warmup and step < c.warmup:
             f = (step + 1) / c.warmup
-        elif c.kind == "cosine":
-            t = min(max(step - c.warmup, 0) / max(self.total - c.warmup, 1), 1.0)
+        elif c.kind in ("cosine", "cosine_time"):
+            if c.kind == "cosine":
+                t = min(max(step - c.warmup, 0) / max(self.total - c.warmup, 1), 1.0)
+            else:
+                assert self.total_seconds, "cosine_time needs a time budget"
+                t = min(elapsed_s / self.total_seconds, 1.0)
             f = c.min_factor + (1 - c.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
         return self.base_lr * f * self.plateau_factor
 
@@ -223,6 +235,10 @@ class Trainer:
             torch.set_num_threads(threads)
         self.progress = progress
         self.device = pick_device()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
@@ -230,7 +246,9 @@ class Trainer:
         self.loss_fn = CombinedLoss([(t.name, t.weight) for t in cfg.losses])
         o = cfg.optim
         self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        self.sched = LRSchedule(o.schedule, o.lr, o.steps)
+        self.sched = LRSchedule(
+            o.schedule, o.lr, o.steps, o.max_minutes * 60 if o.max_minutes else None
+        )
         self.state = RunState()
         self._stop = False
         self.mixer: Mixer | None = None
@@ -416,16 +434,31 @@ class Trainer:
         )
         t_last = time.time()
         audio_since = 0.0
+        feeder = None
+        if cfg.data.workers:
+            feeder = BatchFeeder(
+                self.mixer.speech,
+                self.mixer.noise,
+                cfg.data,
+                seed=cfg.seed,
+                start_step=self.state.step,
+                size=o.batch,
+                workers=cfg.data.workers,
+            )
+            self._log(
+                f"data: {cfg.data.workers} mixing processes (a resumed run draws other "
+                "batches than an uninterrupted one)"
+            )
         try:
             while self.state.step < o.steps and not self._stop:
                 if o.max_minutes and self.state.elapsed_s >= o.max_minutes * 60:
                     self._log(f"time budget of {o.max_minutes} min reached")
                     break
                 t0 = time.time()
-                lr = self.sched.lr(self.state.step)
+                lr = self.sched.lr(self.state.step, self.state.elapsed_s)
                 for g in self.opt.param_groups:
                     g["lr"] = lr
-                clean, noisy = self.mixer.batch(o.batch)
+                clean, noisy = feeder.batch() if feeder else self.mixer.batch(o.batch)
                 loss, parts, gnorm = self.train_step(clean, noisy)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.state.step}")
@@ -454,6 +487,8 @@ class Trainer:
                 elif step % cfg.checkpoint_every == 0:
                     self.save()
         finally:
+            if feeder is not None:
+                feeder.close()
             bar.close()
             for s, h in old.items():
                 signal.signal(s, h)

@@ -112,6 +112,10 @@ class DataConfig(_Strict):
     #: "urban" validation noise (used only when ``valid.kinds`` names "urban").
     holdout_subdir: str = "street"
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    #: Worker processes that mix batches ahead of the trainer (0: mix in the training loop).
+    #: With workers the batches are not the ones a resumed run would draw (each start seeds
+    #: the workers afresh), so a resumed run no longer reaches the same weights bit for bit.
+    workers: int = Field(0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -129,9 +133,11 @@ class LossTerm(_Strict):
 
 class ScheduleConfig(_Strict):
     """``constant``; ``cosine`` (to lr*min_factor at ``steps``, after ``warmup`` steps);
-    ``plateau`` (lr *= factor after ``patience`` validations without a new best)."""
+    ``cosine_time`` (the same over the training time ``optim.max_minutes``: for runs bounded
+    by time, whose step count is not known in advance); ``plateau`` (lr *= factor after
+    ``patience`` validations without a new best)."""
 
-    kind: Literal["constant", "cosine", "plateau"] = "constant"
+    kind: Literal["constant", "cosine", "cosine_time", "plateau"] = "constant"
     warmup: int = Field(0, ge=0)
     min_factor: float = Field(0.05, gt=0, le=1)
     factor: float = Field(0.5, gt=0, lt=1)
@@ -147,6 +153,12 @@ class OptimConfig(_Strict):
     #: Also stop (cleanly, with export) after this much training wall time.
     max_minutes: float | None = Field(None, gt=0)
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _time_schedule_needs_a_budget(self) -> OptimConfig:
+        if self.schedule.kind == "cosine_time" and not self.max_minutes:
+            raise ValueError("schedule cosine_time needs optim.max_minutes")
+        return self
 
 
 class ValidConfig(_Strict):

@@ -112,6 +112,30 @@ def test_mixer_shapes_ranges_and_determinism():
     assert m1.stats.mixes == 12 and sum(m1.stats.sources.values()) == 12
 
 
+def test_batch_feeder_mixes_what_a_seeded_mixer_mixes_and_reports_a_dead_worker():
+    import os
+    import signal
+
+    speech, noise = _pools()
+    cfg = DataConfig(segment_seconds=0.5, snr_db=(0, 10), level_dbfs=(-30, -20))
+    feeder = data.BatchFeeder(speech, noise, cfg, seed=3, start_step=40, size=4, workers=1)
+    try:
+        ref = data.Mixer(speech, noise, cfg, np.random.default_rng([3, 40, 0]))
+        for _ in range(3):
+            c, y = feeder.batch()
+            rc, ry = ref.batch(4)
+            assert c.shape == (4, 8000) and c.dtype == np.float32
+            assert np.array_equal(c, rc) and np.array_equal(y, ry)
+        os.kill(feeder.procs[0].pid, signal.SIGKILL)
+        feeder.procs[0].join(timeout=30)
+        with pytest.raises(data.DataError, match="rtns-feeder-0 exited"):
+            while True:  # batches already queued come first
+                feeder.batch()
+    finally:
+        feeder.close()
+    assert not any(p.is_alive() for p in feeder.procs)
+
+
 def test_mixer_babble_never_contains_the_target_utterance():
     speech, noise = _pools(n_speech=12)
     aug = AugmentConfig(

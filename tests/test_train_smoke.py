@@ -122,6 +122,16 @@ def test_resume_is_exact(synth_data, tmp_path):
     assert _losses(a.run_dir) == _losses(b.run_dir)
 
 
+def test_mixing_workers_feed_the_training_loop(synth_data, tmp_path, capsys):
+    cfg = tiny_config({**synth_data, "workers": 2}, tmp_path, steps=12)
+    tr, _ = run_training(cfg, threads=1, progress=False, export=False)
+    assert tr.state.step == 12 and len(_losses(cfg.run_dir)) == 12
+    assert "2 mixing processes" in capsys.readouterr().err
+    import multiprocessing as mp
+
+    assert not [p for p in mp.active_children() if p.name.startswith("rtns-feeder")]
+
+
 def test_export_only_cli_and_errors(synth_data, tmp_path):
     from rtns.cli import main
 
@@ -294,3 +304,16 @@ def test_auto_limit_is_validated_and_exported(synth_data, tmp_path):
     want = None if math.isinf(best["atten_lim_db"]) else best["atten_lim_db"]
     assert m.atten_lim_db == want
     assert "unlimited_pesq" in m.provenance.model_dump()["validation"]
+
+
+def test_cosine_time_follows_the_training_time_budget():
+    from rtns_export.train import LRSchedule
+    from rtns_export.train_config import OptimConfig, ScheduleConfig
+
+    s = LRSchedule(ScheduleConfig(kind="cosine_time", min_factor=0.1), 1e-3, 10, 600.0)
+    assert s.lr(step=5, elapsed_s=0.0) == pytest.approx(1e-3)
+    assert s.lr(step=5, elapsed_s=300.0) == pytest.approx(0.55e-3)
+    assert s.lr(step=5, elapsed_s=600.0) == pytest.approx(1e-4)
+    assert s.lr(step=10**6, elapsed_s=900.0) == pytest.approx(1e-4)  # stays at the floor
+    with pytest.raises(ValueError, match="cosine_time needs optim.max_minutes"):
+        OptimConfig(schedule=ScheduleConfig(kind="cosine_time"))
