@@ -88,7 +88,7 @@ class BufferPlan(BaseModel):
     alignment_frames: int
     worker_frames: int
     #: Extra prefill against a host API that delivers blocks in bursts (0 for ``rtns run``;
-    #: ``--virtual-mic`` adds one block: PulseAudio's ALSA plugin jitters by ~half a block).
+    #: ``--virtual-mic`` adds two blocks: PulseAudio's ALSA plugin hands blocks over unevenly).
     margin_frames: int = 0
 
     @property

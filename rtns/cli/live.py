@@ -519,8 +519,8 @@ def run_live(args: argparse.Namespace) -> int:
         raise
     except Exception as e:  # PortAudioError, ValueError
         restore()
-        where = f"device {i}" if o is None else f"devices {i} -> {o}"
-        raise RtnsError(f"cannot open the audio stream on {where} at {rate} Hz: {e}") from None
+        devs = f"device {i}" if o is None else f"devices {i} -> {o}"
+        raise RtnsError(f"cannot open the audio stream on {devs} at {rate} Hz: {e}") from None
 
     if args.metrics_port is not None:
         from rtns.daemon.metrics import live_registry, serve_metrics
@@ -541,11 +541,9 @@ def run_live(args: argparse.Namespace) -> int:
         metrics_server = None
 
     where = (
-        f"publishing microphone {name!r} (48 kHz mono)"
-        if vm is not None and rate == 48000
-        else f"publishing microphone {name!r} ({rate} Hz mono)"
-        if vm is not None
-        else f"to [{o}] {devices[o]['name']}"
+        f"to [{o}] {devices[o]['name']}"
+        if vm is None
+        else f"publishing microphone {name!r} ({rate / 1000:g} kHz mono)"
     )
     print(
         f"rtns: {model.name} from [{i}] {devices[i]['name']} {where} "

@@ -1,0 +1,198 @@
+"""rtns.vmic without a sound server: the FIFO writer, the input callback that feeds it,
+the jitter margin of the buffering plan, names, and the live metrics collector."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pulse_harness import wait_until
+
+from rtns.audio import LiveRunner, plan_buffering
+from rtns.engine import Model
+from rtns.errors import UserInputError
+from rtns.vmic import PipeWriter, VirtualMic, check_name
+
+RATE = 48000
+
+
+@pytest.fixture(scope="module")
+def passthrough_model(passthrough_pack: Path) -> Model:
+    return Model(passthrough_pack)
+
+
+def _drain(fd: int, want: int, timeout: float = 30.0) -> np.ndarray:
+    """Read ``want`` float32 samples from ``fd``."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < want * 4:
+        left = deadline - time.monotonic()
+        assert left > 0, f"got {len(got) // 4} of {want} samples"
+        if select.select([fd], [], [], left)[0]:
+            got += os.read(fd, want * 4 - len(got))
+    return np.frombuffer(got, dtype="<f4")
+
+
+def test_writer_moves_every_sample_in_order():
+    r, w = os.pipe()
+    writer = PipeWriter(w, RATE)
+    writer.start()
+    try:
+        x = np.arange(20 * 480, dtype=np.float32)
+        for i in range(0, len(x), 480):
+            writer.push(x[i : i + 480])
+            np.testing.assert_array_equal(_drain(r, 480), x[i : i + 480])
+        wait_until(lambda: writer.stats().written_frames == len(x), 30, "the writer")
+        s = writer.stats()
+        assert (s.overruns, s.overrun_frames, s.full_frames, s.error) == (0, 0, 0, None)
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_unread_fifo_drops_the_oldest_beyond_the_backlog_as_one_overrun():
+    """Nobody reads (no application records): the writer keeps at most the allowed backlog
+    (plus what the kernel's pipe holds) and counts over-runs by episode; once read
+    again, what comes out is the newest audio."""
+    r, w = os.pipe()
+    writer = PipeWriter(w, RATE, max_backlog_s=0.05)
+    writer.start()
+    try:
+        block = np.zeros(480, np.float32)
+        pushed = 0
+        for i in range(300):  # 3 s of 10 ms blocks, numbered by value
+            block[:] = i
+            writer.push(block)
+            pushed += 480
+            wait_until(lambda: writer.ring.readable() <= writer.max_backlog + 480, 30, "a trim")
+        s = writer.stats()
+        # One over-run per episode: a few while the pipe still took a page now and then,
+        # not one per block.
+        assert 1 <= s.overruns <= 10 and s.overrun_frames > 0, s
+        in_pipe = s.written_frames
+        # Everything pushed is in the pipe, queued or dropped.
+        assert (
+            in_pipe + writer.ring.readable() + len(writer._pending) // 4 + (s.overrun_frames)
+            == pushed
+        )
+        assert writer.ring.readable() <= writer.max_backlog
+        # Reading again: what was in the pipe, then the newest blocks.
+        out = _drain(r, in_pipe + writer.max_backlog)
+        assert out[-1] == 299
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_writer_reports_a_closed_fifo():
+    r, w = os.pipe()
+    writer = PipeWriter(w, RATE)
+    writer.start()
+    os.close(r)  # the server went away
+    try:
+        writer.push(np.ones(480, np.float32))
+        wait_until(lambda: writer.stats().error, 30, "the writer's error")
+        assert "FIFO failed" in writer.stats().error
+    finally:
+        writer.close()
+        os.close(w)
+
+
+def test_input_callback_feeds_the_runner_output_to_the_writer(passthrough_model: Model):
+    """Input-only callbacks give the FIFO what a duplex stream would play: the input,
+    delayed by the reported latency (margin included)."""
+    block = 480
+    r, w = os.pipe()
+    with LiveRunner(passthrough_model, RATE, margin_blocks=1) as runner:
+        writer = PipeWriter(w, RATE, max_backlog_s=10.0)
+        writer.ring = type(writer.ring)(RATE * 4)  # hold the whole test signal
+        mic = VirtualMic(runner, writer, block)
+        n = 100 * block
+        x = (np.random.default_rng(1).standard_normal(n) * 0.1).astype(np.float32)
+        for i in range(0, n, block):
+            mic.callback(x[i : i + block, None], block, None, None)
+            while runner.step():
+                pass
+        assert writer.ring.readable() == n
+        y = np.zeros(n, np.float32)
+        writer.ring.read_into(y)
+        lat = runner.latency()
+        assert runner.plan.margin_frames == block and lat.margin_s == pytest.approx(0.01)
+        assert "jitter margin 10.000" in lat.describe()
+        d = round(lat.in_process_s * RATE)
+        # The first callback primes the runner; the timeline starts at the second.
+        np.testing.assert_allclose(y[block + d :], x[block : n - d], atol=2e-3)
+        assert runner.underruns == 0
+    os.close(r)
+    os.close(w)
+
+
+def test_input_callback_allocates_no_arrays(passthrough_model: Model):
+    block = 4096
+    r, w = os.pipe()
+    with LiveRunner(passthrough_model, RATE) as runner:
+        writer = PipeWriter(w, RATE)
+        mic = VirtualMic(runner, writer, block)
+        inbuf = np.ones((block, 1), dtype=np.float32)
+        mic.callback(inbuf, block, None, None)
+        runner.step()
+        mic.callback(inbuf, block, None, None)  # warm every branch
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            for _ in range(20):
+                mic.callback(inbuf, block, None, None)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak - base < 4096, f"callback allocated {peak - base} bytes"
+        writer.close()
+    os.close(r)
+    os.close(w)
+
+
+def test_plan_margin_adds_to_the_prefill():
+    a = plan_buffering(480, RATE, 16000, 128)
+    b = plan_buffering(480, RATE, 16000, 128, margin_frames=480)
+    assert b.prefill_frames == a.prefill_frames + 480 and a.margin_frames == 0
+
+
+@pytest.mark.parametrize("name", ["rtns_mic", "Mic-2.clean", "a"])
+def test_good_names(name):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x;rm", "-lead", "é", "a" * 64, "a'b"])
+def test_bad_names(name):
+    with pytest.raises(UserInputError, match="--virtual-mic"):
+        check_name(name)
+
+
+def test_live_collector_reads_the_runner(passthrough_model: Model):
+    from prometheus_client import generate_latest
+
+    from rtns.daemon.metrics import live_registry
+
+    with LiveRunner(passthrough_model, 16000) as runner:
+        block = 128
+        inbuf = np.ones((block, 1), np.float32)
+        outbuf = np.zeros((block, 1), np.float32)
+        for _ in range(10):
+            runner.callback(inbuf, outbuf, block, None, None)
+            while runner.step():
+                pass
+        text = generate_latest(live_registry(runner, lambda: 0.032)).decode()
+    lines = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if not ln.startswith("#"))
+    assert float(lines["rtns_live_callbacks_total"]) == 10
+    assert float(lines["rtns_live_latency_seconds"]) == 0.032
+    assert float(lines["rtns_live_underruns_total"]) == runner.underruns
+    assert 'rtns_live_xruns_total{kind="input_overflow"}' in lines
+    assert "rtns_live_vmic_overruns_total" not in lines  # no virtual microphone here
