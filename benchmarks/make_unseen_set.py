@@ -60,11 +60,12 @@ def write_demand_noise(vbd: Path, out: Path) -> int:
     return n
 
 
-def breakdown(report: Path, mixes: Path) -> str:
+def breakdown(report: Path, mixes: Path, against: str = "unprocessed") -> str:
     """Markdown: each system's mean PESQ-WB / STOI / SI-SDR / DNSMOS OVRL on every group
     of pairs (all, by speech folder, by noise folder) of a quality.py JSON report, and
-    its mean paired difference from the unprocessed input with a 95 % interval
-    (+-1.96 standard errors of the per-pair differences)."""
+    its mean paired difference from the row labelled ``against`` (default: the
+    unprocessed input) with a 95 % interval (+-1.96 standard errors of the per-pair
+    differences)."""
     import json
 
     import numpy as np
@@ -72,7 +73,9 @@ def breakdown(report: Path, mixes: Path) -> str:
     rep = json.loads(report.read_text())
     rows = {r["name"]: r for r in csv.DictReader(mixes.open())}
     systems = rep["systems"]
-    unp = next(s for s in systems if s["kind"] == "unprocessed")
+    unp = next((s for s in systems if s["label"] == against), None)
+    if unp is None:
+        raise SystemExit(f"{report} has no row labelled {against!r}")
     names = sorted(unp["per_file"])
     if set(names) != set(rows):
         raise SystemExit(f"{report} and {mixes} name different pairs")
@@ -109,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         help="build nothing: print the scores of a `quality.py --json` report on this set "
         "by speech and noise folder, each with its paired difference from the input",
     )
+    p.add_argument(
+        "--against",
+        default="unprocessed",
+        metavar="LABEL",
+        help="with --breakdown: the row the differences are taken from (default unprocessed)",
+    )
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     p.add_argument("--out", type=Path, default=REPO / "out" / "unseen120")
     p.add_argument("--count", type=int, default=120)
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=12)
     args = p.parse_args(argv)
     if args.breakdown:
-        print(breakdown(args.breakdown, args.out / "mixes.csv"), end="")
+        print(breakdown(args.breakdown, args.out / "mixes.csv", args.against), end="")
         return 0
 
     vbd = args.data / "test" / "vbdemand36"
