@@ -396,6 +396,9 @@ class BatchFeeder:
         return clean, noisy
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         for p in self.procs:
             if p.is_alive():
                 p.terminate()

@@ -13,9 +13,12 @@ mkdir -p "$OUT" "$WORK/configs" "$WORK/pkg"
 t0=$(date +%s)
 say() { echo "[gpu_run +$(( $(date +%s) - t0 ))s] $*"; }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$WORK/site" .whl/*.whl || exit 1
-if ls .whl/pesq-*.tar.gz >/dev/null 2>&1; then
+# SKIP_INSTALL=1: a rehearsal here, in the project's own environment
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" .whl/*.whl || exit 1
+fi
+if [ -z "${SKIP_INSTALL:-}" ] && ls .whl/pesq-*.tar.gz >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
         --target "$WORK/site" .whl/pesq-*.tar.gz >"$OUT/pesq_build.log" 2>&1 \
         || say "pesq did not build (see pesq_build.log)"
@@ -27,7 +30,7 @@ if ! python3 -c "import pesq" 2>/dev/null; then
     say "no PESQ here: runs select their best checkpoint by SI-SDR"
     extra=(--set 'valid.select="si_sdr"' --set 'valid.pesq_items=0')
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || say "no nvidia-smi"
 say "setup done"
 
 pids=()
@@ -51,7 +54,22 @@ for entry in ${RUNS}; do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 say "all runs ended"
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 tail -n 3 "$WORK"/*.log
-cd "$WORK" && tar czf "$OUT/runs.tgz" --exclude=cache --exclude='*.tmp' runs ./*.log configs
-say "packed $(du -h "$OUT/runs.tgz" | cut -f1)"
+# back: one archive per family prefix (at most 8 files come back); last.pt only for runs
+# whose name matches KEEP_LAST (to resume them here), best.pt and the logs for all
+cd "$WORK" && tar czf "$OUT/logs.tgz" ./*.log configs
+for group in $(ls runs | grep -v '^cache$' | cut -d_ -f1 | sort -u); do
+    files=()
+    for d in runs/"$group"_*; do
+        for f in "$d"/*; do
+            case "$f" in
+                *.tmp) ;;
+                */last.pt) [[ "$d" == *${KEEP_LAST:-gpu}* ]] && files+=("$f") ;;
+                *) files+=("$f") ;;
+            esac
+        done
+    done
+    tar czf "$OUT/runs_$group.tgz" "${files[@]}"
+done
+say "packed: $(cd "$OUT" && du -h ./*.tgz | tr '\n' ' ')"

@@ -486,16 +486,21 @@ class Trainer:
                     self._validation(vlog)
                 elif step % cfg.checkpoint_every == 0:
                     self.save()
+            if feeder is not None:
+                feeder.close()
+            # still under our handlers: a SIGTERM now only repeats the stop request. The last
+            # weights are validated whatever ended the loop (steps, time budget, a signal).
+            if self.state.step and (
+                not self.state.history or self.state.history[-1]["step"] != self.state.step
+            ):
+                self._validation(vlog)
+            self.save()
         finally:
             if feeder is not None:
                 feeder.close()
             bar.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if self.state.step and (self.state.best_step < 0 or self._stop):
-            if self.state.best_step < 0 or self.state.history[-1]["step"] != self.state.step:
-                self._validation(vlog)
-        self.save()
         return self.state
 
     def _validation(self, vlog: _CsvLog) -> None:
