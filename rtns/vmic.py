@@ -79,7 +79,8 @@ class VirtualMicConfig(BaseModel):
 
     name: str = Field(pattern=f"^{NAME_RX}$")
     rate: int = Field(DEFAULT_RATE, ge=8000, le=384_000)
-    description: str = "Noise-suppressed microphone (rtns)"
+    #: What applications show; default: "Noise-suppressed microphone NAME (rtns)".
+    description: str | None = Field(None, pattern=r"^[^'\"]*$")
 
 
 def check_name(name: str) -> str:
@@ -240,12 +241,16 @@ def fifo_path(name: str) -> Path:
 def load_pipe_source(cfg: VirtualMicConfig, fifo: Path) -> int:
     """Load ``module-pipe-source`` for ``cfg`` reading ``fifo`` (float32 mono); returns the
     module index."""
-    props = f'device.description="{cfg.description}" device.icon_name=audio-input-microphone {PID_PROP}={os.getpid()}'
+    description = cfg.description or f"Noise-suppressed microphone {cfg.name} (rtns)"
+    props = (
+        f'device.description="{description}" device.icon_name=audio-input-microphone '
+        f"{PID_PROP}={os.getpid()}"
+    )
     out = _pactl(
         "load-module",
         "module-pipe-source",
         f"source_name={cfg.name}",
-        f"file={fifo}",
+        f'file="{fifo}"' if any(c.isspace() for c in str(fifo)) else f"file={fifo}",
         "format=float32le",
         f"rate={cfg.rate}",
         "channels=1",
@@ -406,9 +411,10 @@ class PipeWriter:
         )
 
 
-def open_fifo(path: Path) -> int:
+def open_fifo(path: Path) -> tuple[int, str | None]:
     """Open the FIFO the server reads for writing (non-blocking) and shrink its kernel
-    buffer to :data:`PIPE_BYTES`."""
+    buffer to :data:`PIPE_BYTES`; returns the descriptor and, when the buffer could not be
+    shrunk, why (the caller says so: up to 0.34 s of old audio may then wait in it)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -418,9 +424,12 @@ def open_fifo(path: Path) -> int:
         ) from None
     try:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
-    except OSError:  # an older kernel or a lower limit: the default size works too
-        pass
-    return fd
+    except OSError as e:  # an older kernel or a lower limit: the default size works too
+        return fd, (
+            f"could not shrink the FIFO's buffer to {PIPE_BYTES} bytes ({e.strerror}); "
+            "an application that starts recording may get more old audio at first"
+        )
+    return fd, None
 
 
 # -- the published microphone -------------------------------------------------------------------

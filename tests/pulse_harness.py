@@ -26,7 +26,7 @@ BINARIES = ("pulseaudio", "pactl", "paplay", "parecord")
 ALSA_PULSE_PLUGIN = "libasound_module_pcm_pulse.so"
 RATE = 48_000
 #: Generous: both cores may be busy (a training run, the rest of the suite).
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0
 
 
 def skip_reason() -> str | None:

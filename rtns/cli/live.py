@@ -362,7 +362,9 @@ class _VirtualMicSetup:
         cfg = vmic.VirtualMicConfig(name=self.name, rate=rate)
         fifo = vmic.fifo_path(self.name)
         self.module = vmic.load_pipe_source(cfg, fifo)
-        self.fd = vmic.open_fifo(fifo)
+        self.fd, note = vmic.open_fifo(fifo)
+        if note:
+            print(f"rtns: warning: {note}", file=sys.stderr, flush=True)
         self.writer = vmic.PipeWriter(self.fd, rate)
         self.mic = vmic.VirtualMic(runner, self.writer, block)
         self.writer.start()
