@@ -96,15 +96,20 @@ def pack(args: argparse.Namespace) -> int:
         sizes = list(ex.map(_encode, jobs, chunksize=8))
     cfg = load_config(args.config)
     a = cfg.data.augment
-    rirs = augment.rir_bank(a.rir_count, a.rir_seed, a.rt60, cfg.data.cache_dir)
-    np.savez_compressed(out / RIRS, **{f"r{i}": r.astype(np.float16) for i, r in enumerate(rirs)})
+    if a.reverb:
+        rirs = augment.rir_bank(a.rir_count, a.rir_seed, a.rt60, cfg.data.cache_dir)
+        np.savez_compressed(
+            out / RIRS, **{f"r{i}": r.astype(np.float16) for i, r in enumerate(rirs)}
+        )
     info: dict[str, Any] = {
         "source": str(src_root.resolve()),
         "folders": {
             f: {"kbps": kbps[f], "files": sum(1 for j in jobs if f"/{f}/" in j[1])} for f in FOLDERS
         },
-        "bytes": int(sum(sizes)) + (out / RIRS).stat().st_size,
-        "rirs": {"count": a.rir_count, "seed": a.rir_seed, "rt60": list(a.rt60)},
+        "bytes": int(sum(sizes)) + ((out / RIRS).stat().st_size if a.reverb else 0),
+        "rirs": {"count": a.rir_count, "seed": a.rir_seed, "rt60": list(a.rt60)}
+        if a.reverb
+        else None,
         "speech_fidelity": _fidelity(speech_pairs),
     }
     (out / "PACK.json").write_text(json.dumps(info, indent=2))
@@ -191,6 +196,53 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def score(args: argparse.Namespace) -> int:
+    """Validate returned run folders here, on the local validation set of ``--data-config``
+    (the runs may have trained on a packed copy, and selected without PESQ): every run's
+    best.pt (and last.pt where present) scored as its own trainer would, one table."""
+    import torch
+
+    from rtns_export.train import Trainer
+
+    base = load_config(args.data_config)
+    rows, shared = [], None
+    for run in map(Path, args.runs):
+        raw = json.loads((run / "config.json").read_text())
+        raw["data"] = {**raw["data"], **base.data.model_dump(mode="json"), "workers": 0}
+        raw["valid"] = base.valid.model_dump(mode="json")
+        raw["out_dir"], raw["init_from"] = str(Path(args.tmp)), None
+        cfg = TrainConfig.model_validate(raw)
+        tr = Trainer(cfg, threads=args.threads, progress=False)
+        if shared is None:
+            tr.load_data()
+            shared = (tr.valid_clean, tr.valid_noisy, tr.valid_input)
+        tr.valid_clean, tr.valid_noisy, tr.valid_input = shared
+        for which in ("best", "last"):
+            path = run / f"{which}.pt"
+            if not path.exists():
+                continue
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            tr.model.load_state_dict(ck["model"])
+            step = ck.get("step", ck.get("run", {}).get("step"))
+            elapsed = ck.get("elapsed_s", ck.get("run", {}).get("elapsed_s"))
+            res = tr.validate()
+            rows.append(
+                {"run": run.name, "which": which, "step": step, "elapsed_s": elapsed, **res}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    rows.insert(0, {"run": "unprocessed", "which": "", **shared[2]})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    keys = ("pesq", "stoi", "si_sdr")
+    print("| run | checkpoint | step | train min | " + " | ".join(keys) + " |")
+    print("|---|---|---|---|" + "---|" * len(keys))
+    for r in rows:
+        mins = f"{r['elapsed_s'] / 60:.1f}" if r.get("elapsed_s") else ""
+        vals = " | ".join(f"{r[k]:.3f}" for k in keys)
+        print(f"| {r['run']} | {r['which']} | {r.get('step', '')} | {mins} | {vals} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m rtns_export.remote", description=__doc__.split("\n")[0]
@@ -218,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("config")
     c.add_argument("--threads", type=int, default=1)
     c.set_defaults(func=train)
+    d = sub.add_parser("score", help="validate returned run folders here")
+    d.add_argument("runs", nargs="+")
+    d.add_argument("--data-config", default="configs/gtcrn.json")
+    d.add_argument("--tmp", default="/tmp/rtns-score")
+    d.add_argument("--json")
+    d.add_argument("--threads", type=int, default=1)
+    d.set_defaults(func=score)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -315,7 +315,9 @@ class Trainer:
         path = self.run_dir / "last.pt"
         if not path.exists():
             return False
-        ck = torch.load(path, map_location=self.device, weights_only=False)
+        # on the CPU: RNG states must be CPU byte tensors (the model and the optimizer copy
+        # their tensors to their own device)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["schedule"])
