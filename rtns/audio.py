@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict
 from rtns.atten import OFF, AttenLimit, AttenLimitError
 from rtns.engine import Model
 from rtns.errors import RtnsError, UserInputError
+from rtns.fdutil import close_quietly
 from rtns.ringbuffer import RingBuffer
 from rtns.streams import ChannelStream
 
@@ -471,11 +472,7 @@ class LiveRunner:
 
     def close(self) -> None:
         self.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_quietly(self._wake_r, self._wake_w)
 
     def __enter__(self) -> LiveRunner:
         return self

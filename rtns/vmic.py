@@ -43,6 +43,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rtns.errors import RtnsError, UserInputError
+from rtns.fdutil import close_quietly
 from rtns.ringbuffer import RingBuffer
 
 #: Names the sound server accepts for a source, and that a shell or unit file carries as is.
@@ -394,11 +395,7 @@ class PipeWriter:
 
     def close(self) -> None:
         self.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_quietly(self._wake_r, self._wake_w)
 
     def stats(self) -> PipeStats:
         return PipeStats(
