@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rtns.config import N_BINS
 from rtns.engine import Model, Stream
 from rtns.pack import (
     BATCH,
@@ -203,3 +204,48 @@ def export_pack(
             f"(> {tol:g}) over {report.n_samples} samples; pack removed"
         )
     return manifest, report
+
+
+# -- complex-mask families (frcrn, gtcrn, lowlat) ------------------------------------------
+def complex_mask_graph(model: nn.Module, file: str) -> GraphExport:
+    """The one graph of a complex-mask pack: ``model.step(spectrum [B, 2, 257], *states) ->
+    (mask [B, 2, 257], *new states)`` with the states of ``model.state_defs`` (objects with
+    name, shape, init, description)."""
+    return GraphExport(
+        "mask",
+        file,
+        step_module(model, model.step),
+        ("spectrum", (2, N_BINS)),
+        ("mask", (2, N_BINS)),
+        [
+            StateExport(s.name, f"{s.name}_out", s.shape, s.init, s.description)
+            for s in model.state_defs
+        ],
+    )
+
+
+def export_complex_mask_pack(
+    model: nn.Module,
+    out_dir: Path,
+    *,
+    family: str,
+    graph_file: str,
+    name: str,
+    provenance: Provenance,
+    description: str,
+    **kw,
+) -> tuple[Manifest, ParityReport]:
+    """Export a complex-mask model (sqrt-Hann 512/128 STFT in, complex ratio mask out, one
+    graph) to a parity-checked pack."""
+    return export_pack(
+        model,
+        out_dir,
+        name=name,
+        family=family,
+        frontend=FrontEnd(window="sqrt_hann", mask="complex"),
+        graphs=[complex_mask_graph(model, graph_file)],
+        latency=model.latency,
+        provenance=provenance,
+        description=description,
+        **kw,
+    )

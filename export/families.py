@@ -62,11 +62,33 @@ def _export_dtln(
     return export_dtln(model, out_dir, name=name, provenance=provenance, scores=scores)
 
 
+def config_builder(model_cls: type, config_cls: Any, label: str) -> Callable[[dict], nn.Module]:
+    """A family's builder from a model class and its config dataclass (``from_dict``)."""
+
+    def build(cfg: dict[str, Any]) -> nn.Module:
+        try:
+            return model_cls(config_cls.from_dict(cfg))
+        except (TypeError, ValueError) as e:
+            raise FamilyError(f"bad {label} model options: {e}") from None
+
+    return build
+
+
+# the complex-mask families' export functions take (model, out_dir, *, name, provenance,
+# scores) as the trainer passes them
 FAMILIES: dict[str, Family] = {
     "dtln": Family("dtln", _build_dtln, _export_dtln),
-    "frcrn": Family("frcrn", frcrn.build_frcrn, frcrn.export_frcrn_pack),
-    "gtcrn": Family("gtcrn", gtcrn.build_gtcrn, gtcrn.export_gtcrn_pack),
-    "lowlat": Family("lowlat", lowlat.build_lowlat, lowlat.export_lowlat_pack),
+    "frcrn": Family(
+        "frcrn", config_builder(frcrn.FRCRN, frcrn.FRCRNConfig, "FRCRN"), frcrn.export_frcrn
+    ),
+    "gtcrn": Family(
+        "gtcrn", config_builder(gtcrn.GTCRN, gtcrn.GTCRNConfig, "GTCRN"), gtcrn.export_gtcrn
+    ),
+    "lowlat": Family(
+        "lowlat",
+        config_builder(lowlat.LowLat, lowlat.LowLatConfig, "lowlat"),
+        lowlat.export_lowlat,
+    ),
 }
 
 

@@ -544,37 +544,22 @@ def overlap_add(frames: Tensor, shift: int) -> Tensor:
 
 def frcrn_graphs(model: FRCRN) -> list:
     """The single mask graph of an FRCRN pack with its state tensors."""
-    from rtns_export.exporter import GraphExport, StateExport, step_module
+    from rtns_export.exporter import complex_mask_graph
 
-    return [
-        GraphExport(
-            "mask",
-            "frcrn_mask.onnx",
-            step_module(model, model.step),
-            ("spectrum", (2, N_BINS)),
-            ("mask", (2, N_BINS)),
-            [
-                StateExport(s.name, f"{s.name}_out", s.shape, s.init, s.description)
-                for s in model.state_defs
-            ],
-        )
-    ]
+    return [complex_mask_graph(model, "frcrn_mask.onnx")]
 
 
 def export_frcrn(model: FRCRN, out_dir, *, name: str, provenance, description: str = "", **kw):
     """Export an FRCRN to a pack (parity-checked); returns (manifest, parity report)."""
-    from rtns.pack import FrontEnd
-    from rtns_export.exporter import export_pack
+    from rtns_export.exporter import export_complex_mask_pack
 
     n_params = sum(p.numel() for p in model.parameters())
-    return export_pack(
+    return export_complex_mask_pack(
         model,
         out_dir,
-        name=name,
         family="frcrn",
-        frontend=FrontEnd(window="sqrt_hann", mask="complex"),
-        graphs=frcrn_graphs(model),
-        latency=model.latency,
+        graph_file="frcrn_mask.onnx",
+        name=name,
         provenance=provenance,
         description=description
         or (
@@ -583,19 +568,3 @@ def export_frcrn(model: FRCRN, out_dir, *, name: str, provenance, description: s
         ),
         **kw,
     )
-
-
-# -- the trainer's family hooks (rtns_export.families) ---------------------------------------
-def build_frcrn(cfg: dict) -> FRCRN:
-    """An FRCRN from a config's ``model`` dict (keys of :class:`FRCRNConfig`)."""
-    from rtns_export.families import FamilyError
-
-    try:
-        return FRCRN(FRCRNConfig.from_dict(cfg))
-    except (TypeError, ValueError) as e:
-        raise FamilyError(f"bad FRCRN model options: {e}") from None
-
-
-def export_frcrn_pack(model: FRCRN, out_dir, *, name: str, provenance, scores=None):
-    """The trainer's export hook: (manifest, parity report)."""
-    return export_frcrn(model, out_dir, name=name, provenance=provenance, scores=scores)

@@ -590,21 +590,9 @@ def count_params(model: nn.Module) -> int:
 
 def gtcrn_graphs(model: GTCRN) -> list:
     """The single mask graph of a GTCRN pack with its state tensors."""
-    from rtns_export.exporter import GraphExport, StateExport, step_module
+    from rtns_export.exporter import complex_mask_graph
 
-    return [
-        GraphExport(
-            "mask",
-            "gtcrn_mask.onnx",
-            step_module(model, model.step),
-            ("spectrum", (2, N_BINS)),
-            ("mask", (2, N_BINS)),
-            [
-                StateExport(s.name, f"{s.name}_out", s.shape, s.init, s.description)
-                for s in model.state_defs
-            ],
-        )
-    ]
+    return [complex_mask_graph(model, "gtcrn_mask.onnx")]
 
 
 def export_gtcrn(model: GTCRN, out_dir, *, name: str, provenance, description: str = "", **kw):
@@ -612,8 +600,7 @@ def export_gtcrn(model: GTCRN, out_dir, *, name: str, provenance, description: s
     report). The pack uses the engine's complex-mask layout (manifest family ``frcrn``: one
     mask graph on (Re X, Im X) of the sqrt-Hann 512/128 STFT); the architecture, parameter
     count, MACs per hop and state size are in the provenance and description."""
-    from rtns.pack import FrontEnd
-    from rtns_export.exporter import export_pack
+    from rtns_export.exporter import export_complex_mask_pack
 
     n_params = count_params(model)
     macs = model.macs_per_frame()
@@ -625,14 +612,12 @@ def export_gtcrn(model: GTCRN, out_dir, *, name: str, provenance, description: s
             "state_floats": model.state_floats(),
         }
     )
-    return export_pack(
+    return export_complex_mask_pack(
         model,
         out_dir,
-        name=name,
         family="gtcrn",
-        frontend=FrontEnd(window="sqrt_hann", mask="complex"),
-        graphs=gtcrn_graphs(model),
-        latency=model.latency,
+        graph_file="gtcrn_mask.onnx",
+        name=name,
         provenance=prov,
         description=description
         or (
@@ -643,19 +628,3 @@ def export_gtcrn(model: GTCRN, out_dir, *, name: str, provenance, description: s
         ),
         **kw,
     )
-
-
-# -- the trainer's family hooks (rtns_export.families) ---------------------------------------------
-def build_gtcrn(cfg: dict) -> GTCRN:
-    """A GTCRN from a config's ``model`` dict (keys of :class:`GTCRNConfig`)."""
-    from rtns_export.families import FamilyError
-
-    try:
-        return GTCRN(GTCRNConfig.from_dict(cfg))
-    except (TypeError, ValueError) as e:
-        raise FamilyError(f"bad GTCRN model options: {e}") from None
-
-
-def export_gtcrn_pack(model: GTCRN, out_dir, *, name: str, provenance, scores=None):
-    """The trainer's export hook: (manifest, parity report)."""
-    return export_gtcrn(model, out_dir, name=name, provenance=provenance, scores=scores)

@@ -140,8 +140,7 @@ class LowLat(nn.Module):
 
 
 def export_lowlat(model: LowLat, out_dir, *, name: str, provenance, **kw):
-    from rtns.pack import FrontEnd
-    from rtns_export.exporter import GraphExport, StateExport, export_pack, step_module
+    from rtns_export.exporter import export_complex_mask_pack
 
     n_params = count_params(model)
     prov = provenance.model_copy(
@@ -152,25 +151,12 @@ def export_lowlat(model: LowLat, out_dir, *, name: str, provenance, **kw):
             "state_floats": model.state_floats(),
         }
     )
-    graph = GraphExport(
-        "mask",
-        "lowlat_mask.onnx",
-        step_module(model, model.step),
-        ("spectrum", (2, N_BINS)),
-        ("mask", (2, N_BINS)),
-        [
-            StateExport(s.name, f"{s.name}_out", s.shape, s.init, s.description)
-            for s in model.state_defs
-        ],
-    )
-    return export_pack(
+    return export_complex_mask_pack(
         model,
         out_dir,
+        family="lowlat",
+        graph_file="lowlat_mask.onnx",
         name=name,
-        family="frcrn",
-        frontend=FrontEnd(window="sqrt_hann", mask="complex"),
-        graphs=[graph],
-        latency=model.latency,
         provenance=prov,
         description=(
             f"causal recurrent magnitude mask (after Wilson et al. 2018), LSTM "
@@ -179,16 +165,3 @@ def export_lowlat(model: LowLat, out_dir, *, name: str, provenance, **kw):
         ),
         **kw,
     )
-
-
-def build_lowlat(cfg: dict) -> LowLat:
-    from rtns_export.families import FamilyError
-
-    try:
-        return LowLat(LowLatConfig.from_dict(cfg))
-    except (TypeError, ValueError) as e:
-        raise FamilyError(f"bad lowlat model options: {e}") from None
-
-
-def export_lowlat_pack(model: LowLat, out_dir, *, name: str, provenance, scores=None):
-    return export_lowlat(model, out_dir, name=name, provenance=provenance, scores=scores)
