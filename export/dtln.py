@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
+from rtns_export.cmask import overlap_add
 
 
 class InstantLayerNorm(nn.Module):
@@ -110,18 +111,6 @@ class DTLN(nn.Module):
         """frame [B, 1, 512], h/c [B, layers, hidden] -> block [B, 1, 512], h', c'."""
         out, (h2, c2) = self._core2(frame, (h.transpose(0, 1), c.transpose(0, 1)))
         return out, h2.transpose(0, 1), c2.transpose(0, 1)
-
-
-def overlap_add(frames: torch.Tensor, shift: int) -> torch.Tensor:
-    """[B, T, L] blocks -> [B, (T - 1) * shift + L] by overlap-add (differentiable)."""
-    b, t, n = frames.shape
-    out = torch.nn.functional.fold(
-        frames.transpose(1, 2),
-        output_size=(1, (t - 1) * shift + n),
-        kernel_size=(1, n),
-        stride=(1, shift),
-    )
-    return out.reshape(b, -1)
 
 
 def dtln_graphs(model: DTLN) -> list:

@@ -30,12 +30,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
+from rtns.config import N_BINS
+from rtns_export.cmask import MaskModel
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -329,12 +329,7 @@ class _Plan:
     states: list[_StateDef] = field(default_factory=list)
 
 
-class FRCRN(nn.Module):
-    block_len = BLOCK_LEN
-    block_shift = BLOCK_SHIFT
-    #: Output sample n estimates input n - latency in block-by-block streaming.
-    latency = BLOCK_LEN - BLOCK_SHIFT
-
+class FRCRN(MaskModel):
     def __init__(self, cfg: FRCRNConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or FRCRNConfig()
@@ -421,12 +416,6 @@ class FRCRN(nn.Module):
     def state_defs(self) -> list[_StateDef]:
         return self._plan.states
 
-    def zero_states(self, batch: int, device=None) -> States:
-        return {
-            s.name: torch.full((batch, *s.shape), s.init, dtype=torch.float32, device=device)
-            for s in self.state_defs
-        }
-
     # -- the shared per-frame(s) network -------------------------------------------------------
     def _features(self, feat: Tensor) -> Tensor:
         """(Re X, Im X) [B, 2, T, F] -> power-law compressed, phase kept."""
@@ -485,39 +474,6 @@ class FRCRN(nn.Module):
                 x, _ = self.dec_fsmn[str(i - 1)](x, None)
         return cfg.mask_bound * torch.tanh(x), new
 
-    # -- training path: whole signals ---------------------------------------------------------
-    def analysis_window(self, device=None) -> Tensor:
-        n = torch.arange(BLOCK_LEN, dtype=torch.float64, device=device)
-        return torch.sqrt(0.5 - 0.5 * torch.cos(2 * math.pi * n / BLOCK_LEN)).float()
-
-    def synthesis_window(self, device=None) -> Tensor:
-        """sqrt-Hann divided by the OLA gain of Hann at 128 (= 2): perfect reconstruction."""
-        w = self.analysis_window(device).double()
-        gain = (w * w).reshape(-1, BLOCK_SHIFT).sum(0)  # constant: block_len / (2 * shift)
-        return (w / gain[0]).float()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, N] (N >= 512) -> enhanced [B, (T - 1) * 128 + 512], T = 1 + (N - 512) // 128.
-
-        Output sample n estimates input sample n (no delay in this path).
-        """
-        wa = self.analysis_window(x.device)
-        frames = x.unfold(-1, BLOCK_LEN, BLOCK_SHIFT) * wa  # [B, T, 512]
-        spec = torch.fft.rfft(frames, dim=-1)  # [B, T, 257]
-        feat = torch.stack([spec.real, spec.imag], 1)  # [B, 2, T, 257]
-        mask, _ = self.net(feat, self.zero_states(x.shape[0], x.device))
-        est = spec * torch.complex(mask[:, 0], mask[:, 1])
-        out = torch.fft.irfft(est, n=BLOCK_LEN, dim=-1) * self.synthesis_window(x.device)
-        return overlap_add(out, BLOCK_SHIFT)
-
-    # -- export path: one frame with explicit state ------------------------------------------
-    def step(self, feat: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
-        """feat (Re X, Im X) [B, 2, 257] and the states in :attr:`state_defs` order
-        -> (mask [B, 2, 257], *new states)."""
-        st = {s.name: v for s, v in zip(self.state_defs, states, strict=True)}
-        mask, new = self.net(feat[:, :, None, :], st)
-        return (mask[:, :, 0, :], *(new[s.name] for s in self.state_defs))
-
     # -- accounting ------------------------------------------------------------------------
     def macs_per_frame(self) -> int:
         """Multiply-accumulates of one step (convolutions, FSMN taps, SE FCs)."""
@@ -525,21 +481,6 @@ class FRCRN(nn.Module):
         with torch.no_grad(), count_macs() as acc:
             self.eval().step(torch.zeros(1, 2, N_BINS), *st.values())
         return acc[0]
-
-    def state_floats(self) -> int:
-        return sum(int(np.prod(s.shape)) for s in self.state_defs)
-
-
-def overlap_add(frames: Tensor, shift: int) -> Tensor:
-    """[B, T, L] blocks -> [B, (T - 1) * shift + L] by overlap-add (differentiable)."""
-    b, t, n = frames.shape
-    out = F.fold(
-        frames.transpose(1, 2),
-        output_size=(1, (t - 1) * shift + n),
-        kernel_size=(1, n),
-        stride=(1, shift),
-    )
-    return out.reshape(b, -1)
 
 
 def frcrn_graphs(model: FRCRN) -> list:

@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS, SAMPLE_RATE
+from rtns.config import N_BINS, SAMPLE_RATE
+from rtns_export.cmask import MaskModel
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -373,36 +374,7 @@ class StateDef:
     init: float = 0.0
 
 
-def analysis_window(device=None) -> Tensor:
-    n = torch.arange(BLOCK_LEN, dtype=torch.float64, device=device)
-    return torch.sqrt(0.5 - 0.5 * torch.cos(2 * math.pi * n / BLOCK_LEN)).float()
-
-
-def synthesis_window(device=None) -> Tensor:
-    """sqrt-Hann divided by the OLA gain of Hann at 128 (= 2): perfect reconstruction."""
-    w = analysis_window(device).double()
-    gain = (w * w).reshape(-1, BLOCK_SHIFT).sum(0)
-    return (w / gain[0]).float()
-
-
-def overlap_add(frames: Tensor, shift: int = BLOCK_SHIFT) -> Tensor:
-    """[B, T, L] blocks -> [B, (T - 1) * shift + L] by overlap-add (differentiable)."""
-    b, t, n = frames.shape
-    out = F.fold(
-        frames.transpose(1, 2),
-        output_size=(1, (t - 1) * shift + n),
-        kernel_size=(1, n),
-        stride=(1, shift),
-    )
-    return out.reshape(b, -1)
-
-
-class GTCRN(nn.Module):
-    block_len = BLOCK_LEN
-    block_shift = BLOCK_SHIFT
-    #: Output sample n estimates input n - latency in block-by-block streaming.
-    latency = BLOCK_LEN - BLOCK_SHIFT
-
+class GTCRN(MaskModel):
     def __init__(self, cfg: GTCRNConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or GTCRNConfig()
@@ -467,15 +439,6 @@ class GTCRN(nn.Module):
             )
         return out
 
-    def zero_states(self, batch: int, device=None) -> States:
-        return {
-            s.name: torch.full((batch, *s.shape), s.init, dtype=torch.float32, device=device)
-            for s in self.state_defs
-        }
-
-    def state_floats(self) -> int:
-        return sum(int(np.prod(s.shape)) for s in self.state_defs)
-
     # -- the shared per-frame(s) network ---------------------------------------------------------
     def features(self, feat: Tensor) -> Tensor:
         """(Re X, Im X) [B, 2, T, 257] -> (|X|^c, Re, Im with |X|^(c-1)) [B, 3, T, 272]
@@ -514,26 +477,6 @@ class GTCRN(nn.Module):
         m = self.dec0(x)  # [B, 2, T, 129]
         m = torch.tanh(F.pad(m, (0, self.pad_bands - self.f0)))
         return m @ self.erb_exp_pad, new
-
-    # -- training path: whole signals ------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, N] (N >= 512) -> enhanced [B, (T - 1) * 128 + 512], T = 1 + (N - 512) // 128.
-        Output sample n estimates input sample n (no delay in this path)."""
-        frames = x.unfold(-1, BLOCK_LEN, BLOCK_SHIFT) * analysis_window(x.device)
-        spec = torch.fft.rfft(frames, dim=-1)  # [B, T, 257]
-        feat = torch.stack([spec.real, spec.imag], 1)
-        mask, _ = self.net(feat, self.zero_states(x.shape[0], x.device))
-        est = spec * torch.complex(mask[:, 0], mask[:, 1])
-        out = torch.fft.irfft(est, n=BLOCK_LEN, dim=-1) * synthesis_window(x.device)
-        return overlap_add(out, BLOCK_SHIFT)
-
-    # -- export path: one frame with explicit state ---------------------------------------------
-    def step(self, feat: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
-        """feat (Re X, Im X) [B, 2, 257] and the states in :attr:`state_defs` order
-        -> (mask [B, 2, 257], *new states)."""
-        st = {s.name: v for s, v in zip(self.state_defs, states, strict=True)}
-        mask, new = self.net(feat[:, :, None, :], st)
-        return (mask[:, :, 0, :], *(new[s.name] for s in self.state_defs))
 
     # -- accounting ----------------------------------------------------------------------------
     def macs_per_frame(self) -> int:

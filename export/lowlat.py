@@ -23,19 +23,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
-from rtns_export.gtcrn import (
-    StateDef,
-    analysis_window,
-    count_params,
-    overlap_add,
-    synthesis_window,
-)
+from rtns.config import N_BINS
+from rtns_export.cmask import MaskModel
+from rtns_export.gtcrn import StateDef, count_params
 
 Tensor = torch.Tensor
 PAD_BINS = 272
@@ -68,11 +62,7 @@ class LowLatConfig:
         return asdict(self)
 
 
-class LowLat(nn.Module):
-    block_len = BLOCK_LEN
-    block_shift = BLOCK_SHIFT
-    latency = BLOCK_LEN - BLOCK_SHIFT
-
+class LowLat(MaskModel):
     def __init__(self, cfg: LowLatConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or LowLatConfig()
@@ -90,12 +80,6 @@ class LowLat(nn.Module):
             StateDef("lstm_h", (cfg.layers, h), "LSTM hidden states per layer"),
             StateDef("lstm_c", (cfg.layers, h), "LSTM cell states per layer"),
         ]
-
-    def zero_states(self, batch: int, device=None) -> dict[str, Tensor]:
-        return {s.name: torch.zeros((batch, *s.shape), device=device) for s in self.state_defs}
-
-    def state_floats(self) -> int:
-        return sum(int(np.prod(s.shape)) for s in self.state_defs)
 
     def net(self, feat: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """feat (Re X, Im X) [B, 2, T, 257] -> (mask [B, 2, T, 257] with imaginary 0, states)."""
@@ -118,20 +102,9 @@ class LowLat(nn.Module):
         new = {"conv_cache": cache, "lstm_h": hn.transpose(0, 1), "lstm_c": cn.transpose(0, 1)}
         return mask, new
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, N] -> enhanced [B, (T - 1) * 128 + 512], output sample n estimates input n."""
-        frames = x.unfold(-1, BLOCK_LEN, BLOCK_SHIFT) * analysis_window(x.device)
-        spec = torch.fft.rfft(frames, dim=-1)
-        feat = torch.stack([spec.real, spec.imag], 1)
-        mask, _ = self.net(feat, self.zero_states(x.shape[0], x.device))
-        est = spec * mask[:, 0]
-        out = torch.fft.irfft(est, n=BLOCK_LEN, dim=-1) * synthesis_window(x.device)
-        return overlap_add(out, BLOCK_SHIFT)
-
-    def step(self, feat: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
-        st = {s.name: v for s, v in zip(self.state_defs, states, strict=True)}
-        mask, new = self.net(feat[:, :, None, :], st)
-        return (mask[:, :, 0, :], *(new[s.name] for s in self.state_defs))
+    def apply_mask(self, spec: Tensor, mask: Tensor) -> Tensor:
+        """A magnitude mask: channel 0 scales the complex spectrum."""
+        return spec * mask[:, 0]
 
     def macs_per_frame(self) -> int:
         c, h, L = self.cfg.channels, self.cfg.hidden, self.cfg.layers

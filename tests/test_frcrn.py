@@ -14,13 +14,13 @@ torch = pytest.importorskip("torch")
 from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.engine import Model, Stream, enhance_array  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
+from rtns_export.cmask import overlap_add  # noqa: E402
 from rtns_export.exporter import parity_signal  # noqa: E402
 from rtns_export.frcrn import (  # noqa: E402
     FRCRN,
     FRCRNConfig,
     bins_per_level,
     export_frcrn,
-    overlap_add,
 )
 
 REPO = Path(__file__).resolve().parents[1]
