@@ -21,6 +21,12 @@ import numpy as np
 from rtns.atten import OFF, AttenLimit
 from rtns.engine import Model, State
 
+#: Input ring per slot, samples (32 hops at 16 kHz; a power of two: indices wrap by masking).
+IN_LEN = 4096
+#: Output buffer per slot, samples: ``step(collect=True)`` may run this many hops (32) of a
+#: slot before its owner must :meth:`StreamBank.take` them.
+OUT_LEN = 4096
+
 
 class BankFull(RuntimeError):
     """Every slot of the bank is taken."""
@@ -45,8 +51,16 @@ class StreamBank:
         self.block_len, self.shift = n, hop
         self.blocks = np.zeros((capacity, n), np.float32)
         self.ola = np.zeros((capacity, n), np.float32)
-        self.pending = np.zeros((capacity, hop), np.float32)
+        if IN_LEN % hop or OUT_LEN % hop:
+            raise ValueError(f"block_shift {hop} does not divide the bank's buffers")
+        self._ar = np.arange(hop, dtype=np.int64)
+        #: Input ring per slot: n_pending[slot] samples from in_read[slot] (mod IN_LEN).
+        self.inbuf = np.zeros((capacity, IN_LEN), np.float32)
+        self.in_read = np.zeros(capacity, np.int64)
         self.n_pending = np.zeros(capacity, np.int64)
+        #: Output of ``step(collect=True)`` not yet taken: outbuf[slot, :n_out[slot]].
+        self.outbuf = np.zeros((capacity, OUT_LEN), np.float32)
+        self.n_out = np.zeros(capacity, np.int64)
         self._init = model.initial_state(1)
         self.state: State = {k: np.repeat(v, capacity, axis=0) for k, v in self._init.items()}
         #: Dry-mix gain of the attenuation limit per slot (0: unlimited) and 1 - it, each
@@ -85,7 +99,9 @@ class StreamBank:
             b[:old] = a
             return b
 
-        self.blocks, self.ola, self.pending = more(self.blocks), more(self.ola), more(self.pending)
+        self.blocks, self.ola = more(self.blocks), more(self.ola)
+        self.inbuf, self.in_read = more(self.inbuf), more(self.in_read)
+        self.outbuf, self.n_out = more(self.outbuf), more(self.n_out)
         self.n_pending, self.dry_mix = more(self.n_pending), more(self.dry_mix)
         self.wet, self.bypass, self.in_use = more(self.wet, 1), more(self.bypass), more(self.in_use)
         self.state = {
@@ -100,6 +116,8 @@ class StreamBank:
         if not self.in_use[slot]:
             raise ValueError(f"slot {slot} is not open")
         self.in_use[slot] = False
+        self.n_pending[slot] = 0
+        self.n_out[slot] = 0
         self._free.append(slot)
 
     def reset(self, slot: int) -> None:
@@ -107,6 +125,8 @@ class StreamBank:
         self.blocks[slot] = 0.0
         self.ola[slot] = 0.0
         self.n_pending[slot] = 0
+        self.in_read[slot] = 0
+        self.n_out[slot] = 0
         for k, v in self._init.items():
             self.state[k][slot] = v[0]
 
@@ -126,34 +146,59 @@ class StreamBank:
         return self._limits[slot]
 
     # -- data -------------------------------------------------------------------------------
+    def room(self, slot: int) -> int:
+        """Samples the slot's input ring can still take."""
+        return IN_LEN - int(self.n_pending[slot])
+
     def feed(self, slot: int, x: np.ndarray) -> int:
-        """Append up to the hop's missing samples of float32 ``x`` [n]; returns how many."""
+        """Append as much of float32 ``x`` [n] as the input ring takes; returns how many."""
         k = int(self.n_pending[slot])
-        take = min(self.shift - k, x.shape[0])
-        self.pending[slot, k : k + take] = x[:take]
+        take = min(IN_LEN - k, x.shape[0])
+        if take <= 0:
+            return 0
+        w = (int(self.in_read[slot]) + k) % IN_LEN
+        first = min(take, IN_LEN - w)
+        self.inbuf[slot, w : w + first] = x[:first]
+        if first < take:  # wraps around
+            self.inbuf[slot, : take - first] = x[first:take]
         self.n_pending[slot] = k + take
         return take
 
     def ready(self) -> np.ndarray:
-        """Slots whose hop is complete (int64 [k], ascending)."""
-        return np.flatnonzero(self.n_pending == self.shift)
+        """Open slots with a complete hop in their input (int64 [k], ascending)."""
+        return np.flatnonzero((self.n_pending >= self.shift) & self.in_use)
 
-    def step(self, slots: np.ndarray) -> np.ndarray:
-        """One hop for each slot in ``slots`` (all complete; int [k], no repeats).
+    def take(self, slot: int) -> np.ndarray:
+        """The output that ``step(collect=True)`` left for the slot, float32 [m] (a view,
+        valid until the next step), and forget it."""
+        m = int(self.n_out[slot])
+        self.n_out[slot] = 0
+        return self.outbuf[slot, :m]
 
-        Returns float32 [k, shift]: the hop's output of each slot, in order.
+    def step(self, slots: np.ndarray, collect: bool = False) -> np.ndarray:
+        """One hop for each slot in ``slots`` (all with a complete hop; int [k], no repeats).
+
+        Returns float32 [k, shift]: the hop's output of each slot, in order. ``collect``:
+        also append it to each slot's output buffer (see :meth:`take`); a slot whose buffer
+        has no room for it raises ValueError, and nothing runs.
         """
         slots = np.asarray(slots, dtype=np.int64)
         k = slots.shape[0]
         out = np.empty((k, self.shift), np.float32)
         if k == 0:
             return out
-        if not (self.n_pending[slots] == self.shift).all():
-            raise ValueError("step() needs a complete hop in every slot")
         s = self.shift
+        if not (self.n_pending[slots] >= s).all():
+            raise ValueError("step() needs a complete hop in every slot")
+        if collect and (self.n_out[slots] > OUT_LEN - s).any():
+            raise ValueError("a slot's output buffer is full: take() its output first")
+        ar = self._ar
         for a in range(0, k, self.max_batch):
             idx = slots[a : a + self.max_batch]
-            blocks = np.concatenate([self.blocks[idx, s:], self.pending[idx]], axis=1)
+            rd = self.in_read[idx]
+            hop_in = self.inbuf[idx[:, None], (rd[:, None] + ar) & (IN_LEN - 1)]
+            self.in_read[idx] = (rd + s) & (IN_LEN - 1)
+            blocks = np.concatenate([self.blocks[idx, s:], hop_in], axis=1)
             self.blocks[idx] = blocks
             state = {name: v[idx] for name, v in self.state.items()}
             y, new = self.model.infer(blocks, state)
@@ -171,7 +216,11 @@ class StreamBank:
                 hop[byp] = dry[byp]
             out[a : a + idx.shape[0]] = hop
             self.calls += 1
-        self.n_pending[slots] = 0
+        self.n_pending[slots] -= s
+        if collect:
+            pos = self.n_out[slots]
+            self.outbuf[slots[:, None], pos[:, None] + ar] = out
+            self.n_out[slots] = pos + s
         self.rows += k
         return out
 

@@ -266,33 +266,73 @@ class ChannelStream:
             x = self._frames(x)
         self.samples_in += x.shape[0]
         if not self.resampling:
-            self._backlog.append(x)
+            self._queue(x)
             return x.shape[0]
         x16 = self._down.process(x)
-        self._backlog.append(x16)
+        self._queue(x16)
         self._dry16.append(x16)
         self._dry.append(x)
         if self._hf is not None:
             self._high.append(self._hf.process(x))
         return x16.shape[0]
 
+    def _queue(self, x16: np.ndarray) -> None:
+        """Bank mode: straight into the slots' input rings while they have room (the
+        bank's owner then steps every ready slot at once); the rest, in order, after
+        whatever already waits in the backlog."""
+        if self.bank is None or self._backlog.size or not self.slots.size:
+            self._backlog.append(x16)
+            return
+        bank = self.bank
+        if self.channels == 1:
+            took = bank.feed(int(self.slots[0]), x16[:, 0])
+        else:
+            took = 0
+            for c, slot in enumerate(self.slots):
+                took = bank.feed(int(slot), x16[:, c])
+        if took < x16.shape[0]:
+            self._backlog.append(x16[took:])
+
     @property
     def queued(self) -> int:
-        """16 kHz frames queued and not yet fed to the engine."""
+        """16 kHz frames queued and not yet fed to the engine (bank mode: the backlog and
+        the complete hops in the slots' input rings)."""
+        if self.bank is not None and self.slots.size:
+            n = int(self.bank.n_pending[self.slots[0]])
+            return self._backlog.size + n - n % self.model.block_shift
         return self._backlog.size
 
     @property
     def pending(self) -> int:
-        """16 kHz frames fed to the engine streams, waiting for their hop to complete."""
+        """16 kHz frames fed to the engine streams, waiting for their hop to complete (bank
+        mode: the incomplete hop in the slots' input rings)."""
         if self.bank is not None:
-            return int(self.bank.n_pending[self.slots[0]])
+            if not self.slots.size:
+                return 0
+            return int(self.bank.n_pending[self.slots[0]]) % self.model.block_shift
         return self.streams[0].pending
+
+    @property
+    def backlog(self) -> int:
+        """Bank mode: 16 kHz frames queued beyond the slots' input rings (0 unless a chunk
+        larger than the rings arrived)."""
+        return self._backlog.size
+
+    @property
+    def hop_ready(self) -> bool:
+        """A complete hop waits to be run (bank mode: in the input rings)."""
+        if self.bank is not None:
+            return bool(
+                self.slots.size and self.bank.n_pending[self.slots[0]] >= self.model.block_shift
+            )
+        return self.streams[0].pending >= self.model.block_shift
 
     def close(self) -> None:
         """Give the bank slots back: the stream can still :meth:`take` what it produced
         (with the controls it had), but no longer run hops."""
         if self.bank is not None and self.slots.size:
             self._closed_controls = (self.bypass, self.atten_lim)
+            self.collect()
             for slot in self.slots:
                 self.bank.close(int(slot))
             self.slots = np.zeros(0, np.int64)
@@ -302,20 +342,36 @@ class ChannelStream:
         is (then the bank's owner steps the slots and hands the rows to :meth:`deliver`)."""
         bank, shift = self.bank, self.model.block_shift
         first = int(self.slots[0])
-        need = shift - int(bank.n_pending[first])
-        if need == 0:
-            return True
-        take = min(need, self._backlog.size)
+        take = min(bank.room(first), self._backlog.size)
         if take:
             x = self._backlog.take(take)
             for c, slot in enumerate(self.slots):
                 bank.feed(int(slot), x[:, c])
-        return take == need
+        return int(bank.n_pending[first]) >= shift
 
     def deliver(self, hop: np.ndarray) -> None:
         """Bank mode: the bank's output of one hop, float32 [shift, channels]."""
         self._y16.append(hop)
         self.hops += 1
+
+    def collect(self) -> None:
+        """Bank mode: move what ``bank.step(collect=True)`` left in the slots' output
+        buffers to this stream's output (the owner calls it at least every 32 hops)."""
+        bank = self.bank
+        if bank is None or not self.slots.size:
+            return
+        first = int(self.slots[0])
+        m = int(bank.n_out[first])
+        if not m:
+            return
+        if self.channels == 1:
+            y = bank.take(first)[:, None].copy()
+        else:
+            y = np.empty((m, self.channels), np.float32)
+            for c, slot in enumerate(self.slots):
+                y[:, c] = bank.take(int(slot))
+        self._y16.append(y)
+        self.hops += m // self.model.block_shift
 
     def next_hop(self) -> list[np.ndarray] | None:
         """Feed queued input until every channel has a complete hop; returns the blocks to
@@ -362,6 +418,7 @@ class ChannelStream:
     # -- output side ----------------------------------------------------------------------
     def take(self) -> np.ndarray:
         """Output of every hop finished so far, float32 [m, channels] at ``rate``."""
+        self.collect()
         if not self._y16:
             return np.zeros((0, self.channels), np.float32)
         y16 = self._y16[0] if len(self._y16) == 1 else np.concatenate(self._y16)

@@ -111,3 +111,52 @@ def test_bank_grows_and_keeps_open_slots(dtln):
     np.testing.assert_array_equal(
         np.concatenate([first[0], bank.step(np.array([a]))[0]]), st.push(x)
     )
+
+
+def test_input_ring_and_collected_output_equal_one_stream(dtln):
+    """Chunks of any size (wrapping the input ring, one larger than a hop) go straight into
+    the ring; rounds of ready()/step(collect=True) and take() give Stream.push's samples."""
+    from rtns.bank import IN_LEN
+
+    k, n = 3, 128 * 70
+    x = signals(k, n, seed=5)
+    bank = StreamBank(dtln, capacity=4, max_batch=2)
+    slots = [bank.open() for _ in range(k)]
+    outs: list[list[np.ndarray]] = [[] for _ in range(k)]
+    sizes = [333, 1000, 77, IN_LEN - 5]  # the last fills the ring almost to the brim
+    pos = [0] * k
+    while min(pos) < n:
+        for i, slot in enumerate(slots):
+            size = sizes[(pos[i] // 7) % len(sizes)]
+            chunk = x[i, pos[i] : pos[i] + size]
+            pos[i] += bank.feed(slot, chunk)
+        for _ in range(40):  # at most 32 hops before the output must be taken
+            ready = bank.ready()
+            if not ready.size:
+                break
+            bank.step(ready, collect=True)
+            if bank.n_out[slots].max() >= 16 * 128:
+                for i, slot in enumerate(slots):
+                    outs[i].append(bank.take(slot).copy())
+        for i, slot in enumerate(slots):
+            outs[i].append(bank.take(slot).copy())
+    for i in range(k):
+        ref = dtln.stream().push(x[i])
+        np.testing.assert_array_equal(np.concatenate(outs[i]), ref)
+    room = IN_LEN - int(bank.n_pending[slots[0]])
+    assert bank.feed(slots[0], np.zeros(IN_LEN + 10, np.float32)) == room
+
+
+def test_collect_refuses_a_full_output_buffer(dtln):
+    from rtns.bank import OUT_LEN
+
+    bank = StreamBank(dtln, capacity=1)
+    a = bank.open()
+    for _ in range(OUT_LEN // 128):
+        bank.feed(a, np.zeros(128, np.float32))
+        bank.step(np.array([a]), collect=True)
+    bank.feed(a, np.zeros(256, np.float32))
+    with pytest.raises(ValueError, match="output buffer is full"):
+        bank.step(np.array([a]), collect=True)
+    assert bank.take(a).shape == (OUT_LEN,)
+    bank.step(np.array([a]), collect=True)

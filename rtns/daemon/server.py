@@ -46,6 +46,10 @@ from rtns.engine import Model
 from rtns.errors import UserInputError
 from rtns.streams import ChannelStream
 
+#: zmq send flags as plain ints (the hot path; see Server._send_raw).
+_NOBLOCK = 1  # zmq.NOBLOCK
+_MORE_NOBLOCK = 3  # zmq.SNDMORE | zmq.NOBLOCK
+
 #: Relay control frame: the supervisor tells a worker that a client's connection is gone.
 VANISHED = b"\x00vanished"
 
@@ -78,7 +82,7 @@ class ServerConfig(BaseModel):
     #: an answer is never held longer than a hop).
     tick_ms: float = Field(4.0, gt=0, le=8.0)
     #: Most hops one session gets per tick (fairness between big and small chunks).
-    hops_per_tick: int = Field(8, ge=1)
+    hops_per_tick: int = Field(8, ge=1, le=32)
     #: False: one infer per session and hop (for comparison; ``--no-batch``).
     batch: bool = True
     #: Most rows in one infer call; more ready rows run in several calls. The start-up
@@ -496,6 +500,8 @@ class Server:
             last_seen=time.monotonic(),
         )
         sess.peer = peer
+        for slot in cs.slots.tolist():
+            served.owner[slot] = sess
         self.per_peer[peer] += 1
         self.sessions[ident] = sess
         self.counters["sessions_opened"] += 1
@@ -632,38 +638,45 @@ class Server:
     def _tick(self) -> None:
         """Run rounds of batched hops, then answer every message that is complete.
 
-        A round fills every active session's slots from its queue; the slots whose hop is
-        complete go through one :meth:`StreamBank.step` per model (at most ``max_batch``
-        rows a call). Rounds repeat while hops are ready, at most ``hops_per_tick``."""
+        Input already sits in the sessions' slots of each model's bank (``cs.put`` writes
+        it there), so a round is ``bank.ready()`` and one ``bank.step(collect=True)`` (at
+        most ``max_batch`` rows a call): array operations, no Python work per session. A
+        session with a backlog beyond its input ring is topped up first. Rounds repeat
+        while hops are ready, at most ``hops_per_tick``, so one client sending a long chunk
+        cannot starve the others."""
         # Sessions with input queued, answers owed or closing: the ones a message touched
         # since they were last idle (kept up to date instead of scanning every session).
         active = [s for s in self._active.values() if self.sessions.get(s.ident) is s]
-        candidates = active
-        for _ in range(self.config.hops_per_tick):
-            groups: dict[str, list[Session]] = {}
-            filled = [s for s in candidates if s.cs.fill()]
-            if not filled:
-                break
-            # No input arrives during a tick: only sessions that had a hop can have another.
-            candidates = filled
-            for s in filled:
-                groups.setdefault(s.served.model.name, []).append(s)
-            t0 = time.perf_counter()
-            rows = 0
-            for name, group in groups.items():
+        backlogged = [s for s in active if s.cs.backlog]
+        for served in self.models.values():
+            bank = served.bank
+            for _ in range(self.config.hops_per_tick):
+                for s in backlogged:
+                    s.cs.fill()
+                slots = bank.ready()
+                k = slots.shape[0]
+                if not k:
+                    break
+                t0 = time.perf_counter()
+                calls = bank.calls
                 try:
-                    rows += self._run_group(self.models[name], group)
+                    bank.step(slots, collect=True)
                 except Exception:  # a bug must cost these sessions, never the daemon
+                    name = served.model.name
                     log.exception("inference failed", extra={"fields": {"model": name}})
-                    for g in group:
+                    owners = {id(o): o for o in map(served.owner.get, slots.tolist()) if o}
+                    for g in owners.values():
                         self._fail(g)
-                    active = [a for a in active if a not in group]
-                    candidates = [a for a in candidates if a not in group]
-            took = time.perf_counter() - t0
-            self.infer_ms.append(took * 1e3)
-            self.metrics.inference.observe(took)
-            self.rows_per_tick.append(rows)
-            self.counters["ticks"] += 1
+                    break
+                took = time.perf_counter() - t0
+                self.counters["infer_calls"] += bank.calls - calls
+                self.counters["blocks"] += k
+                self.metrics.hops.inc(k)
+                self.metrics.rows.observe(k)
+                self.infer_ms.append(took * 1e3)
+                self.metrics.inference.observe(took)
+                self.rows_per_tick.append(k)
+                self.counters["ticks"] += 1
         for s in active:
             try:
                 self._answer(s)
@@ -681,6 +694,8 @@ class Server:
         if sess.released:
             return
         sess.released = True
+        for slot in sess.cs.slots.tolist():
+            sess.served.owner.pop(slot, None)
         sess.cs.close()
         self.metrics.sessions_open.set(len(self.sessions))
         self.per_peer[sess.peer] -= 1
@@ -704,28 +719,11 @@ class Server:
         msg = "the server failed processing this session; it has been ended"
         self._send(s.ident, P.Error(code="internal", message=msg, fatal=True))
 
-    def _run_group(self, served: Served, group: list[Session]) -> int:
-        """One hop of every channel of every session in ``group`` (their slots are full)."""
-        slots: list[int] = []
-        for s in group:
-            slots.extend(s.cs.slots.tolist())
-        calls = served.bank.calls
-        out = served.bank.step(np.asarray(slots, np.int64))
-        self.counters["infer_calls"] += served.bank.calls - calls
-        self.counters["blocks"] += len(slots)
-        self.metrics.hops.inc(len(slots))
-        self.metrics.rows.observe(len(slots))
-        i = 0
-        for s in group:
-            n = s.channels
-            s.cs.deliver(out[i : i + n].T)
-            i += n
-        return len(slots)
-
     def _answer(self, s: Session) -> None:
         if self.sessions.get(s.ident) is not s:
             return  # ended during this tick (its client vanished)
-        hop_waiting = s.cs.pending >= s.served.model.block_shift
+        hop_waiting = s.cs.hop_ready
+        s.cs.collect()  # keep the bank's output buffers drained (they hold 32 hops)
         while s.unanswered and s.unanswered[0][1] <= s.fed and not hop_waiting:
             seq, _, arrived = s.unanswered.popleft()
             y = s.cs.take()
@@ -750,8 +748,15 @@ class Server:
 
     def _send_raw(self, ident: bytes, frames: list[bytes]) -> None:
         zmq = self._zmq
+        send = self.sock.send
         try:
-            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK)
+            # Part by part with plain int flags (send_multipart builds flag enums per part,
+            # three times the cost). The first part decides: once it is accepted, the rest
+            # of the message is too (high-water marks count whole messages).
+            send(ident, _MORE_NOBLOCK)
+            for f in frames[:-1]:
+                send(f, _MORE_NOBLOCK)
+            send(frames[-1], _NOBLOCK)
         except zmq.Again:  # the client does not read: its queue is at the high-water mark
             self.dropped["send_hwm"] += 1
             self.metrics.errors.labels("send_hwm").inc()

@@ -25,6 +25,8 @@ class Served:
     batched: bool
     why: str
     bank: StreamBank
+    #: The session holding each open slot of the bank (to end them if a step fails).
+    owner: dict[int, Session] = field(default_factory=dict)
 
 
 @dataclass
