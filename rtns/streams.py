@@ -120,6 +120,8 @@ class ChannelStream:
         #: whoever owns the bank); without, each channel is its own engine Stream.
         self.bank = bank
         self.slots = np.zeros(0, np.int64)
+        #: The first slot as an int (-1: none), read on every message and tick.
+        self._first = -1
         self.streams: list[Stream] = []
         if bank is not None:
             if bank.model is not model:
@@ -133,6 +135,7 @@ class ChannelStream:
                     bank.close(slot)
                 raise
             self.slots = np.asarray(taken, np.int64)
+            self._first = taken[0]
         else:
             self.streams = [model.stream() for _ in range(channels)]
         sr = model.sample_rate
@@ -280,12 +283,12 @@ class ChannelStream:
         """Bank mode: straight into the slots' input rings while they have room (the
         bank's owner then steps every ready slot at once); the rest, in order, after
         whatever already waits in the backlog."""
-        if self.bank is None or self._backlog.size or not self.slots.size:
+        if self._first < 0 or self._backlog.size:
             self._backlog.append(x16)
             return
         bank = self.bank
         if self.channels == 1:
-            took = bank.feed(int(self.slots[0]), x16[:, 0])
+            took = bank.feed(self._first, x16[:, 0])
         else:
             took = 0
             for c, slot in enumerate(self.slots):
@@ -297,8 +300,8 @@ class ChannelStream:
     def queued(self) -> int:
         """16 kHz frames queued and not yet fed to the engine (bank mode: the backlog and
         the complete hops in the slots' input rings)."""
-        if self.bank is not None and self.slots.size:
-            n = int(self.bank.n_pending[self.slots[0]])
+        if self._first >= 0:
+            n = int(self.bank.n_pending[self._first])
             return self._backlog.size + n - n % self.model.block_shift
         return self._backlog.size
 
@@ -309,7 +312,7 @@ class ChannelStream:
         if self.bank is not None:
             if not self.slots.size:
                 return 0
-            return int(self.bank.n_pending[self.slots[0]]) % self.model.block_shift
+            return int(self.bank.n_pending[self._first]) % self.model.block_shift
         return self.streams[0].pending
 
     @property
@@ -322,8 +325,8 @@ class ChannelStream:
     def hop_ready(self) -> bool:
         """A complete hop waits to be run (bank mode: in the input rings)."""
         if self.bank is not None:
-            return bool(
-                self.slots.size and self.bank.n_pending[self.slots[0]] >= self.model.block_shift
+            return self._first >= 0 and bool(
+                self.bank.n_pending[self._first] >= self.model.block_shift
             )
         return self.streams[0].pending >= self.model.block_shift
 
@@ -336,6 +339,7 @@ class ChannelStream:
             for slot in self.slots:
                 self.bank.close(int(slot))
             self.slots = np.zeros(0, np.int64)
+            self._first = -1
 
     def fill(self) -> bool:
         """Bank mode: feed queued input into the slots until the hop is complete; True if it
@@ -357,10 +361,9 @@ class ChannelStream:
     def collect(self) -> None:
         """Bank mode: move what ``bank.step(collect=True)`` left in the slots' output
         buffers to this stream's output (the owner calls it at least every 32 hops)."""
-        bank = self.bank
-        if bank is None or not self.slots.size:
+        bank, first = self.bank, self._first
+        if first < 0:
             return
-        first = int(self.slots[0])
         m = int(bank.n_out[first])
         if not m:
             return
