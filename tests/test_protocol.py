@@ -137,3 +137,17 @@ def test_audio_hot_path_agrees_with_the_full_parser():
     assert P.audio_seq([frames[0]]) is None
     out = P.encode_audio_out(3, 320, 64)
     assert out == P.encode(P.AudioOut(seq=3, samples=320, queued=64))
+
+
+def test_fast_audio_headers_equal_the_models():
+    from rtns.daemon import protocol as P
+
+    for seq in (0, 7, 2**53 - 1):
+        assert P.encode_audio(seq) == P.encode(P.Audio(seq=seq))
+        assert P.audio_seq([P.encode_audio(seq), b""]) == seq
+        assert P.answer_seq(P.encode_audio_out(seq, 320, 5)) == seq
+        assert P.encode_audio_out(seq, 320, 5) == P.encode(
+            P.AudioOut(seq=seq, samples=320, queued=5)
+        )
+    assert P.answer_seq(P.encode(P.Error(code="seq_gap", message="x", seq=3))) is None
+    assert P.answer_seq(b'{"type":"audio","seq":}') is None

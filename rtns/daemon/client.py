@@ -153,7 +153,7 @@ class Client:
                 f"a frame of {len(pcm)} bytes is too large for this server (its limit is "
                 f"{self.ready.max_message_bytes} bytes); send smaller chunks"
             )
-        self.sock.send_multipart([P.encode(P.Audio(seq=s)), pcm], copy=False)
+        self.sock.send_multipart([P.encode_audio(s), pcm], copy=False)
         if seq is None:
             self.seq += 1
         return s

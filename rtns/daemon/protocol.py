@@ -232,6 +232,22 @@ def audio_seq(frames: list[bytes]) -> int | None:
     return seq if seq < 2**53 else None
 
 
+def encode_audio(seq: int) -> bytes:
+    """A client's ``audio`` header in the canonical form :func:`audio_seq` recognises
+    (what ``encode(Audio(seq=seq))`` gives, without pydantic)."""
+    return b'{"type":"audio","seq":%d}' % seq
+
+
+def answer_seq(head: bytes) -> int | None:
+    """The seq of a server ``audio`` answer header as :func:`encode_audio_out` writes it,
+    without a JSON parser (clients' hot path); None for anything else."""
+    if not head.startswith(_AUDIO_PREFIX):
+        return None
+    end = head.find(b",", len(_AUDIO_PREFIX))
+    digits = head[len(_AUDIO_PREFIX) : end]
+    return int(digits) if end > 0 and digits.isdigit() else None
+
+
 def encode_audio_out(seq: int, samples: int, queued: int) -> bytes:
     """The ``audio`` answer header, as :class:`AudioOut` would encode it, without pydantic."""
     return b'{"type":"audio","seq":%d,"samples":%d,"queued":%d}' % (seq, samples, queued)

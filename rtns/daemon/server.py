@@ -163,6 +163,19 @@ def send_hwm(config: ServerConfig) -> int:
     return min(config.hwm, max(64, config.max_output_bytes // config.max_message_bytes))
 
 
+def io_context() -> Any:
+    """A zmq context whose I/O thread (TCP reads and writes) runs SCHED_BATCH: waking it
+    (each answer sent, each message arrived) then does not preempt the loop, so on one core
+    its work runs in batches while the loop waits in poll instead of costing two context
+    switches per message."""
+    import zmq
+
+    ctx = zmq.Context()
+    if hasattr(os, "SCHED_BATCH"):  # Linux
+        ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
+    return ctx
+
+
 def open_front_socket(ctx: Any, config: ServerConfig) -> tuple[Any, Any, str]:
     """The public ROUTER socket with every option of ``config`` (CURVE with its
     authenticator thread, message size, high-water marks, IPv6), bound. Returns (socket,
@@ -230,15 +243,7 @@ class Server:
         check_bind(config)
         self._zmq = zmq
         self._own_ctx = context is None
-        if context is None:
-            context = zmq.Context()
-            # The I/O thread (TCP reads and writes) as SCHED_BATCH: waking it (each answer
-            # sent, each message arrived) then no longer preempts this thread, so on one
-            # core its work runs in batches while this thread waits in poll, instead of two
-            # context switches per message.
-            if hasattr(os, "SCHED_BATCH"):
-                context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
-        self.ctx = context
+        self.ctx = context or io_context()
         self.metrics = DaemonMetrics() if config.metrics else NoMetrics()
         self.metrics.workers.set(config.workers_total)
         self.models: dict[str, Served] = {}

@@ -41,6 +41,7 @@ from rtns.daemon.server import (
     Server,
     ServerConfig,
     check_bind,
+    io_context,
     open_front_socket,
 )
 from rtns.errors import RtnsError
@@ -106,7 +107,7 @@ class Supervisor:
         self.config = config
         self.n = workers
         self._zmq = zmq
-        self.ctx = zmq.Context()
+        self.ctx = io_context()
         self._dir = Path(tempfile.mkdtemp(prefix="rtns-workers-"))
         if config.metrics:
             # Every worker records into files here; the supervisor serves their sum.
