@@ -243,7 +243,8 @@ class Server:
         check_bind(config)
         self._zmq = zmq
         self._own_ctx = context is None
-        self.ctx = context or io_context()
+        # A relay worker's only socket is the supervisor's ipc pipe: no TCP work to defer.
+        self.ctx = context or (zmq.Context() if config.relay else io_context())
         self.metrics = DaemonMetrics() if config.metrics else NoMetrics()
         self.metrics.workers.set(config.workers_total)
         self.models: dict[str, Served] = {}

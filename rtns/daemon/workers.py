@@ -41,7 +41,6 @@ from rtns.daemon.server import (
     Server,
     ServerConfig,
     check_bind,
-    io_context,
     open_front_socket,
 )
 from rtns.errors import RtnsError
@@ -107,7 +106,9 @@ class Supervisor:
         self.config = config
         self.n = workers
         self._zmq = zmq
-        self.ctx = io_context()
+        # Not io_context(): with the workers on the same cores, a SCHED_BATCH relay thread
+        # waits behind them at every wake-up and the relay falls behind.
+        self.ctx = zmq.Context()
         self._dir = Path(tempfile.mkdtemp(prefix="rtns-workers-"))
         if config.metrics:
             # Every worker records into files here; the supervisor serves their sum.
