@@ -342,8 +342,9 @@ class ChannelStream:
             self._first = -1
 
     def fill(self) -> bool:
-        """Bank mode: feed queued input into the slots until the hop is complete; True if it
-        is (then the bank's owner steps the slots and hands the rows to :meth:`deliver`)."""
+        """Bank mode: move backlog into the slots' input rings as far as they have room; True
+        if a complete hop waits there (then the bank's owner steps the slots with
+        ``collect=True``, and :meth:`collect` or :meth:`take` picks the output up)."""
         bank, shift = self.bank, self.model.block_shift
         first = int(self.slots[0])
         take = min(bank.room(first), self._backlog.size)
@@ -352,11 +353,6 @@ class ChannelStream:
             for c, slot in enumerate(self.slots):
                 bank.feed(int(slot), x[:, c])
         return int(bank.n_pending[first]) >= shift
-
-    def deliver(self, hop: np.ndarray) -> None:
-        """Bank mode: the bank's output of one hop, float32 [shift, channels]."""
-        self._y16.append(hop)
-        self.hops += 1
 
     def collect(self) -> None:
         """Bank mode: move what ``bank.step(collect=True)`` left in the slots' output
@@ -380,7 +376,9 @@ class ChannelStream:
         """Feed queued input until every channel has a complete hop; returns the blocks to
         infer (one float32 [block_len] view per channel) or None when input is short."""
         if self.bank is not None:
-            raise RuntimeError("a bank-backed stream is stepped by its bank (fill/deliver)")
+            raise RuntimeError(
+                "a bank-backed stream is stepped by its bank (fill, then bank.step(collect=True))"
+            )
         shift = self.model.block_shift
         need = shift - self.streams[0].pending
         if need > self._backlog.size:
@@ -407,7 +405,8 @@ class ChannelStream:
     def _run_hops(self) -> None:
         if self.bank is not None:
             while self.fill():
-                self.deliver(self.bank.step(self.slots).T.copy())
+                self.bank.step(self.slots, collect=True)
+                self.collect()
             return
         infer = self.model.infer
         while (blocks := self.next_hop()) is not None:

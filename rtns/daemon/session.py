@@ -1,8 +1,8 @@
 """One client session of the daemon: its model and its :class:`ChannelStream`.
 
-The session does no I/O: the server feeds it decoded PCM (``cs.put``), runs its hops in
-batches with other sessions (``cs.next_hop`` / ``cs.finish_hop``) and sends what
-``cs.take`` returns. Bookkeeping is in 16 kHz frames on the input side (what has been fed
+The session does no I/O: the server feeds it decoded PCM (``cs.put``, straight into its
+slots of the model's :class:`~rtns.bank.StreamBank`), runs every ready slot of every session
+in one ``bank.step(collect=True)`` and sends what ``cs.take`` returns. Bookkeeping is in 16 kHz frames on the input side (what has been fed
 to the engine) and in client-rate frames on the output side (what has been sent).
 """
 
