@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,9 @@ def load_folder(
                 x = np.load(c)
             else:
                 x = read_audio(p, sample_rate)
-                tmp = c.with_suffix(".tmp.npy")
+                # one temporary name per process: two runs sharing a cache may decode the
+                # same file at once, and the rename makes whichever finishes last win whole
+                tmp = c.with_name(f"{c.stem}.{os.getpid()}.tmp.npy")
                 np.save(tmp, x)
                 tmp.replace(c)
         else:

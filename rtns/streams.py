@@ -393,12 +393,15 @@ class ChannelStream:
                 st.feed(x[:, c])
         return [st.take_hop() for st in self.streams]  # type: ignore[misc]
 
-    def finish_hop(self, out_blocks: np.ndarray, states: list[dict[str, np.ndarray]]) -> None:
+    def finish_hop(
+        self, out_blocks: np.ndarray, states: list[dict[str, np.ndarray]] | None = None
+    ) -> None:
         """Overlap-add each channel's model output block (float32 [channels, block_len]) and
-        take its new state (one state dict per channel)."""
+        take its new state (one state dict per channel; None: each channel's
+        ``run_block`` already advanced it)."""
         hop = np.empty((self.model.block_shift, self.channels), np.float32)
         for c, st in enumerate(self.streams):
-            hop[:, c] = st.finish_hop(out_blocks[c], states[c])
+            hop[:, c] = st.finish_hop(out_blocks[c], None if states is None else states[c])
         self._y16.append(hop)
         self.hops += 1
 
@@ -408,14 +411,9 @@ class ChannelStream:
                 self.bank.step(self.slots, collect=True)
                 self.collect()
             return
-        infer = self.model.infer
         while (blocks := self.next_hop()) is not None:
-            outs, states = [], []
-            for c, block in enumerate(blocks):
-                y, st = infer(block[None, :], self.streams[c].state)
-                outs.append(y[0])
-                states.append(st)
-            self.finish_hop(np.stack(outs), states)
+            outs = [st.run_block(b) for st, b in zip(self.streams, blocks, strict=True)]
+            self.finish_hop(np.stack(outs))
 
     # -- output side ----------------------------------------------------------------------
     def take(self) -> np.ndarray:
