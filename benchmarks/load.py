@@ -42,6 +42,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,46 @@ def run_clients(
     }
 
 
+def largest_realtime(
+    passes: Callable[[int], bool], ns: list[int], search: bool, max_n: int
+) -> int | None:
+    """The largest client count that ``passes`` (runs a load test) says is real time.
+
+    Runs every N of ``ns`` in order; the answer is the largest passing N below the first
+    failure. With ``search``: from the largest such N, steps of x1.5 up to ``max_n`` until
+    one fails (or, when the first N already failed, steps of /1.5 down until one passes),
+    then bisection until the bracket is within an eighth of the lower end (or 2).
+    """
+    lo: int | None = None
+    hi: int | None = None
+    for n in ns:
+        if passes(n):
+            lo = n if hi is None else lo
+        elif hi is None:
+            hi = n
+    if search and lo is None and hi is not None:
+        while lo is None and hi > 1:  # all failed: go down by a third each time
+            n = max(1, int(hi / 1.5))
+            if passes(n):
+                lo = n
+            else:
+                hi = n
+    if search and lo is not None:
+        while hi is None and lo < max_n:  # all passed: go up by half each time
+            n = min(max_n, int(lo * 1.5))
+            if passes(n):
+                lo = n
+            else:
+                hi = n
+        while hi is not None and hi - lo > max(2, lo // 8):
+            n = (lo + hi) // 2
+            if passes(n):
+                lo = n
+            else:
+                hi = n
+    return lo
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", "-m", default="rtns-dtln", help="pack name or folder")
@@ -249,7 +290,8 @@ def main() -> int:
     ap.add_argument(
         "--search",
         action="store_true",
-        help="after the list, search the largest real-time N (x1.5 steps, then bisection)",
+        help="after the list, search the largest real-time N (steps of x1.5 up from the largest "
+        "passing N, or of /1.5 down when none passed, then bisection)",
     )
     ap.add_argument("--max-n", type=int, default=512, help="upper bound of --search")
     ap.add_argument(
@@ -332,26 +374,9 @@ def main() -> int:
 
     best: dict[str, int | None] = {}
     for mode in args.modes.split(","):
-        lo, hi = None, None
-        for n in ns:
-            if run_one(mode, n)["realtime"]:
-                lo = n if hi is None else lo
-            elif hi is None:
-                hi = n
-        if args.search and lo is not None:
-            while hi is None and lo < args.max_n:  # all passed: go up by half each time
-                n = min(args.max_n, int(lo * 1.5))
-                if run_one(mode, n)["realtime"]:
-                    lo = n
-                else:
-                    hi = n
-            while hi is not None and hi - lo > max(2, lo // 8):
-                n = (lo + hi) // 2
-                if run_one(mode, n)["realtime"]:
-                    lo = n
-                else:
-                    hi = n
-        best[mode] = lo
+        best[mode] = largest_realtime(
+            lambda n, mode=mode: run_one(mode, n)["realtime"], ns, args.search, args.max_n
+        )
     ctx.term()
     modes_seen = sorted({r["server_mode"] for r in results})
     for m in modes_seen:
