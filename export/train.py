@@ -350,7 +350,12 @@ class Trainer:
             )
         self.model.load_state_dict(ck["model"])
         step = ck.get("step", ck.get("run", {}).get("step"))
-        self.state.init = {"init_from": str(p), "init_step": step, "init_valid": ck.get("valid")}
+        self.state.init = {
+            "init_from": str(p),
+            "init_step": step,
+            "init_valid": ck.get("valid"),
+            "init_minutes": _lineage_minutes(ck),
+        }
         self._log(f"initialised from {p} (step {step}); optimizer and schedule start fresh")
 
     # -- one step / validation --------------------------------------------------------------
@@ -557,6 +562,11 @@ class Trainer:
         init = best.get("init") or self.state.init
         if init is None and cfg.init_from:
             init = {"init_from": cfg.init_from}
+        if init and init.get("init_minutes") is None and Path(init["init_from"]).is_file():
+            # a run started before init_minutes was recorded: read it from the checkpoint
+            ck = torch.load(init["init_from"], map_location="cpu", weights_only=False)
+            init = {**init, "init_minutes": _lineage_minutes(ck)}
+        stage_minutes = float(best.get("elapsed_s", self.state.elapsed_s)) / 60
         origin = f"trained from scratch with `rtns train` (run {cfg.name!r}, seed {cfg.seed})"
         if init:
             origin = (
@@ -586,7 +596,11 @@ class Trainer:
             model=cfg.model,
             validation={k: float(v) for k, v in best.get("valid", {}).items() if math.isfinite(v)},
             validation_input=best.get("valid_input") or getattr(self, "valid_input", None),
-            train_minutes=round(float(best.get("elapsed_s", self.state.elapsed_s)) / 60, 1),
+            train_minutes=round(stage_minutes, 1),
+            # this stage plus every earlier stage the weights went through
+            total_train_minutes=round(
+                stage_minutes + float((init or {}).get("init_minutes") or 0), 1
+            ),
             **({"init": init} if init else {}),
             **(extra or {}),
         )
@@ -705,3 +719,11 @@ def compare_runs(run_dirs: list[str | Path], key: str = "pesq") -> dict[str, Any
         }
     out["winner"] = max(out["runs"], key=lambda n: out["runs"][n]["best_at_equal_time"][key])
     return out
+
+
+def _lineage_minutes(ck: dict[str, Any]) -> float:
+    """Training minutes behind a checkpoint's weights: its own run's time up to it plus that
+    of the checkpoint its run started from (``init_from``), if recorded."""
+    own = ck.get("elapsed_s", ck.get("run", {}).get("elapsed_s")) or 0.0
+    earlier = (ck.get("init") or ck.get("run", {}).get("init") or {}).get("init_minutes") or 0.0
+    return round(float(own) / 60 + float(earlier), 2)

@@ -184,6 +184,12 @@ def test_fine_tune_from_own_checkpoint(synth_data, tmp_path):
     assert "fine-tuned this project" in prov["origin"] and "from scratch" in prov["origin"]
     assert prov["steps"] == 20 + tr.state.best_step  # counted from scratch
     assert prov["init"]["init_from"].endswith("last.pt")
+    # training time counted from scratch too: the base run's time to its last.pt + this stage's
+    base_s = torch.load(base.run_dir / "last.pt", weights_only=False)["run"]["elapsed_s"]
+    assert base_s > 0 and prov["init"]["init_minutes"] == pytest.approx(base_s / 60, abs=0.006)
+    assert prov["total_train_minutes"] == pytest.approx(
+        prov["train_minutes"] + base_s / 60, abs=0.11
+    )
     now = torch.load(ft.run_dir / "last.pt", weights_only=False)["model"]
     assert any(not torch.equal(start[k], now[k]) for k in start)  # it trained on
 
