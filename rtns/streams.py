@@ -310,7 +310,7 @@ class ChannelStream:
         """16 kHz frames fed to the engine streams, waiting for their hop to complete (bank
         mode: the incomplete hop in the slots' input rings)."""
         if self.bank is not None:
-            if not self.slots.size:
+            if self._first < 0:
                 return 0
             return int(self.bank.n_pending[self._first]) % self.model.block_shift
         return self.streams[0].pending

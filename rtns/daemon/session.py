@@ -2,8 +2,9 @@
 
 The session does no I/O: the server feeds it decoded PCM (``cs.put``, straight into its
 slots of the model's :class:`~rtns.bank.StreamBank`), runs every ready slot of every session
-in one ``bank.step(collect=True)`` and sends what ``cs.take`` returns. Bookkeeping is in 16 kHz frames on the input side (what has been fed
-to the engine) and in client-rate frames on the output side (what has been sent).
+in one ``bank.step(collect=True)`` and sends what ``cs.take`` returns. Bookkeeping is in
+16 kHz frames on the input side (what has been fed to the engine) and in client-rate
+frames on the output side (what has been sent).
 """
 
 from __future__ import annotations
