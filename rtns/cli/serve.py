@@ -276,11 +276,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from rtns.config import EngineConfig
     from rtns.errors import first_validation_error
+    from rtns.pack import DEFAULT_PACK
 
     try:
         config = ServerConfig(
             bind=args.bind,
-            models=args.model or ["rtns-dtln"],
+            models=args.model or [DEFAULT_PACK],
             max_sessions=args.max_sessions,
             idle_timeout=args.idle_timeout,
             queue_limit=max(128, round(args.queue_seconds * SAMPLE_RATE)),
