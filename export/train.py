@@ -354,8 +354,8 @@ class Trainer:
             "init_from": str(p),
             "init_step": step,
             "init_valid": ck.get("valid"),
-            "init_minutes": _lineage_minutes(ck),
         }
+        self.state.init["init_minutes"], self.state.init["init_steps"] = _lineage(ck)
         self._log(f"initialised from {p} (step {step}); optimizer and schedule start fresh")
 
     # -- one step / validation --------------------------------------------------------------
@@ -562,10 +562,11 @@ class Trainer:
         init = best.get("init") or self.state.init
         if init is None and cfg.init_from:
             init = {"init_from": cfg.init_from}
-        if init and init.get("init_minutes") is None and Path(init["init_from"]).is_file():
-            # a run started before init_minutes was recorded: read it from the checkpoint
+        if init and Path(init["init_from"]).is_file():
+            # counted again from the files: a record may predate a stage's lineage
             ck = torch.load(init["init_from"], map_location="cpu", weights_only=False)
-            init = {**init, "init_minutes": _lineage_minutes(ck)}
+            minutes, steps = _lineage(ck)
+            init = {**init, "init_minutes": minutes, "init_steps": steps}
         stage_minutes = float(best.get("elapsed_s", self.state.elapsed_s)) / 60
         origin = f"trained from scratch with `rtns train` (run {cfg.name!r}, seed {cfg.seed})"
         if init:
@@ -585,7 +586,8 @@ class Trainer:
                 f"level {d.level_dbfs[0]:g}..{d.level_dbfs[1]:g} dBFS, augmentation "
                 + json.dumps(d.augment.model_dump())
             ),
-            steps=int(best.get("step", self.state.step)) + int((init or {}).get("init_step") or 0),
+            steps=int(best.get("step", self.state.step))
+            + int((init or {}).get("init_steps") or (init or {}).get("init_step") or 0),
             losses=self.loss_fn.describe(),
             notes=(
                 f"Adam lr {cfg.optim.lr:g}, clipnorm {cfg.optim.clipnorm}, batch {cfg.optim.batch}, "
@@ -721,9 +723,22 @@ def compare_runs(run_dirs: list[str | Path], key: str = "pesq") -> dict[str, Any
     return out
 
 
-def _lineage_minutes(ck: dict[str, Any]) -> float:
-    """Training minutes behind a checkpoint's weights: its own run's time up to it plus that
-    of the checkpoint its run started from (``init_from``), if recorded."""
-    own = ck.get("elapsed_s", ck.get("run", {}).get("elapsed_s")) or 0.0
-    earlier = (ck.get("init") or ck.get("run", {}).get("init") or {}).get("init_minutes") or 0.0
-    return round(float(own) / 60 + float(earlier), 2)
+def _lineage(ck: dict[str, Any], _depth: int = 0) -> tuple[float, int]:
+    """(minutes, steps) of training behind a checkpoint's weights, counted from scratch: its
+    own run's time and steps up to it plus the lineage of the checkpoint its run started
+    from (``init_from``), read again from that file, recursively, wherever it still exists
+    (a record made when the file was read last is used only when it is gone: an older
+    trainer recorded one stage back only)."""
+    run = ck.get("run") or {}
+    own_s = ck.get("elapsed_s", run.get("elapsed_s")) or 0.0
+    own_steps = ck.get("step", run.get("step")) or 0
+    init = ck.get("init") or run.get("init") or {}
+    minutes, steps = init.get("init_minutes"), init.get("init_steps")
+    src = Path(init["init_from"]) if init.get("init_from") else None
+    if src is not None and src.is_file() and _depth < 32:
+        minutes, steps = _lineage(
+            torch.load(src, map_location="cpu", weights_only=False), _depth + 1
+        )
+    if steps is None:
+        steps = init.get("init_step") or 0  # the stage before: its own steps at least
+    return round(float(own_s) / 60 + float(minutes or 0.0), 2), int(own_steps) + int(steps)

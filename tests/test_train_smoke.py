@@ -323,3 +323,30 @@ def test_cosine_time_follows_the_training_time_budget():
     assert s.lr(step=10**6, elapsed_s=900.0) == pytest.approx(1e-4)  # stays at the floor
     with pytest.raises(ValueError, match="cosine_time needs optim.max_minutes"):
         OptimConfig(schedule=ScheduleConfig(kind="cosine_time"))
+
+
+def test_lineage_counts_every_stage_from_the_files(tmp_path):
+    """Minutes and steps behind a checkpoint go back through every init_from still on disk,
+    also where a stage's record stops one stage back (as an older trainer wrote it)."""
+    from rtns_export.train import _lineage
+
+    a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    torch.save({"step": 8400, "elapsed_s": 600.0}, a)  # from scratch: 10 min
+    # b's record lacks its parent's minutes (an older trainer)
+    torch.save(
+        {"step": 6300, "elapsed_s": 1200.0, "init": {"init_from": str(a), "init_step": 8400}}, b
+    )
+    # c recorded b's time only (one stage back): the file says more
+    c_ck = {
+        "run": {"step": 9900, "elapsed_s": 1800.0},
+        "init": {"init_from": str(b), "init_step": 6300, "init_minutes": 20.0},
+    }
+    torch.save(c_ck, c)
+    assert _lineage(torch.load(a, weights_only=False)) == (10.0, 8400)
+    assert _lineage(torch.load(b, weights_only=False)) == (30.0, 14_700)
+    assert _lineage(c_ck) == (60.0, 24_600)
+    # with the earlier files gone, the records are all there is
+    a.unlink()
+    assert _lineage(torch.load(b, weights_only=False)) == (20.0, 14_700)
+    b.unlink()
+    assert _lineage(c_ck) == (50.0, 16_200)
