@@ -45,7 +45,7 @@ def test_filtered_gain_is_below_and_rises_with_the_gain(probe):
     assert half == pytest.approx(1.02 / 1.04, rel=1e-6)
 
 
-def test_hop_loop_equals_the_engine_at_beta_zero(probe, tmp_path):
+def test_hop_loop_equals_the_engine_at_beta_zero(probe):
     from rtns.engine import Model, enhance_array
 
     rng = np.random.default_rng(3)
