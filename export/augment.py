@@ -102,6 +102,13 @@ def add_extras(noise: np.ndarray, a: AugmentConfig, rng: np.random.Generator) ->
     return out.astype(np.float32)
 
 
+def layer(base: np.ndarray, second: np.ndarray, rel_db: float) -> np.ndarray:
+    """``base`` [n] plus ``second`` [n] scaled to ``rel_db`` dB relative to ``base``'s RMS.
+    [n] f32"""
+    gain = _rms(base) / _rms(second) * 10 ** (rel_db / 20)
+    return (base.astype(np.float64) + second.astype(np.float64) * gain).astype(np.float32)
+
+
 def random_eq(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random smooth EQ (+-8 dB over a few bands, interpolated on a log-frequency axis) and,
     half the time, band-limiting (high-pass 50-300 Hz and/or low-pass 3.4-7.5 kHz with a

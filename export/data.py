@@ -214,6 +214,17 @@ class Mixer:
         return int(round(self.cfg.segment_seconds * SAMPLE_RATE))
 
     def _noise(self, n: int, speech_idx: int, kind: str | None = None) -> np.ndarray:
+        """The noise [n] of one pair: a source of ``kind`` (drawn when None), layered with a
+        second source when that augmentation fires, then hum and clicks."""
+        rng, a = self.rng, self.cfg.augment
+        noise = self._source(n, speech_idx, kind)
+        if a.layer and rng.random() < a.layer_prob:
+            second = self._source(n, speech_idx, None)
+            noise = augment.layer(noise, second, float(rng.uniform(*a.layer_db)))
+            self.stats.sources["layered"] = self.stats.sources.get("layered", 0) + 1
+        return augment.add_extras(noise, a, rng)
+
+    def _source(self, n: int, speech_idx: int, kind: str | None) -> np.ndarray:
         rng, a = self.rng, self.cfg.augment
         if kind is None:
             kind = augment.choose_noise_kind(a, rng)
@@ -231,7 +242,7 @@ class Mixer:
             noise = looped_segment(pool[int(rng.integers(len(pool)))], n, rng)
         else:
             noise = looped_segment(self.noise[int(rng.integers(len(self.noise)))], n, rng)
-        return augment.add_extras(noise, a, rng)
+        return noise
 
     def _speech(self, i: int, n: int) -> np.ndarray:
         """An n-sample excerpt of utterance i, speed-perturbed when that augmentation fires."""

@@ -65,6 +65,12 @@ class AugmentConfig(_Strict):
     rir_seed: int = 7
     rt60: tuple[float, float] = (0.2, 0.8)
     early_ms: float = Field(50.0, ge=0, le=200)
+    #: Layered scenes (a cafe is babble plus clatter, an office a fan plus keys): with
+    #: ``layer_prob`` a second, independently drawn noise (file, babble or coloured, by the
+    #: probabilities above) is added to the first at ``layer_db`` relative to it.
+    layer: bool = False
+    layer_prob: float = Field(0.3, ge=0, le=1)
+    layer_db: tuple[float, float] = (-10.0, 5.0)
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
@@ -77,6 +83,8 @@ class AugmentConfig(_Strict):
             raise ValueError("speed_range must be (low, high) within 0.5..2")
         if not 0.05 <= self.rt60[0] <= self.rt60[1] <= 2.0:
             raise ValueError("rt60 must be (low, high) within 0.05..2 s")
+        if not -40 <= self.layer_db[0] <= self.layer_db[1] <= 20:
+            raise ValueError("layer_db must be (low, high) within -40..20 dB")
         return self
 
     def disabled(self) -> AugmentConfig:
@@ -92,6 +100,7 @@ class AugmentConfig(_Strict):
                     "gain_sweep",
                     "speed",
                     "reverb",
+                    "layer",
                 )
             }
         )

@@ -153,6 +153,51 @@ def test_mixer_babble_never_contains_the_target_utterance():
     assert m.stats.sources == {"babble": 10}
 
 
+def test_layer_adds_the_second_noise_at_its_relative_level():
+    rng = np.random.default_rng(2)
+    base = (0.1 * rng.standard_normal(SR)).astype(np.float32)
+    second = tone(1000, 1.0, amp=0.5)
+    out = augment.layer(base, second, -6.0)
+    assert out.dtype == np.float32 and out.shape == base.shape
+    added = out.astype(np.float64) - base
+    assert 20 * np.log10(augment._rms(added) / augment._rms(base)) == pytest.approx(-6.0, abs=1e-3)
+    assert np.allclose(added / augment._rms(added), second / augment._rms(second), atol=1e-4)
+
+
+def test_mixer_layers_two_sources_only_when_switched_on():
+    speech, noise = _pools(n_speech=12)
+    quiet = dict(hum=False, clicks=False, eq=False, gain_sweep=False)
+    # every primary source is babble, every second source coloured noise: a layered noise
+    # holds the babble's tones and a broadband floor
+    aug = AugmentConfig(
+        babble_prob=0.0,
+        colored_prob=1.0,
+        layer=True,
+        layer_prob=1.0,
+        layer_db=(-3.0, -3.0),
+        **quiet,
+    )
+    m = data.Mixer(
+        speech, noise, DataConfig(segment_seconds=1.0, augment=aug), np.random.default_rng(4)
+    )
+    for _ in range(6):
+        m.sample("babble")
+    assert m.stats.sources == {"babble": 6, "colored": 6, "layered": 6}
+    off = data.Mixer(
+        speech,
+        noise,
+        DataConfig(segment_seconds=1.0, augment=aug.model_copy(update={"layer": False})),
+        np.random.default_rng(4),
+    )
+    for _ in range(6):
+        off.sample("babble")
+    assert off.stats.sources == {"babble": 6}
+    # validation never layers
+    assert aug.disabled().layer is False
+    with pytest.raises(ValueError, match="layer_db"):
+        AugmentConfig(layer_db=(5.0, -5.0))
+
+
 def test_validation_set_is_fixed():
     speech, noise = _pools()
     cfg = DataConfig()
