@@ -310,6 +310,63 @@ class Trainer:
 
     def save(self) -> None:
         _atomic_save(self.checkpoint(), self.run_dir / "last.pt")
+        if self.cfg.snapshots:
+            snap = {"model": self.model.state_dict(), "run": dict(self.state.__dict__)}
+            snap["run"].pop("history", None)
+            (self.run_dir / "snapshots").mkdir(exist_ok=True)
+            _atomic_save(snap, self.run_dir / "snapshots" / f"step_{self.state.step:07d}.pt")
+
+    def average(self, count: int, folder: str | Path | None = None) -> dict[str, Any]:
+        """Validate the mean of the model weights of the ``count`` latest checkpoints in
+        ``folder`` (default ``<run>/snapshots``; any checkpoint files holding "model" and
+        "run") and save it as ``<run>/average.pt``, exportable with ``which="average"``.
+        Buffers that are not floating point (counters) are the latest file's. Returns the
+        validation result plus the averaged steps."""
+        src = Path(folder) if folder else self.run_dir / "snapshots"
+        found = []
+        for p in sorted(src.glob("*.pt")):
+            ck = torch.load(p, map_location="cpu", weights_only=False)
+            if "model" not in ck or "step" not in (ck.get("run") or {}):
+                raise SelectionError(f"{p}: not a checkpoint (no model weights or step)")
+            found.append((int(ck["run"]["step"]), p, ck))
+        if count < 1 or len(found) < count:
+            raise SelectionError(
+                f"--average {count}: {src} holds {len(found)} checkpoints"
+                + ("" if found else ' (set "snapshots": true in the config to keep them)')
+            )
+        found.sort(key=lambda f: f[0])
+        chosen = found[-count:]
+        states = [ck["model"] for _, _, ck in chosen]
+        mean = {}
+        for k, v in states[-1].items():
+            if v.is_floating_point():
+                mean[k] = (sum(s[k].double() for s in states) / len(states)).to(v.dtype)
+            else:
+                mean[k] = v
+        self.model.load_state_dict(mean)
+        if self.mixer is None:
+            self.load_data()
+        res = self.validate()
+        last = chosen[-1][2]["run"]
+        steps = [st for st, _, _ in chosen]
+        _atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "step": int(last["step"]),
+                "elapsed_s": float(last["elapsed_s"]),
+                "valid": res,
+                "config": self.cfg.model_dump(mode="json"),
+                "init": last.get("init"),
+                "valid_input": self.valid_input,
+                "averaged": {"count": count, "steps": steps, "folder": str(src)},
+            },
+            self.run_dir / "average.pt",
+        )
+        self._log(
+            f"average of {count} checkpoints (steps {steps[0]}..{steps[-1]}): valid "
+            + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+        )
+        return {**res, "steps": steps}
 
     def resume(self) -> bool:
         path = self.run_dir / "last.pt"
@@ -578,6 +635,13 @@ class Trainer:
         sel = cfg.valid.select
         if cfg.valid.min_stoi_gain is not None:
             sel += f" among checkpoints with STOI >= input + {cfg.valid.min_stoi_gain:g}"
+        chosen = f"best checkpoint by validation {sel}"
+        if best.get("averaged"):
+            a = best["averaged"]
+            chosen = (
+                f"weights: the mean of the {a['count']} checkpoints of steps "
+                f"{a['steps'][0]}..{a['steps'][-1]} (validated as such)"
+            )
         return Provenance(
             origin=origin,
             training_data=(
@@ -591,8 +655,8 @@ class Trainer:
             losses=self.loss_fn.describe(),
             notes=(
                 f"Adam lr {cfg.optim.lr:g}, clipnorm {cfg.optim.clipnorm}, batch {cfg.optim.batch}, "
-                f"schedule {cfg.optim.schedule.kind}; best checkpoint by validation "
-                f"{sel} ({cfg.valid.items} fixed pairs of {cfg.valid.seconds:g} s, "
+                f"schedule {cfg.optim.schedule.kind}; {chosen} "
+                f"({cfg.valid.items} fixed pairs of {cfg.valid.seconds:g} s, "
                 f"PESQ and STOI on {cfg.valid.pesq_items})"
             ),
             model=cfg.model,
@@ -624,13 +688,15 @@ class Trainer:
                 f"{self.cfg.valid.select!r}, min_stoi_gain={self.cfg.valid.min_stoi_gain}); "
                 "see valid.csv, or export the last weights (--export-only --checkpoint last)"
             )
+        if which == "average" and not path.exists():
+            raise SelectionError(f"{path} does not exist: average first (rtns train --average K)")
         best: dict[str, Any] = {}
         if path.exists():
             ck = torch.load(path, map_location="cpu", weights_only=False)
             self.model.load_state_dict(ck["model"])
             best = (
                 ck
-                if which == "best"
+                if which in ("best", "average")
                 else {"step": ck["run"]["step"], "elapsed_s": ck["run"]["elapsed_s"]}
             )
         if best and "valid_input" not in best and not hasattr(self, "valid_input"):

@@ -221,6 +221,9 @@ class TrainConfig(_Strict):
     out_dir: str = "runs"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    #: Also keep the model weights of every checkpoint in ``<run>/snapshots/`` (about the
+    #: size of the model each), for ``rtns train --average K``: the mean of the last K.
+    snapshots: bool = False
 
     @property
     def run_dir(self) -> Path:

@@ -350,3 +350,75 @@ def test_lineage_counts_every_stage_from_the_files(tmp_path):
     assert _lineage(torch.load(b, weights_only=False)) == (20.0, 14_700)
     b.unlink()
     assert _lineage(c_ck) == (50.0, 16_200)
+
+
+def test_average_of_snapshots_is_validated_and_exported(synth_data, tmp_path, capsys):
+    """With "snapshots" on, every checkpoint's weights are kept; --average K saves the mean
+    of the K latest (exactly the mean, counters from the latest), validated, and
+    --checkpoint average exports it with the averaged steps in the provenance."""
+    from rtns.cli import main
+    from rtns.pack import read_manifest
+
+    cfg = tiny_config(synth_data, tmp_path, steps=30, snapshots=True)
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.model_dump_json())
+    run = cfg.run_dir
+    out = tmp_path / "avg_pack"
+    # nothing to export before averaging: an error, not the untrained weights
+    assert main(["train", "--config", str(path), "--threads", "1", "--quiet", "--no-export"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(path),
+                "--export-only",
+                "--checkpoint",
+                "average",
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
+    assert "average first" in capsys.readouterr().err
+    snaps = sorted((run / "snapshots").glob("step_*.pt"))
+    assert [p.name for p in snaps] == ["step_0000010.pt", "step_0000020.pt", "step_0000030.pt"]
+    assert main(["train", "--config", str(path), "--average", "2", "--threads", "1"]) == 0
+    assert "steps 20..30" in capsys.readouterr().out
+    avg = torch.load(run / "average.pt", weights_only=False)
+    a, b = (
+        torch.load(run / "snapshots" / f"step_00000{n}.pt", weights_only=False)["model"]
+        for n in (20, 30)
+    )
+    for k, v in avg["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (a[k].double() + b[k].double()).div(2).float(), atol=1e-7)
+    assert avg["step"] == 30 and avg["averaged"]["steps"] == [20, 30]
+    assert math.isfinite(avg["valid"]["si_sdr"])
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(path),
+                "--export-only",
+                "--checkpoint",
+                "average",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    man = read_manifest(out)
+    assert "mean of the 2 checkpoints of steps 20..30" in man.provenance.notes
+    assert man.provenance.steps == 30
+    # more than there are, or a folder of something else: clear errors
+    assert main(["train", "--config", str(path), "--average", "9"]) == 1
+    assert "holds 3 checkpoints" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    torch.save({"weights": 1}, junk / "x.pt")
+    assert main(["train", "--config", str(path), "--average", "1", "--snapshots", str(junk)]) == 1
+    assert "not a checkpoint" in capsys.readouterr().err

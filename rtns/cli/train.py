@@ -36,9 +36,26 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", default=None, help="pack folder for --export-only")
     p.add_argument(
         "--checkpoint",
-        choices=("best", "last"),
+        choices=("best", "last", "average"),
         default="best",
-        help="which weights --export-only exports (best: by the config's validation rule)",
+        help="which weights --export-only exports (best: by the config's validation rule; "
+        "average: what --average saved)",
+    )
+    p.add_argument(
+        "--average",
+        type=options.positive_int,
+        default=None,
+        metavar="K",
+        help="only average the model weights of the run's K latest snapshots, validate the "
+        "mean and save it as <run>/average.pt (export it with --export-only --checkpoint "
+        "average)",
+    )
+    p.add_argument(
+        "--snapshots",
+        default=None,
+        metavar="DIR",
+        help="folder of checkpoints for --average (default <run>/snapshots, kept when the "
+        'config sets "snapshots": true)',
     )
     p.add_argument(
         "--provenance",
@@ -128,6 +145,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, _overrides(args.set))
+        if args.average is not None:
+            if args.export_only:
+                raise UserInputError("--average and --export-only are two steps; run one")
+            tr = Trainer(cfg, threads=args.threads, progress=False)
+            res = tr.average(args.average, args.snapshots)
+            steps = res.pop("steps")
+            print(
+                f"average of {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}) saved "
+                f"to {tr.run_dir / 'average.pt'}; validation "
+                + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+            )
+            return 0
         if args.export_only:
             tr = Trainer(cfg, threads=args.threads, progress=False)
             if not (tr.run_dir / "last.pt").exists():
