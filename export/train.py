@@ -5,7 +5,9 @@ Per run folder ``<out_dir>/<name>/``:
 - ``config.json``: the validated config; ``last.pt``: model + optimizer + schedule + RNG
   states (torch, numpy mixer) + step + elapsed time, written atomically every
   ``checkpoint_every`` steps, at every validation and on SIGINT/SIGTERM; ``best.pt``: the
-  weights with the best validation score (``valid.select``); ``train.csv`` and ``valid.csv``.
+  weights with the best validation score (``valid.select``); ``train.csv`` and ``valid.csv``;
+  with ``snapshots`` on, ``snapshots/step_NNNNNNN.pt``: the weights at every checkpoint, and
+  after ``rtns train --average K``, ``average.pt``: the validated mean of the last K.
 - ``pack/`` (or ``export.out_dir``): the exported pack of the best weights, parity-checked,
   with data, steps, losses and validation scores in its manifest provenance.
 
