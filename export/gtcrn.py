@@ -209,6 +209,10 @@ def sfe(x: Tensor, k: int = 3) -> Tensor:
     """Subband feature extraction: each band gets its k neighbours' values as channels.
     [B, C, T, F] -> [B, C*k, T, F] (zero beyond the edges)."""
     p = k // 2
+    c = int(x.shape[1])
+    if torch.onnx.is_in_onnx_export():  # one grouped Conv node with one-hot taps
+        w = torch.eye(k, dtype=x.dtype).repeat(c, 1).reshape(c * k, 1, 1, k)
+        return F.conv2d(x, w, padding=(0, p), groups=c)
     xp = F.pad(x, (p, p))
     f = int(x.shape[3])
     parts = [xp[..., i : i + f] for i in range(k)]
@@ -219,6 +223,9 @@ def sfe(x: Tensor, k: int = 3) -> Tensor:
 def shuffle(a: Tensor, b: Tensor) -> Tensor:
     """Concatenate two [B, H, T, F] halves and interleave their channels."""
     h, t, f = int(a.shape[1]), int(a.shape[2]), int(a.shape[3])
+    if torch.onnx.is_in_onnx_export():  # two nodes (Concat, Gather) instead of four
+        order = torch.arange(2 * h).reshape(2, h).t().reshape(-1)
+        return torch.cat([a, b], 1).index_select(1, order)
     return torch.stack([a, b], 2).reshape(-1, 2 * h, t, f)
 
 
@@ -233,6 +240,15 @@ class TRA(nn.Module):
 
     def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, C, T, F], h [B, hidden] -> (y, new h)."""
+        if torch.onnx.is_in_onnx_export() and int(x.shape[2]) == 1:
+            # the one-frame graph: the same function without the time axis's transposes
+            z = (x * x).mean((2, 3))  # [B, C]
+            _, hn = torch._VF.gru(
+                z[None], h[None], self.gru._flat_weights, True, 1, 0.0, False, False, False
+            )
+            hn = hn[0]
+            g = torch.sigmoid(self.fc(hn))  # [B, C]
+            return x * g.reshape(-1, self.c, 1, 1), hn
         z = (x * x).mean(3).transpose(1, 2)  # [B, T, C]
         o, hn = self.gru(z, h[None])
         g = torch.sigmoid(self.fc(o)).transpose(1, 2)[..., None]  # [B, C, T, 1]
@@ -353,6 +369,8 @@ class DPGRNN(nn.Module):
 
     def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, C, T, F]; h [B, F, hidden] (inter GRU state per band) -> (y, new h)."""
+        if torch.onnx.is_in_onnx_export() and int(x.shape[2]) == 1:
+            return self._one_frame(x, h)
         t, f, c = int(x.shape[2]), self.f, self.c
         x = x.permute(0, 2, 3, 1)  # [B, T, F, C]
         a, _ = self.intra(x.reshape(-1, f, c), None)
@@ -363,6 +381,30 @@ class DPGRNN(nn.Module):
         b = self.inter_fc(b).reshape(-1, f, t, c).transpose(1, 2)
         x = x + self.inter_ln(b)
         return x.permute(0, 3, 1, 2), hn.reshape(-1, f, self.hidden)
+
+    def _one_frame(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` for T = 1 in the exported graph: the same function with both GRUs
+        called sequence-first, so that no transposes wrap them."""
+        f, c, gi, ge = self.f, self.c, self.intra, self.inter
+        x = x.permute(0, 2, 3, 1).reshape(-1, f, c)  # [B, F, C]
+        xs = x.transpose(0, 1)  # [F, B, C]: the bands are the intra GRU's sequence
+        h0 = xs.new_zeros(2, xs.shape[1], gi.groups * gi.per)
+        a, _ = torch._VF.gru(xs, h0, gi.flat_weights(), True, 1, 0.0, False, True, False)
+        x = x + self.intra_ln(self.intra_fc(a).transpose(0, 1))
+        # one frame: the (batch x band) rows are the inter GRU's batch, sequence length 1
+        b, hn = torch._VF.gru(
+            x.reshape(1, -1, c),
+            h.reshape(1, -1, self.hidden),
+            ge.flat_weights(),
+            True,
+            1,
+            0.0,
+            False,
+            False,
+            False,
+        )
+        x = x + self.inter_ln(self.inter_fc(b).reshape(-1, f, c))
+        return x.reshape(-1, 1, f, c).permute(0, 3, 1, 2), hn.reshape(-1, f, self.hidden)
 
 
 # -- the network -------------------------------------------------------------------------------
