@@ -364,23 +364,11 @@ def test_average_of_snapshots_is_validated_and_exported(synth_data, tmp_path, ca
     path.write_text(cfg.model_dump_json())
     run = cfg.run_dir
     out = tmp_path / "avg_pack"
+    export_avg = ["train", "--config", str(path), "--export-only", "--checkpoint", "average"]
+    export_avg += ["--out", str(out)]
     # nothing to export before averaging: an error, not the untrained weights
     assert main(["train", "--config", str(path), "--threads", "1", "--quiet", "--no-export"]) == 0
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(path),
-                "--export-only",
-                "--checkpoint",
-                "average",
-                "--out",
-                str(out),
-            ]
-        )
-        == 1
-    )
+    assert main(export_avg) == 1
     assert "average first" in capsys.readouterr().err
     snaps = sorted((run / "snapshots").glob("step_*.pt"))
     assert [p.name for p in snaps] == ["step_0000010.pt", "step_0000020.pt", "step_0000030.pt"]
@@ -396,21 +384,7 @@ def test_average_of_snapshots_is_validated_and_exported(synth_data, tmp_path, ca
             assert torch.allclose(v, (a[k].double() + b[k].double()).div(2).float(), atol=1e-7)
     assert avg["step"] == 30 and avg["averaged"]["steps"] == [20, 30]
     assert math.isfinite(avg["valid"]["si_sdr"])
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(path),
-                "--export-only",
-                "--checkpoint",
-                "average",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(export_avg) == 0
     man = read_manifest(out)
     assert "mean of the 2 checkpoints of steps 20..30" in man.provenance.notes
     assert man.provenance.steps == 30
