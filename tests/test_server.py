@@ -569,3 +569,28 @@ def test_shipped_default_among_a_hundred_sessions_equals_enhance():
     assert model["batched"], model["why"]
     assert st["rows_per_tick"]["max"] >= 64  # the batches really were large
     np.testing.assert_array_equal(crowd[384 : 384 + x.size], enhance_array(default, x))
+
+
+def test_probe_failure_at_the_largest_batch_caps_the_batches(random_dtln_pack, monkeypatch):
+    """Rows that differ only at large batches cost the cap, not batching: the server batches
+    at the largest power of two that passes the probe, says so, and stays exact."""
+    import rtns.daemon.server
+
+    asked = []
+
+    def probe(model, max_batch):
+        asked.append(max_batch)
+        return max_batch <= 16
+
+    monkeypatch.setattr(rtns.daemon.server, "batch_invariant", probe)
+    x = noise(8000, seed=5)
+    with running_server([random_dtln_pack], max_batch=100) as srv:
+        served = srv.models["random-dtln"]
+        assert served.batched and served.bank.max_batch == 16, served.why
+        assert "capped at 16 rows" in served.why and "at 100 rows" in served.why
+        with Client(srv.endpoint) as c:
+            y = c.enhance(x, chunk=300)
+            st = c.stats()
+    assert asked == [100, 64, 32, 16]
+    assert st["models"]["random-dtln"]["batched"] and "capped" in st["models"]["random-dtln"]["why"]
+    np.testing.assert_array_equal(y, enhance_array(Model(random_dtln_pack), x))

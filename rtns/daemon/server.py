@@ -16,8 +16,9 @@ each row with the same instruction sequence whatever the batch size on the machi
 measured (tests/test_server.py checks bit identity alone vs among 50 others), but nothing
 in their contracts promises it. So the server runs at most ``max_batch`` rows per call, and
 at start probes each model at every batch size up to that (:func:`batch_invariant`); if any
-row differs in any bit from batch 1, that model runs one row per call (independent by
-construction) and the log says why. See docs/protocol.md, "Batching".
+row differs in any bit from batch 1, the model's batches are capped at the largest power of
+two at which none does, or it runs one row per call (independent by construction); the log,
+stats and `ready` say which and why. See docs/protocol.md, "Batching".
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ class CurveConfig(BaseModel):
 
     server_secret: Path
     allowed_clients: Path
+
+
+def _invariant_cap(model: Model, max_batch: int) -> int:
+    """The largest power of two below ``max_batch`` at which :func:`batch_invariant` holds
+    (1: none does)."""
+    cap = 1
+    while cap * 2 < max_batch:
+        cap *= 2
+    while cap > 1 and not batch_invariant(model, cap):
+        cap //= 2
+    return cap
 
 
 class ServerConfig(BaseModel):
@@ -253,24 +265,34 @@ class Server:
             model = Model(spec, config.engine)
             if model.name in self.models:
                 raise UserInputError(f"two --model packs are both named {model.name!r}")
+            max_batch = config.max_batch
             if not config.batch:
                 batched, why = False, "--no-batch"
             elif not config.probe:
                 batched, why = True, "probe skipped"
-            elif batch_invariant(model, config.max_batch):
+            elif batch_invariant(model, max_batch):
                 batched = True
-                why = f"rows bit-identical at every batch size 1..{config.max_batch}"
+                why = f"rows bit-identical at every batch size 1..{max_batch}"
             else:
-                # Loud: the log's "model" event, stats and `ready` say so, and load.py prints it.
-                batched, why = False, "batched rows differ from batch 1 on this CPU"
+                # Degraded, loudly (the log's "model" event, stats and `ready` say so, and
+                # load.py prints it): the largest power-of-two cap at which every row still
+                # equals its batch-1 run, else one row per call.
+                max_batch = _invariant_cap(model, max_batch)
+                batched = max_batch > 1
+                why = (
+                    f"batches capped at {max_batch} rows: rows differ from batch 1 at "
+                    f"{config.max_batch} rows on this CPU"
+                    if batched
+                    else "batched rows differ from batch 1 on this CPU"
+                )
                 log.warning(
-                    "batching off",
+                    "batching capped" if batched else "batching off",
                     extra={"fields": {"model": model.name, "why": why}},
                 )
             bank = StreamBank(
                 model,
                 capacity=min(config.max_sessions, 64),
-                max_batch=config.max_batch if batched else 1,
+                max_batch=max_batch if batched else 1,
                 max_capacity=config.max_sessions * P.MAX_CHANNELS,
             )
             self.models[model.name] = Served(model, batched, why, bank)
