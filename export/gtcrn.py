@@ -214,9 +214,8 @@ def sfe(x: Tensor, k: int = 3) -> Tensor:
         w = torch.eye(k, dtype=x.dtype).repeat(c, 1).reshape(c * k, 1, 1, k)
         return F.conv2d(x, w, padding=(0, p), groups=c)
     xp = F.pad(x, (p, p))
-    f = int(x.shape[3])
+    t, f = int(x.shape[2]), int(x.shape[3])
     parts = [xp[..., i : i + f] for i in range(k)]
-    c, t = int(x.shape[1]), int(x.shape[2])
     return torch.stack(parts, 2).reshape(-1, c * k, t, f)
 
 

@@ -318,6 +318,27 @@ class Trainer:
             (self.run_dir / "snapshots").mkdir(exist_ok=True)
             _atomic_save(snap, self.run_dir / "snapshots" / f"step_{self.state.step:07d}.pt")
 
+    def _selected(
+        self,
+        step: int,
+        elapsed_s: float,
+        valid: dict[str, float],
+        init: dict[str, Any] | None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The record of selected weights (``best.pt``, ``average.pt``): what
+        :meth:`export` and :func:`_lineage` read back."""
+        return {
+            "model": self.model.state_dict(),
+            "step": step,
+            "elapsed_s": elapsed_s,
+            "valid": valid,
+            "config": self.cfg.model_dump(mode="json"),
+            "init": init,
+            "valid_input": self.valid_input,
+            **extra,
+        }
+
     def average(self, count: int, folder: str | Path | None = None) -> dict[str, Any]:
         """Validate the mean of the model weights of the ``count`` latest checkpoints in
         ``folder`` (default ``<run>/snapshots``; any checkpoint files holding "model" and
@@ -352,16 +373,13 @@ class Trainer:
         last = chosen[-1][2]["run"]
         steps = [st for st, _, _ in chosen]
         _atomic_save(
-            {
-                "model": self.model.state_dict(),
-                "step": int(last["step"]),
-                "elapsed_s": float(last["elapsed_s"]),
-                "valid": res,
-                "config": self.cfg.model_dump(mode="json"),
-                "init": last.get("init"),
-                "valid_input": self.valid_input,
-                "averaged": {"count": count, "steps": steps, "folder": str(src)},
-            },
+            self._selected(
+                int(last["step"]),
+                float(last["elapsed_s"]),
+                res,
+                last.get("init"),
+                averaged={"count": count, "steps": steps, "folder": str(src)},
+            ),
             self.run_dir / "average.pt",
         )
         self._log(
@@ -581,15 +599,7 @@ class Trainer:
         if improved:
             self.state.best_score, self.state.best_step = score, self.state.step
             _atomic_save(
-                {
-                    "model": self.model.state_dict(),
-                    "step": self.state.step,
-                    "valid": res,
-                    "elapsed_s": self.state.elapsed_s,
-                    "config": self.cfg.model_dump(mode="json"),
-                    "init": self.state.init,
-                    "valid_input": self.valid_input,
-                },
+                self._selected(self.state.step, self.state.elapsed_s, res, self.state.init),
                 self.run_dir / "best.pt",
             )
         self.sched.on_validation(improved)
