@@ -126,7 +126,7 @@ class Model:
         if self._complex:
             feat = np.stack((spec.real, spec.imag), axis=1)
             m = mask_graph.run(feat, state, new_state)
-            spec = spec * (m[:, 0] + 1j * m[:, 1]).astype(np.complex64)
+            spec = dsp.apply_complex_mask(spec, m)
         else:
             feat = np.abs(spec)[:, None, :]
             m = mask_graph.run(feat, state, new_state)
@@ -198,7 +198,7 @@ class BoundHop:
             feat[:, 0] = spec.real
             feat[:, 1] = spec.imag
             sessions[0].run_with_iobinding(bindings[0])
-            spec = spec * (mask[:, 0] + 1j * mask[:, 1]).astype(np.complex64)
+            spec = dsp.apply_complex_mask(spec, mask)
         else:
             np.abs(spec, out=feat[:, 0])
             sessions[0].run_with_iobinding(bindings[0])
