@@ -116,9 +116,9 @@ def apply_complex_mask(spec: np.ndarray, mask: np.ndarray) -> np.ndarray:
     The mask is built in a named complex64 array, never a temporary: numpy reuses a
     temporary of 256 KiB or more as the output of the next operation ("temporary
     elision"), and its complex multiply into that buffer rounds some products in the last
-    bit differently. Written ``spec * (re + 1j * im)``, rows at 128 or more 257-bin rows
-    differed from the same rows alone (``rtns.bank.batch_invariant`` failed there); this
-    way every row is bit-identical at any batch size.
+    bit differently. Written as ``spec * (re + 1j * im)``, a batch of 128 or more rows of
+    257 bins gave rows that differed from the same rows alone (``rtns.bank.batch_invariant``
+    failed there); this way every row is bit-identical at any batch size.
     """
     m = np.empty(spec.shape, dtype=np.complex64)
     m.real = mask[:, 0]
