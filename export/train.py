@@ -341,17 +341,21 @@ class Trainer:
 
     def average(self, count: int, folder: str | Path | None = None) -> dict[str, Any]:
         """Validate the mean of the model weights of the ``count`` latest checkpoints in
-        ``folder`` (default ``<run>/snapshots``; any checkpoint files holding "model" and
-        "run") and save it as ``<run>/average.pt``, exportable with ``which="average"``.
-        Buffers that are not floating point (counters) are the latest file's. Returns the
+        ``folder`` (default ``<run>/snapshots``; snapshots and ``last.pt`` files, or
+        selected records such as ``best.pt`` and ``average.pt``, also from other runs of
+        the same model) and save it as ``<run>/average.pt``, exportable with
+        ``which="average"``. Buffers that are not floating point (counters) are the latest
+        file's. The record's run (step, time, ``init``) is the file with the most training
+        behind it (:func:`_lineage`): for one run's snapshots, the latest. Returns the
         validation result plus the averaged steps."""
         src = Path(folder) if folder else self.run_dir / "snapshots"
         found = []
         for p in sorted(src.glob("*.pt")):
             ck = torch.load(p, map_location="cpu", weights_only=False)
-            if "model" not in ck or "step" not in (ck.get("run") or {}):
+            rec = ck.get("run") if isinstance(ck.get("run"), dict) else ck
+            if "model" not in ck or "step" not in rec:
                 raise SelectionError(f"{p}: not a checkpoint (no model weights or step)")
-            found.append((int(ck["run"]["step"]), p, ck))
+            found.append((int(rec["step"]), p, ck))
         if count < 1 or len(found) < count:
             raise SelectionError(
                 f"--average {count}: {src} holds {len(found)} checkpoints"
@@ -370,15 +374,20 @@ class Trainer:
         if self.mixer is None:
             self.load_data()
         res = self.validate()
-        last = chosen[-1][2]["run"]
+        ref = max(chosen, key=lambda c: _lineage(c[2]))[2]
+        last = ref.get("run") if isinstance(ref.get("run"), dict) else ref
         steps = [st for st, _, _ in chosen]
+        inits = {str((c.get("run") or c).get("init") or {}) for _, _, c in chosen}
+        averaged: dict[str, Any] = {"count": count, "steps": steps, "folder": str(src)}
+        if len(inits) > 1:  # not one run's checkpoints: name each file
+            averaged["files"] = [f"{p} (step {st})" for st, p, _ in chosen]
         _atomic_save(
             self._selected(
                 int(last["step"]),
                 float(last["elapsed_s"]),
                 res,
                 last.get("init"),
-                averaged={"count": count, "steps": steps, "folder": str(src)},
+                averaged=averaged,
             ),
             self.run_dir / "average.pt",
         )
@@ -654,6 +663,12 @@ class Trainer:
                 f"weights: the mean of the {a['count']} checkpoints of steps "
                 f"{a['steps'][0]}..{a['steps'][-1]} (validated as such)"
             )
+            if a.get("files"):
+                chosen = (
+                    f"weights: the mean of {a['count']} checkpoints of different runs, "
+                    + ", ".join(a["files"])
+                    + " (validated as such; steps and time counted along the longest lineage)"
+                )
         return Provenance(
             origin=origin,
             training_data=(

@@ -396,3 +396,50 @@ def test_average_of_snapshots_is_validated_and_exported(synth_data, tmp_path, ca
     torch.save({"weights": 1}, junk / "x.pt")
     assert main(["train", "--config", str(path), "--average", "1", "--snapshots", str(junk)]) == 1
     assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_average_of_two_runs_keeps_the_longer_lineage(synth_data, tmp_path, capsys):
+    """--average over selected records of different runs (a stage and the weights it
+    started from): exactly their mean, every file named, steps and minutes counted along
+    the longer lineage, exportable from a run folder that never trained."""
+    import shutil
+
+    from rtns.cli import main
+    from rtns.pack import read_manifest
+
+    first = tiny_config(synth_data, tmp_path, steps=20)
+    run_training(first, threads=1, progress=False)
+    second = tiny_config(
+        synth_data, tmp_path, steps=20, name="tiny_b", init_from=str(first.run_dir / "best.pt")
+    )
+    run_training(second, threads=1, progress=False)
+    both = tmp_path / "both"
+    both.mkdir()
+    shutil.copy(first.run_dir / "best.pt", both / "a.pt")
+    shutil.copy(second.run_dir / "best.pt", both / "b.pt")
+    mean_cfg = tiny_config(synth_data, tmp_path, name="tiny_mean")
+    path = tmp_path / "mean.json"
+    path.write_text(mean_cfg.model_dump_json())
+    assert main(["train", "--config", str(path), "--average", "2", "--snapshots", str(both)]) == 0
+    avg = torch.load(mean_cfg.run_dir / "average.pt", weights_only=False)
+    a, b = (torch.load(both / n, weights_only=False) for n in ("a.pt", "b.pt"))
+    for k, v in avg["model"].items():
+        if v.is_floating_point():
+            want = (a["model"][k].double() + b["model"][k].double()).div(2).float()
+            assert torch.allclose(v, want, atol=1e-7)
+    assert avg["init"]["init_from"] == str(first.run_dir / "best.pt")  # b's record
+    assert avg["step"] == b["step"] and avg["elapsed_s"] == b["elapsed_s"]
+    assert [f.split(" ")[0] for f in avg["averaged"]["files"]] == [
+        str(both / "a.pt"),
+        str(both / "b.pt"),
+    ]
+    assert not (mean_cfg.run_dir / "last.pt").exists()
+    out = tmp_path / "mean_pack"
+    args = ["train", "--config", str(path), "--export-only", "--checkpoint", "average"]
+    assert main([*args, "--out", str(out)]) == 0
+    prov = read_manifest(out).provenance
+    assert "mean of 2 checkpoints of different runs" in prov.notes
+    assert prov.steps == a["step"] + b["step"]
+    assert prov.total_train_minutes == pytest.approx(
+        (a["elapsed_s"] + b["elapsed_s"]) / 60, abs=0.1
+    )

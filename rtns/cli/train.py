@@ -159,7 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
             return 0
         if args.export_only:
             tr = Trainer(cfg, threads=args.threads, progress=False)
-            if not (tr.run_dir / "last.pt").exists():
+            if args.checkpoint != "average" and not (tr.run_dir / "last.pt").exists():
                 raise UserInputError(f"no checkpoint in {tr.run_dir}; train first")
             extra = None
             if args.provenance:
