@@ -352,7 +352,7 @@ class Trainer:
         found = []
         for p in sorted(src.glob("*.pt")):
             ck = torch.load(p, map_location="cpu", weights_only=False)
-            rec = ck.get("run") if isinstance(ck.get("run"), dict) else ck
+            rec = _record(ck)
             if "model" not in ck or "step" not in rec:
                 raise SelectionError(f"{p}: not a checkpoint (no model weights or step)")
             found.append((int(rec["step"]), p, ck))
@@ -375,9 +375,9 @@ class Trainer:
             self.load_data()
         res = self.validate()
         ref = max(chosen, key=lambda c: _lineage(c[2]))[2]
-        last = ref.get("run") if isinstance(ref.get("run"), dict) else ref
+        last = _record(ref)
         steps = [st for st, _, _ in chosen]
-        inits = {str((c.get("run") or c).get("init") or {}) for _, _, c in chosen}
+        inits = {str(_record(c).get("init") or {}) for _, _, c in chosen}
         averaged: dict[str, Any] = {"count": count, "steps": steps, "folder": str(src)}
         if len(inits) > 1:  # not one run's checkpoints: name each file
             averaged["files"] = [f"{p} (step {st})" for st, p, _ in chosen]
@@ -814,6 +814,12 @@ def compare_runs(run_dirs: list[str | Path], key: str = "pesq") -> dict[str, Any
         }
     out["winner"] = max(out["runs"], key=lambda n: out["runs"][n]["best_at_equal_time"][key])
     return out
+
+
+def _record(ck: dict[str, Any]) -> dict[str, Any]:
+    """Where a checkpoint keeps its step, time and init: a snapshot's or last.pt's "run",
+    a selected record's (best.pt, average.pt) top level."""
+    return ck["run"] if isinstance(ck.get("run"), dict) else ck
 
 
 def _lineage(ck: dict[str, Any], _depth: int = 0) -> tuple[float, int]:
