@@ -4,6 +4,9 @@
 # of RUNS concurrently on the one GPU for WALL seconds, then the run folders into $OUT.
 #   RUNS: "name:config:KEY=JSON,KEY=JSON ..." entries, separated by spaces
 #   WALL: seconds after which every run gets SIGTERM (it validates, checkpoints and stops)
+#   a run whose folder is under .gpu/resume/<name> (last.pt, config.json, train.csv,
+#   valid.csv of an earlier call) resumes from it; raise its optim.max_minutes in RUNS to
+#   give a cosine_time schedule room (the learning rate restarts where t/max_minutes says)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -46,6 +49,9 @@ for entry in ${RUNS}; do
         "${args[@]}" "${extra[@]}" "${decode[@]}" >>"$OUT/prepare.log" 2>&1 \
         || { say "prepare $name failed"; continue; }
     decode=(--no-decode)  # the first one filled the audio cache
+    if [ -d ".gpu/resume/$name" ]; then
+        cp -r ".gpu/resume/$name" "$WORK/runs/" && say "$name resumes from .gpu/resume/$name"
+    fi
     cfg="$WORK/configs/$name/$(basename "$config")"
     timeout -s TERM -k 90 "$WALL" python3 -m rtns_export.remote train "$cfg" --threads 1 \
         >"$WORK/$name.log" 2>&1 &
@@ -56,12 +62,16 @@ for p in "${pids[@]}"; do wait "$p"; done
 say "all runs ended"
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 tail -n 3 "$WORK"/*.log
-# back: one archive per family prefix (at most 8 files come back); last.pt only for runs
-# whose name matches KEEP_LAST (to resume them here), best.pt and the logs for all
+# back: one archive per run when at most 7 ran, else one per family prefix (at most 8 files
+# come back, 16 MiB each); last.pt only for runs whose name matches KEEP_LAST (to resume them
+# here), best.pt, snapshots and the logs for all
 cd "$WORK" && tar czf "$OUT/logs.tgz" ./*.log configs
-for group in $(ls runs | grep -v '^cache$' | cut -d_ -f1 | sort -u); do
+names=$(ls runs | grep -v '^cache$')
+if [ "$(echo "$names" | wc -l)" -le 7 ]; then groups=$names; else groups=$(echo "$names" | cut -d_ -f1 | sort -u); fi
+for group in $groups; do
     files=()
-    for d in runs/"$group"_*; do
+    for d in runs/"$group" runs/"$group"_*; do
+        [ -d "$d" ] || continue
         for f in "$d"/*; do
             case "$f" in
                 *.tmp) ;;

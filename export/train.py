@@ -417,7 +417,26 @@ class Trainer:
         for name in ("train.csv", "valid.csv"):
             _truncate_csv(self.run_dir / name, self.state.step)
         self._log(f"resumed from step {self.state.step} ({self.state.elapsed_s / 60:.1f} min)")
+        self._check_best_metric()
         return True
+
+    def _check_best_metric(self) -> None:
+        """A run resumed with another ``valid.select`` (a GPU run that had no PESQ, resumed
+        here with it) must not compare PESQ against a best SI-SDR: where the best step's
+        validation row does not hold the best score under the current metric, the best is
+        forgotten (loudly) and the next validation writes best.pt afresh."""
+        st, select = self.state, self.cfg.valid.select
+        if st.best_step < 0:
+            return
+        row = next((h for h in st.history if int(h.get("step", -1)) == st.best_step), None)
+        if row is not None and math.isclose(row.get(select, math.nan), st.best_score):
+            return
+        self._log(
+            f"the best so far (step {st.best_step}, score {st.best_score:.3f}) was not "
+            f"selected by valid.select={select!r}: best forgotten, the next validation "
+            "writes best.pt"
+        )
+        st.best_score, st.best_step = -math.inf, -1
 
     def init_weights(self, path: str | Path) -> None:
         """Load model weights (only) from another run's checkpoint, for fine-tuning."""

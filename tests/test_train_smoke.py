@@ -122,6 +122,24 @@ def test_resume_is_exact(synth_data, tmp_path):
     assert _losses(a.run_dir) == _losses(b.run_dir)
 
 
+def test_resume_with_another_select_metric_forgets_the_best(synth_data, tmp_path, capsys):
+    a = tiny_config(synth_data, tmp_path, steps=20, valid={"items": 4, "seconds": 1.5,
+                    "pesq_items": 0, "every_steps": 10, "select": "si_sdr"})
+    tr, _ = run_training(a, threads=1, progress=False, export=False)
+    row = next(h for h in tr.state.history if h["step"] == tr.state.best_step)
+    assert tr.state.best_score == pytest.approx(row["si_sdr"])
+    # the same run, resumed with PESQ as the metric: an SI-SDR best must not stand for one
+    b = tiny_config(synth_data, tmp_path, steps=30, valid={"items": 4, "seconds": 1.5,
+                    "pesq_items": 2, "every_steps": 10, "select": "pesq"})
+    tr2, _ = run_training(b, threads=1, progress=False, export=False)
+    assert "was not selected by valid.select='pesq'" in capsys.readouterr().err
+    assert tr2.state.best_step == 30
+    last = tr2.state.history[-1]
+    assert tr2.state.best_score == pytest.approx(last["pesq"]) and last["best"] == 1
+    best = torch.load(b.run_dir / "best.pt", weights_only=False)
+    assert best.get("step", best.get("run", {}).get("step")) == 30
+
+
 def test_mixing_workers_feed_the_training_loop(synth_data, tmp_path, capsys):
     cfg = tiny_config({**synth_data, "workers": 2}, tmp_path, steps=12)
     tr, _ = run_training(cfg, threads=1, progress=False, export=False)
