@@ -129,7 +129,9 @@ def test_unknown_family(pack):
     _edit_manifest(pack, fam)
     msg = _load_error(pack)
     assert str(pack / MANIFEST) in msg and "invalid manifest at family" in msg
-    assert "unknown family 'wavenet'; known families: dtln, frcrn, gtcrn, lowlat, passthrough" in msg
+    assert (
+        "unknown family 'wavenet'; known families: dtln, frcrn, gtcrn, lowlat, passthrough" in msg
+    )
 
 
 def test_families_are_a_registry(pack, monkeypatch):
