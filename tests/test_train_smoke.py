@@ -123,22 +123,15 @@ def test_resume_is_exact(synth_data, tmp_path):
 
 
 def test_resume_with_another_select_metric_forgets_the_best(synth_data, tmp_path, capsys):
-    a = tiny_config(
-        synth_data,
-        tmp_path,
-        steps=20,
-        valid={"items": 4, "seconds": 1.5, "pesq_items": 0, "every_steps": 10, "select": "si_sdr"},
-    )
-    tr, _ = run_training(a, threads=1, progress=False, export=False)
+    def cfg(steps: int, select: str, pesq_items: int) -> TrainConfig:
+        valid = {"items": 4, "seconds": 1.5, "pesq_items": pesq_items, "every_steps": 10}
+        return tiny_config(synth_data, tmp_path, steps=steps, valid={**valid, "select": select})
+
+    tr, _ = run_training(cfg(20, "si_sdr", 0), threads=1, progress=False, export=False)
     row = next(h for h in tr.state.history if h["step"] == tr.state.best_step)
     assert tr.state.best_score == pytest.approx(row["si_sdr"])
     # the same run, resumed with PESQ as the metric: an SI-SDR best must not stand for one
-    b = tiny_config(
-        synth_data,
-        tmp_path,
-        steps=30,
-        valid={"items": 4, "seconds": 1.5, "pesq_items": 2, "every_steps": 10, "select": "pesq"},
-    )
+    b = cfg(30, "pesq", 2)
     tr2, _ = run_training(b, threads=1, progress=False, export=False)
     assert "was not selected by valid.select='pesq'" in capsys.readouterr().err
     assert tr2.state.best_step == 30
