@@ -202,7 +202,7 @@ def score(args: argparse.Namespace) -> int:
     best.pt (and last.pt where present) scored as its own trainer would, one table."""
     import torch
 
-    from rtns_export.train import Trainer
+    from rtns_export.train import Trainer, _record
 
     base = load_config(args.data_config)
     rows, shared = [], None
@@ -223,8 +223,8 @@ def score(args: argparse.Namespace) -> int:
                 continue
             ck = torch.load(path, map_location="cpu", weights_only=False)
             tr.model.load_state_dict(ck["model"])
-            step = ck.get("step", ck.get("run", {}).get("step"))
-            elapsed = ck.get("elapsed_s", ck.get("run", {}).get("elapsed_s"))
+            rec = _record(ck)
+            step, elapsed = rec.get("step"), rec.get("elapsed_s")
             res = tr.validate()
             rows.append(
                 {"run": run.name, "which": which, "step": step, "elapsed_s": elapsed, **res}

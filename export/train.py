@@ -454,7 +454,7 @@ class Trainer:
                 f"but this run builds {self.cfg.family} {self.cfg.model}"
             )
         self.model.load_state_dict(ck["model"])
-        step = ck.get("step", ck.get("run", {}).get("step"))
+        step = _record(ck).get("step")
         self.state.init = {
             "init_from": str(p),
             "init_step": step,

@@ -15,7 +15,7 @@ import soundfile as sf
 
 torch = pytest.importorskip("torch")
 
-from rtns_export.train import run_training  # noqa: E402
+from rtns_export.train import _record, run_training  # noqa: E402
 from rtns_export.train_config import TrainConfig  # noqa: E402
 
 SR = 16_000
@@ -137,8 +137,7 @@ def test_resume_with_another_select_metric_forgets_the_best(synth_data, tmp_path
     assert tr2.state.best_step == 30
     last = tr2.state.history[-1]
     assert tr2.state.best_score == pytest.approx(last["pesq"]) and last["best"] == 1
-    best = torch.load(b.run_dir / "best.pt", weights_only=False)
-    assert best.get("step", best.get("run", {}).get("step")) == 30
+    assert _record(torch.load(b.run_dir / "best.pt", weights_only=False))["step"] == 30
 
 
 def test_mixing_workers_feed_the_training_loop(synth_data, tmp_path, capsys):
