@@ -254,6 +254,7 @@ class Trainer:
         self.state = RunState()
         self._stop = False
         self.mixer: Mixer | None = None
+        self._pack_import: Any = None  # an ImportReport until its norms are calibrated
 
     # data is loaded lazily so that --export-only does not need it
     def load_data(self) -> None:
@@ -441,8 +442,11 @@ class Trainer:
     def init_weights(self, path: str | Path) -> None:
         """Load model weights (only) from another run's checkpoint, for fine-tuning."""
         p = Path(path)
+        if p.is_dir():
+            self._init_from_pack(p)
+            return
         if not p.is_file():
-            raise ConfigError(f"init_from: no checkpoint at {p}")
+            raise ConfigError(f"init_from: no checkpoint or pack at {p}")
         try:
             ck = torch.load(p, map_location=self.device, weights_only=False)
             src = ck.get("config", {})
@@ -462,6 +466,54 @@ class Trainer:
         }
         self.state.init["init_minutes"], self.state.init["init_steps"] = _lineage(ck)
         self._log(f"initialised from {p} (step {step}); optimizer and schedule start fresh")
+
+    def _init_from_pack(self, p: Path) -> None:
+        """``init_from`` names a pack: its weights read back from the ONNX graph; the batch
+        norms the export folded are calibrated on training batches once the data is loaded
+        (:meth:`_finish_pack_import`)."""
+        from rtns_export.pack_import import PackImportError, import_pack
+
+        try:
+            rep = import_pack(p, self.model, self.cfg.family, dict(self.cfg.model))
+        except PackImportError as e:
+            raise ConfigError(f"init_from: {e}") from None
+        self._pack_import = rep
+        self.state.init = {
+            "init_from": str(p),
+            "init_step": rep.steps,
+            "init_valid": rep.validation,
+            "init_minutes": rep.minutes,
+            "init_steps": rep.steps,
+            "init_pack_sha256": rep.sha256,
+        }
+        self._log(
+            f"weights read from pack {p} ({rep.tensors} tensors; {rep.steps} steps, "
+            f"{rep.minutes:.1f} min of training behind it); {len(rep.folded_norms)} folded "
+            "batch norms to calibrate"
+        )
+
+    def _finish_pack_import(self, batches: int = 8) -> None:
+        """Calibrate the folded batch norms of an imported pack on ``batches`` training
+        batches, then check the model against the pack through the engine (<= 1e-4)."""
+        from rtns_export.exporter import check_parity, parity_signal
+        from rtns_export.pack_import import calibrate_folded_norms
+
+        rep = self._pack_import
+        assert self.mixer is not None and rep is not None
+        size = self.cfg.optim.batch
+        xs = [torch.from_numpy(self.mixer.batch(size)[1]).to(self.device) for _ in range(batches)]
+        calibrate_folded_norms(self.model, rep.folded_norms, xs)
+        par = check_parity(self.model.cpu(), Path(rep.pack), parity_signal())
+        self.model.to(self.device)
+        if not par.max_abs_err <= 1e-4:
+            raise ConfigError(
+                f"init_from: the weights read from {rep.pack} differ from the pack by "
+                f"{par.max_abs_err:.3g} through the engine"
+            )
+        assert self.state.init is not None
+        self.state.init["init_parity"] = par.max_abs_err
+        self._log(f"pack import checked through the engine: max |error| {par.max_abs_err:.2g}")
+        self._pack_import = None
 
     # -- one step / validation --------------------------------------------------------------
     def train_step(
@@ -520,10 +572,17 @@ class Trainer:
         if not fresh:
             self.resume()
         elif cfg.init_from:
+            imported = self._pack_import is not None
+            if imported:
+                self._finish_pack_import()
             res = self.validate()
             assert self.state.init is not None
             self.state.init["init_valid_now"] = res
             self._log("starting point: valid " + ", ".join(f"{k} {x:.3f}" for k, x in res.items()))
+            if imported:  # the pack's weights as a record (step 0), e.g. to average with
+                _atomic_save(
+                    self._selected(0, 0.0, res, self.state.init), self.run_dir / "imported.pt"
+                )
         assert self.mixer is not None
         part_names = [t.name for t in cfg.losses]
         tlog = _CsvLog(

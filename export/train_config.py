@@ -216,7 +216,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     #: Start from the model weights of this checkpoint (``best.pt`` or ``last.pt`` of an
     #: earlier run) with a fresh optimizer and schedule: a fine-tuning stage. Ignored when the
-    #: run resumes from its own ``last.pt``.
+    #: run resumes from its own ``last.pt``. A pack folder (``models/rtns-gtcrn``) of a
+    #: complex-mask family works too: its ONNX weights are read back
+    #: (:mod:`rtns_export.pack_import`) and checked against the pack through the engine.
     init_from: str | None = None
     out_dir: str = "runs"
     log_every: int = Field(10, ge=1)
