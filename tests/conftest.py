@@ -19,6 +19,18 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Per-frame torch calls are tiny: a thread pool only adds synchronization (and is
+    pathologically slow on a loaded machine). Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    torch = pytest.importorskip("torch")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def passthrough_pack(tmp_path_factory) -> Path:
     from packs import build_passthrough_pack

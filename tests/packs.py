@@ -153,3 +153,18 @@ def build_random_dtln_pack(out_dir: Path, seed: int = 0, norm: bool = False) -> 
     model = DTLN(DTLNConfig(norm=norm))
     export_dtln(model, out_dir, name="random-dtln", provenance=Provenance(origin="random init"))
     return out_dir
+
+
+def perturbed(model):
+    """``model`` with every weight moved off its initial value (PReLU slopes and biases too)
+    and random batch-norm statistics, at the scale of a trained model, in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0 + 0.2 * torch.randn_like(p)).add_(0.02 * torch.randn_like(p))
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.05, 0.05)
+                mod.running_var.uniform_(0.8, 1.25)
+    return model.eval()

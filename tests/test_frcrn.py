@@ -51,14 +51,7 @@ def randomized(cfg: FRCRNConfig | None = None, seed: int = 0) -> FRCRN:
     return m.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Per-frame torch calls are tiny: a thread pool only adds synchronization (and is
-    pathologically slow on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

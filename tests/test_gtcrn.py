@@ -12,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from packs import perturbed  # noqa: E402
+
 from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.engine import Model, Stream, enhance_array, session_options  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
@@ -34,27 +36,14 @@ LATENCY = BLOCK_LEN - BLOCK_SHIFT
 SMALL = GTCRNConfig(dilations=(1, 2), dp_blocks=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomized(cfg: GTCRNConfig | None = None, seed: int = 0) -> GTCRN:
     """A model with every weight perturbed (PReLU slopes, biases, BN statistics too) at the
     scale of a trained model, in eval mode."""
     torch.manual_seed(seed)
-    m = GTCRN(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(1.0 + 0.2 * torch.randn_like(p)).add_(0.02 * torch.randn_like(p))
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.05, 0.05)
-                mod.running_var.uniform_(0.8, 1.25)
-    return m.eval()
+    return perturbed(GTCRN(cfg))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from packs import perturbed  # noqa: E402
+
 from rtns.pack import Provenance  # noqa: E402
 from rtns_export.exporter import check_parity, parity_signal  # noqa: E402
 from rtns_export.frcrn import FRCRN, FRCRNConfig, export_frcrn  # noqa: E402
@@ -35,26 +37,12 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained_like(cls, cfg, seed: int):
-    """A model with every weight and batch-norm statistic moved off its initial value."""
     torch.manual_seed(seed)
-    m = cls(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(1.0 + 0.2 * torch.randn_like(p)).add_(0.02 * torch.randn_like(p))
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.05, 0.05)
-                mod.running_var.uniform_(0.8, 1.25)
-    return m.eval()
+    return perturbed(cls(cfg))
 
 
 def export(family: str, tmp: Path, seed: int = 0, **prov):

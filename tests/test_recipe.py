@@ -35,12 +35,7 @@ from rtns_export.train_config import (  # noqa: E402
 SR = 16_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def speechlike(n: int = 16_000, seed: int = 0) -> np.ndarray:

@@ -245,7 +245,7 @@ def test_fine_tune_refuses_a_checkpoint_of_another_shape(synth_data, tmp_path, c
     missing = other.model_copy(update={"init_from": str(tmp_path / "nope.pt")})
     path.write_text(missing.model_dump_json())
     assert main(["train", "--config", str(path), "--quiet"]) == 1
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert "no checkpoint or pack at" in capsys.readouterr().err
 
 
 def test_stoi_floor_can_refuse_every_checkpoint(synth_data, tmp_path, capsys):
