@@ -182,7 +182,7 @@ def import_pack(
     probes = []
     with tempfile.TemporaryDirectory() as tmp:
         for norm_ids in (False, True):
-            probe = copy.deepcopy(model).float()
+            probe = copy.deepcopy(model).cpu().float()
             slots = _probe_slots(probe, norm_ids)
             path = Path(tmp) / f"probe{int(norm_ids)}.onnx"
             _export_probe(probe, graph.file, path)
