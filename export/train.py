@@ -726,10 +726,15 @@ class Trainer:
         stage_minutes = float(best.get("elapsed_s", self.state.elapsed_s)) / 60
         origin = f"trained from scratch with `rtns train` (run {cfg.name!r}, seed {cfg.seed})"
         if init:
+            src = f"checkpoint {init['init_from']}"
+            if init.get("init_pack_sha256"):
+                src = (
+                    f"pack {init['init_from']} as it was then (graph sha256 "
+                    f"{init['init_pack_sha256'][:12]}; its weights read back from the ONNX graph)"
+                )
             origin = (
                 f"trained from scratch with `rtns train` in stages: run {cfg.name!r} (seed "
-                f"{cfg.seed}) fine-tuned this project's own checkpoint {init['init_from']}, "
-                "itself trained from scratch"
+                f"{cfg.seed}) fine-tuned this project's own {src}, itself trained from scratch"
             )
         sel = cfg.valid.select
         if cfg.valid.min_stoi_gain is not None:

@@ -193,6 +193,7 @@ def test_fine_tune_starts_from_a_pack(tmp_path):
     assert init["init_valid_now"]["si_sdr"] == pytest.approx(prov.validation["si_sdr"], abs=1e-3)
     rec = torch.load(ft.run_dir / "imported.pt", weights_only=False)
     assert rec["step"] == 0 and rec["valid"]["si_sdr"] == init["init_valid_now"]["si_sdr"]
+    assert "fine-tuned this project's own pack" in tr.provenance({}).origin
     minutes, steps = _lineage(torch.load(ft.run_dir / "last.pt", weights_only=False))
     assert steps == 4 + prov.steps
     assert minutes == pytest.approx(tr.state.elapsed_s / 60 + prov.total_train_minutes, abs=0.02)
