@@ -38,7 +38,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from rtns.pack import read_manifest
+from rtns.pack import PackError, read_manifest, verify_files
 
 ID0 = 2.0**22  # ids 2**22 + k are exact float32 integers for k < 2**22
 COMPLEX_MASK_FAMILIES = ("frcrn", "gtcrn", "lowlat")
@@ -156,7 +156,8 @@ def import_pack(
     pack_dir = Path(pack_dir)
     try:
         man = read_manifest(pack_dir)
-    except Exception as e:
+        verify_files(pack_dir, man)  # a truncated or altered graph fails here, by its hash
+    except PackError as e:
         raise PackImportError(f"{pack_dir}: not a readable pack ({e})") from None
     prov = man.provenance
     if family not in COMPLEX_MASK_FAMILIES:

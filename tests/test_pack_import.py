@@ -122,6 +122,12 @@ def test_refusals(tmp_path):
         import_pack(pack, GTCRN(SMALL), "dtln", {})
     with pytest.raises(PackImportError, match="not a readable pack"):
         import_pack(tmp_path / "nowhere", GTCRN(SMALL), "gtcrn", SMALL.to_dict())
+    onnx_file = next(pack.glob("*.onnx"))
+    good = onnx_file.read_bytes()
+    onnx_file.write_bytes(good[: len(good) // 2])
+    with pytest.raises(PackImportError, match="not a readable pack"):
+        import_pack(pack, GTCRN(SMALL), "gtcrn", SMALL.to_dict())
+    onnx_file.write_bytes(good)
     # a pack without its model options, exported by another configuration: the graph says so
     man = json.loads((pack / "manifest.json").read_text())
     del man["provenance"]["model"]
