@@ -30,7 +30,6 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -38,7 +37,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from rtns.pack import PackError, read_manifest, verify_files
+from rtns.pack import Manifest, PackError, read_manifest, verify_files
 
 ID0 = 2.0**22  # ids 2**22 + k are exact float32 integers for k < 2**22
 COMPLEX_MASK_FAMILIES = ("frcrn", "gtcrn", "lowlat")
@@ -60,6 +59,12 @@ class ImportReport:
     validation: dict[str, float] | None
     folded_norms: list[str] = field(default_factory=list)
     tensors: int = 0
+
+
+def pack_family(man: Manifest) -> str:
+    """The training family of a pack's model: its provenance's architecture (a gtcrn pack
+    uses the engine's complex-mask layout of family frcrn), else the manifest's family."""
+    return getattr(man.provenance, "architecture", None) or man.family
 
 
 def _graph_tensors(path: Path) -> tuple[list[str], dict[tuple[int, int], np.ndarray]]:
@@ -144,6 +149,43 @@ def _ids(a: np.ndarray, n: int) -> np.ndarray:
     return np.where(ok, (np.round(k) + 1) * np.sign(a), 0).astype(np.int64)
 
 
+def _values_by_id(
+    pack_dir: Path,
+    slots: list[tuple[str, torch.Tensor]],
+    tensors: dict[tuple[int, int], np.ndarray],
+    shipped: dict[tuple[int, int], np.ndarray],
+    folded_ok: bool,
+) -> dict[str, torch.Tensor]:
+    """{slot name: its values in the pack} for one probe: each id found in a probe tensor
+    takes the shipped value at the same place. Every slot must be found whole, except (with
+    ``folded_ok``) batch norms the export folded away, found not at all."""
+    sizes = [t.numel() for _, t in slots]
+    n = int(sum(sizes))
+    flat = np.full(n, np.nan)
+    for key, a in tensors.items():
+        idx = _ids(a, n).reshape(-1)
+        hit = idx != 0
+        k = np.abs(idx[hit]) - 1
+        v = shipped[key].reshape(-1)[hit].astype(np.float64) * np.sign(idx[hit])
+        seen = ~np.isnan(flat[k])
+        if seen.any() and not np.allclose(flat[k][seen], v[seen], rtol=1e-5, atol=1e-6):
+            raise PackImportError(f"{pack_dir}: one parameter holds two values in the graph")
+        flat[k] = v
+    values, off = {}, 0
+    for (name, t), size in zip(slots, sizes, strict=True):
+        chunk = flat[off : off + size]
+        off += size
+        if folded_ok:
+            if np.isnan(chunk).all():
+                continue  # a folded batch norm: calibrated later
+            if np.isnan(chunk).any():
+                raise PackImportError(f"{pack_dir}: {name} is only partly in the graph")
+        elif np.isnan(chunk).any():
+            raise PackImportError(f"{pack_dir}: parameter {name} is not in the graph")
+        values[name] = torch.from_numpy(chunk.reshape(tuple(t.shape)))
+    return values
+
+
 def import_pack(
     pack_dir: str | Path, model: nn.Module, family: str, model_cfg: dict
 ) -> ImportReport:
@@ -165,7 +207,7 @@ def import_pack(
             f"importing a {family} pack is not supported (complex-mask families only: "
             f"{', '.join(COMPLEX_MASK_FAMILIES)}); DTLN weights come from their checkpoints"
         )
-    arch = getattr(prov, "architecture", None) or man.family
+    arch = pack_family(man)
     if arch != family:
         raise PackImportError(f"{pack_dir} holds a {arch} model, this run builds {family}")
     shipped_cfg = getattr(prov, "model", None)
@@ -210,30 +252,7 @@ def import_pack(
                 "configuration's"
             )
     for norm_ids, (slots, tensors) in enumerate(probes):
-        sizes = [t.numel() for _, t in slots]
-        n = counts[norm_ids]
-        flat = np.full(n, np.nan)
-        for key, a in tensors.items():
-            idx = _ids(a, n).reshape(-1)
-            hit = idx != 0
-            k = np.abs(idx[hit]) - 1
-            v = shipped[key].reshape(-1)[hit].astype(np.float64) * np.sign(idx[hit])
-            seen = ~np.isnan(flat[k])
-            if seen.any() and not np.allclose(flat[k][seen], v[seen], rtol=1e-5, atol=1e-6):
-                raise PackImportError(f"{pack_dir}: one parameter holds two values in the graph")
-            flat[k] = v
-        off = 0
-        for (name, t), size in zip(slots, sizes, strict=True):
-            chunk = flat[off : off + size]
-            off += size
-            if norm_ids:
-                if np.isnan(chunk).all():
-                    continue  # a folded batch norm: calibrated later
-                if np.isnan(chunk).any():
-                    raise PackImportError(f"{pack_dir}: {name} is only partly in the graph")
-            elif np.isnan(chunk).any():
-                raise PackImportError(f"{pack_dir}: parameter {name} is not in the graph")
-            values[name] = torch.from_numpy(chunk.reshape(tuple(t.shape)))
+        values |= _values_by_id(pack_dir, slots, tensors, shipped, folded_ok=bool(norm_ids))
 
     folded = []
     with torch.no_grad():
@@ -265,11 +284,10 @@ def import_pack(
 
 def calibrate_folded_norms(
     model: nn.Module, names: Iterable[str], inputs: Iterable[torch.Tensor]
-) -> dict[str, Any]:
+) -> None:
     """Make each named (folded) batch norm the identity in eval mode, with statistics of real
     inputs: over ``inputs`` (noisy waveforms [B, N]) its per-channel input mean m and variance
-    v; then running stats (m, v), scale sqrt(v + eps), shift m. Returns the channel counts
-    and batches seen."""
+    v; then running stats (m, v), scale sqrt(v + eps), shift m."""
     names = list(names)
     mods = dict(model.named_modules())
     sums: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -306,7 +324,6 @@ def calibrate_folded_norms(
             bn.running_var.copy_(v)
             bn.weight.copy_(torch.sqrt(v + bn.eps))
             bn.bias.copy_(m)
-    return {"norms": len(names), "batches": batches}
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     ap.add_argument("pack")
     a = ap.parse_args(argv)
     man = read_manifest(Path(a.pack))
-    fam = getattr(man.provenance, "architecture", None) or man.family
+    fam = pack_family(man)
     cfg = dict(man.provenance.model or {})
     model = build_model(fam, cfg)
     rep = import_pack(a.pack, model, fam, cfg)

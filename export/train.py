@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from rtns_export.data import (
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss
 from rtns_export.train_config import ConfigError, ScheduleConfig, TrainConfig
+
+if TYPE_CHECKING:  # onnx is imported only when a run starts from a pack
+    from rtns_export.pack_import import ImportReport
 
 
 # -- learning-rate schedule ---------------------------------------------------------------
@@ -254,7 +257,7 @@ class Trainer:
         self.state = RunState()
         self._stop = False
         self.mixer: Mixer | None = None
-        self._pack_import: Any = None  # an ImportReport until its norms are calibrated
+        self._pack_import: ImportReport | None = None  # until its norms are calibrated
 
     # data is loaded lazily so that --export-only does not need it
     def load_data(self) -> None:

@@ -3,12 +3,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+SR = 16_000
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +56,28 @@ def random_dtln_pack(tmp_path_factory) -> Path:
     from packs import build_random_dtln_pack
 
     return build_random_dtln_pack(tmp_path_factory.mktemp("packs") / "random_dtln")
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> dict[str, str]:
+    """Train and valid speech (voiced tones) and noise folders of wav files, and a cache dir."""
+    import soundfile as sf
+    from packs import voiced
+
+    root = tmp_path_factory.mktemp("synth")
+    rng = np.random.default_rng(0)
+    folders = {}
+    for split, n_speech, n_noise in (("train", 8, 3), ("valid", 3, 2)):
+        sp, nz = root / split / "speech", root / split / "noise"
+        sp.mkdir(parents=True)
+        nz.mkdir(parents=True)
+        for i in range(n_speech):
+            sf.write(sp / f"s{i}.wav", voiced(2.0, rng.uniform(100, 250), rng), SR)
+        for j in range(n_noise):
+            white = rng.standard_normal(3 * SR)
+            pink = np.cumsum(rng.standard_normal(3 * SR)) * 0.05
+            pink -= np.convolve(pink, np.ones(201) / 201, mode="same")
+            sf.write(nz / f"n{j}.wav", (0.05 * white + pink * (j % 2)).astype(np.float32), SR)
+        folders[f"{split}_speech"], folders[f"{split}_noise"] = str(sp), str(nz)
+    folders["cache_dir"] = str(root / "cache")
+    return folders

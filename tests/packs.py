@@ -168,3 +168,14 @@ def perturbed(model):
                 mod.running_mean.uniform_(-0.05, 0.05)
                 mod.running_var.uniform_(0.8, 1.25)
     return model.eval()
+
+
+def voiced(seconds: float, f0: float, rng: np.random.Generator, sr: int = 16_000) -> np.ndarray:
+    """A synthetic voiced utterance: harmonics of a wobbling f0 under a syllable-rate
+    envelope, float32."""
+    t = np.arange(int(seconds * sr)) / sr
+    f = f0 * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.3, 1.0) * t))
+    ph = 2 * np.pi * np.cumsum(f) / sr
+    x = sum(np.sin(k * ph) / k for k in range(1, 20))
+    env = np.clip(np.sin(2 * np.pi * rng.uniform(2, 4) * t + rng.uniform(0, 6)), 0, None) ** 2
+    return (0.1 * x * env).astype(np.float32)

@@ -136,31 +136,13 @@ def test_refusals(tmp_path):
         import_pack(pack, GTCRN(other), "gtcrn", other.to_dict())
 
 
-def test_fine_tune_starts_from_a_pack(tmp_path):
+def test_fine_tune_starts_from_a_pack(synth_data, tmp_path):
     """``init_from`` naming a pack folder: the trainer reads it back, calibrates on training
     batches, checks it through the engine, starts where the pack scored, and counts the
     pack's training in the lineage."""
-    import soundfile as sf
-    from test_train_smoke import _voiced  # the smoke test's synthetic speech
-
     from rtns.pack import read_manifest
     from rtns_export.train import ConfigError, _lineage, run_training
     from rtns_export.train_config import TrainConfig
-
-    rng = np.random.default_rng(0)
-    data = {}
-    for split in ("train", "valid"):
-        sp, nz = tmp_path / split / "speech", tmp_path / split / "noise"
-        sp.mkdir(parents=True)
-        nz.mkdir(parents=True)
-        for i in range(4):
-            sf.write(sp / f"s{i}.wav", _voiced(2.0, rng.uniform(100, 250), rng), 16000)
-        for j in range(2):
-            sf.write(
-                nz / f"n{j}.wav", (0.05 * rng.standard_normal(3 * 16000)).astype(np.float32), 16000
-            )
-        data[f"{split}_speech"], data[f"{split}_noise"] = str(sp), str(nz)
-    data["cache_dir"] = str(tmp_path / "cache")
 
     def cfg(name: str, **kw) -> TrainConfig:
         return TrainConfig.model_validate(
@@ -168,7 +150,7 @@ def test_fine_tune_starts_from_a_pack(tmp_path):
                 "name": name,
                 "family": "gtcrn",
                 "model": SMALL.to_dict(),
-                "data": {**data, "segment_seconds": 1.0, "snr_db": [0, 10]},
+                "data": {**synth_data, "segment_seconds": 1.0, "snr_db": [0, 10]},
                 "losses": [
                     {"name": "cc_mse", "weight": 30.0},
                     {"name": "cmag_mse", "weight": 70.0},

@@ -11,44 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 torch = pytest.importorskip("torch")
+
+from packs import voiced  # noqa: E402
 
 from rtns_export.train import _record, run_training  # noqa: E402
 from rtns_export.train_config import TrainConfig  # noqa: E402
 
 SR = 16_000
-
-
-def _voiced(seconds: float, f0: float, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(int(seconds * SR)) / SR
-    f = f0 * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.3, 1.0) * t))
-    ph = 2 * np.pi * np.cumsum(f) / SR
-    x = sum(np.sin(k * ph) / k for k in range(1, 20))
-    env = np.clip(np.sin(2 * np.pi * rng.uniform(2, 4) * t + rng.uniform(0, 6)), 0, None) ** 2
-    return (0.1 * x * env).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def synth_data(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("synth")
-    rng = np.random.default_rng(0)
-    folders = {}
-    for split, n_speech, n_noise in (("train", 8, 3), ("valid", 3, 2)):
-        sp, nz = root / split / "speech", root / split / "noise"
-        sp.mkdir(parents=True)
-        nz.mkdir(parents=True)
-        for i in range(n_speech):
-            sf.write(sp / f"s{i}.wav", _voiced(2.0, rng.uniform(100, 250), rng), SR)
-        for j in range(n_noise):
-            white = rng.standard_normal(3 * SR)
-            pink = np.cumsum(rng.standard_normal(3 * SR)) * 0.05
-            pink -= np.convolve(pink, np.ones(201) / 201, mode="same")
-            sf.write(nz / f"n{j}.wav", (0.05 * white + pink * (j % 2)).astype(np.float32), SR)
-        folders[f"{split}_speech"], folders[f"{split}_noise"] = str(sp), str(nz)
-    folders["cache_dir"] = str(root / "cache")
-    return folders
 
 
 def tiny_config(data: dict[str, str], out: Path, steps: int = 40, **kw) -> TrainConfig:
@@ -294,7 +265,7 @@ def test_tune_atten_lim_picks_by_rule():
     from rtns_export.train import tune_atten_lim, with_atten_lim
 
     rng = np.random.default_rng(0)
-    clean = np.stack([_voiced(2.0, f0, rng) for f0 in (120.0, 180.0)])
+    clean = np.stack([voiced(2.0, f0, rng) for f0 in (120.0, 180.0)])
     noisy = clean + 0.01 * rng.standard_normal(clean.shape).astype(np.float32)
     est = 0.5 * clean
     est[:, ::2] = 0.0  # heavy distortion
