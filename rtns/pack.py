@@ -43,7 +43,12 @@ PACK_FORMAT = "rtns-pack/1"
 BATCH = "batch"
 #: Environment variable with extra folders (os.pathsep-separated) to search for packs.
 PACK_PATH_ENV = "RTNS_MODEL_PATH"
-DEFAULT_PACK = "rtns-dtln"
+#: The pack a single stream runs without ``--model`` (``rtns enhance``, ``rtns run``, the
+#: virtual microphone): the flagship, best on both test sets (README, "Quality").
+DEFAULT_PACK = "rtns-gtcrn"
+#: The pack ``rtns serve`` hosts without ``--model``: a hop of it costs 0.4-0.5x the
+#: flagship's, so one core keeps 100 real-time clients with it against 15 (README, "Daemon").
+DEFAULT_SERVE_PACK = "rtns-dtln"
 #: Largest magnitude of a state's initial value. Recurrent states start at zero or near it
 #: (an LSTM cell, a running mean); 1e39 is already infinite in float32.
 MAX_STATE_INIT = 1e3

@@ -13,7 +13,7 @@ from cli_helpers import run_rtns
 
 from rtns import audio_io
 from rtns.errors import UserInputError
-from rtns.pack import MANIFEST, PACK_PATH_ENV
+from rtns.pack import DEFAULT_PACK, MANIFEST, PACK_PATH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_enhance_without_default_pack_says_pass_model(tmp_path):
     env = {PACK_PATH_ENV: str(empty), "HOME": str(tmp_path)}
     sf.write(tmp_path / "in.wav", tones(1600, 16_000, 1), 16_000)
     r = run_rtns("enhance", "in.wav", "out.wav", cwd=tmp_path, env=env, hide_shipped_packs=True)
-    assert_clean_error(r, "no default model pack (rtns-dtln) is installed", "--model")
+    assert_clean_error(r, f"no default model pack ({DEFAULT_PACK}) is installed", "--model")
     # The same folder with the shipped packs visible finds the default and succeeds.
     r = run_rtns("enhance", "in.wav", "out.wav", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr

@@ -197,3 +197,38 @@ def test_stream_refuses_more_channels_than_the_protocol_carries(tmp_path):
         f"at most {MAX_CHANNELS}",
     )
     assert line.startswith("rtns: error: in.wav")
+
+
+def test_help_and_listing_name_the_two_defaults(capsys):
+    """One stream without --model runs DEFAULT_PACK (the flagship); `rtns serve` without
+    --model hosts DEFAULT_SERVE_PACK (the cheaper pack, for clients per core). The help
+    texts, the server's settings and `rtns models` all say so."""
+    from rtns.cli.files import models_table
+    from rtns.daemon.server import ServerConfig
+    from rtns.pack import DEFAULT_PACK, DEFAULT_SERVE_PACK, resolve_pack
+
+    assert DEFAULT_PACK != DEFAULT_SERVE_PACK
+    assert ServerConfig().models == [DEFAULT_SERVE_PACK]
+    p = build_parser()
+    for cmd, name in (
+        (["enhance"], DEFAULT_PACK),
+        (["run"], DEFAULT_PACK),
+        (["serve"], DEFAULT_SERVE_PACK),
+    ):
+        with pytest.raises(SystemExit):
+            p.parse_args([*cmd, "--help"])
+        assert f"default: {name}" in " ".join(capsys.readouterr().out.split()), cmd
+    marked = {row[0] for row in models_table()[1:] if "default)" in row[0]}
+    shipped = {n for n in (DEFAULT_PACK, DEFAULT_SERVE_PACK) if _installed(resolve_pack, n)}
+    want = {f"{DEFAULT_PACK} (default)", f"{DEFAULT_SERVE_PACK} (serve default)"}
+    assert marked == {w for w in want if w.split()[0] in shipped}
+
+
+def _installed(resolve_pack, name: str) -> bool:
+    from rtns.pack import PackError
+
+    try:
+        resolve_pack(name)
+        return True
+    except PackError:
+        return False

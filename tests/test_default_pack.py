@@ -1,5 +1,7 @@
-"""The shipped default pack (models/rtns-dtln): present, valid, trained here (not imported),
-and better than the unprocessed input on real noisy speech.
+"""The shipped default packs: ``DEFAULT_PACK`` (models/rtns-gtcrn, what one stream runs
+without --model) present, valid, trained here (not imported), and better than the
+unprocessed input on real noisy speech; ``DEFAULT_SERVE_PACK`` (models/rtns-dtln, what
+`rtns serve` hosts without --model) present and trained here too.
 
 The scores are computed here, not read back from manifest.json: every vbdemand36 pair of
 ``../shared/data/test`` goes through the engine (with the pack's attenuation limit and
@@ -14,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtns.pack import DEFAULT_PACK, read_manifest, resolve_pack, verify_files
+from rtns.pack import DEFAULT_PACK, DEFAULT_SERVE_PACK, read_manifest, resolve_pack, verify_files
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "models" / DEFAULT_PACK
+SERVE_PACK = REPO / "models" / DEFAULT_SERVE_PACK
 TEST_SET = "vbdemand36"
 #: The metrics scored for every pair (DNSMOS, the slowest, runs on two pairs only).
 METRICS = ("pesq_wb", "stoi", "si_sdr")
@@ -81,25 +84,30 @@ def scored(shared_dir) -> dict[str, dict[str, float]]:
     return means
 
 
-def test_default_pack_is_shipped_and_resolves():
-    assert (PACK / "manifest.json").is_file(), "the default pack models/rtns-dtln is missing"
-    m = read_manifest(PACK)
-    verify_files(PACK, m)
-    assert m.name == DEFAULT_PACK and m.family == "dtln"
-    # Without --model the installed copy of this pack is used (same graphs, same hashes).
-    found = resolve_pack(None)
+@pytest.mark.parametrize("pack, family", [(PACK, "gtcrn"), (SERVE_PACK, "dtln")])
+def test_default_packs_are_shipped_and_resolve(pack, family):
+    assert (pack / "manifest.json").is_file(), f"the default pack {pack} is missing"
+    m = read_manifest(pack)
+    verify_files(pack, m)
+    assert m.name == pack.name and m.family == family
+    # By name the installed copy of this pack is used (same graphs, same hashes).
+    found = resolve_pack(m.name)
     assert [g.sha256 for g in read_manifest(found).graphs] == [g.sha256 for g in m.graphs]
-    size = sum(p.stat().st_size for p in PACK.iterdir())
+    size = sum(p.stat().st_size for p in pack.iterdir())
     assert size < 10 * 2**20
+    # Without --model a single stream gets DEFAULT_PACK.
+    assert read_manifest(resolve_pack(None)).name == DEFAULT_PACK
 
 
-def test_default_pack_provenance():
-    """Trained here from scratch (not imported), with its recipe recorded."""
-    prov = read_manifest(PACK).provenance.model_dump()
+@pytest.mark.parametrize("pack", [PACK, SERVE_PACK])
+def test_default_packs_provenance(pack):
+    """Trained here from scratch (not imported), with the recipe recorded."""
+    prov = read_manifest(pack).provenance.model_dump()
     assert "from scratch" in prov["origin"]
     assert prov["steps"] and prov["steps"] > 0
     assert prov["losses"]
-    assert "loss_comparison" in prov
+    if pack == SERVE_PACK:
+        assert "loss_comparison" in prov
 
 
 def test_default_pack_beats_input_on_every_metric(scored):

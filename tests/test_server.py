@@ -557,7 +557,7 @@ def test_serve_and_stream_cli_with_curve(passthrough_pack, tmp_path):
 
 
 def test_shipped_default_among_a_hundred_sessions_equals_enhance():
-    """Batching is on by construction for the shipped default pack (the probe passes), and
+    """Batching is on by construction for the server's default pack (the probe passes), and
     one client among 100 others gets exactly `rtns enhance`'s samples."""
     default = Model("rtns-dtln")
     x = noise(8_000, seed=9)

@@ -13,7 +13,7 @@ RATES = [8_000, 16_000, 22_050, 44_100, 48_000]
 
 @pytest.fixture(scope="module")
 def dtln() -> Model:
-    return Model("rtns-dtln")  # the shipped default pack
+    return Model("rtns-dtln")  # the shipped pack `rtns serve` hosts by default
 
 
 def noise(n: int, channels: int, seed: int = 0) -> np.ndarray:

@@ -197,7 +197,14 @@ def models_table() -> list[list[str]]:
     first) for every pack on the search path. The name is what ``--model`` takes to reach
     that pack (its manifest name, else its folder name, else its path); a broken pack has
     family 'BROKEN' and its error in the scores column."""
-    from rtns.pack import DEFAULT_PACK, PackError, iter_packs, model_arg, verify_files
+    from rtns.pack import (
+        DEFAULT_PACK,
+        DEFAULT_SERVE_PACK,
+        PackError,
+        iter_packs,
+        model_arg,
+        verify_files,
+    )
 
     rows = [["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]]
     packs = list(iter_packs())
@@ -214,7 +221,8 @@ def models_table() -> list[list[str]]:
         # n - latency_samples (24.0 ms for 512/128 at 16 kHz).
         ms = 1000.0 * man.latency_samples / man.frames.sample_rate
         arg = model_arg(path, man, packs)
-        name = arg + (" (default)" if arg == DEFAULT_PACK else "")
+        default = {DEFAULT_PACK: " (default)", DEFAULT_SERVE_PACK: " (serve default)"}
+        name = arg + default.get(arg, "")
         limit = options.limit_text(man.atten_lim_db)
         rows.append([name, man.family, f"{ms:.1f} ms", limit, _score_text(man.scores), str(path)])
     return rows

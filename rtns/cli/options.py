@@ -147,7 +147,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
         "--model",
         "-m",
         metavar="PACK",
-        help="pack name (see `rtns models`) or pack folder; default: rtns-dtln",
+        help="pack name (see `rtns models`) or pack folder; default: rtns-gtcrn",
     )
 
 

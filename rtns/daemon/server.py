@@ -46,7 +46,7 @@ from rtns.daemon.metrics import DaemonMetrics, NoMetrics
 from rtns.daemon.session import Served, Session
 from rtns.engine import Model
 from rtns.errors import UserInputError
-from rtns.pack import DEFAULT_PACK
+from rtns.pack import DEFAULT_SERVE_PACK
 from rtns.streams import ChannelStream
 
 #: zmq send flags as plain ints (the hot path; see Server._send_raw).
@@ -85,7 +85,7 @@ class ServerConfig(BaseModel):
 
     bind: str = "tcp://127.0.0.1:5555"
     #: Pack names or folders; sessions pick by manifest name, the first is the default.
-    models: list[str] = Field(default_factory=lambda: [DEFAULT_PACK])
+    models: list[str] = Field(default_factory=lambda: [DEFAULT_SERVE_PACK])
     max_sessions: int = Field(256, ge=1, le=100_000)
     #: ZMQ_MAXMSGSIZE on the socket (bytes, per frame): a larger frame drops the connection.
     max_message_bytes: int = Field(262_144, ge=1024)
