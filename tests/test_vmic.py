@@ -148,16 +148,22 @@ def test_input_callback_allocates_no_arrays(passthrough_model: Model):
         mic.callback(inbuf, block, None, None)
         runner.step()
         mic.callback(inbuf, block, None, None)  # warm every branch
+        # tracemalloc counts every thread of the process (a thread left over by an earlier
+        # test may allocate meanwhile): three rounds, and the callback is judged by the
+        # quietest. An allocation of its own shows in every round.
+        grown = []
         tracemalloc.start()
         try:
-            base, _ = tracemalloc.get_traced_memory()
-            tracemalloc.reset_peak()
-            for _ in range(20):
-                mic.callback(inbuf, block, None, None)
-            _, peak = tracemalloc.get_traced_memory()
+            for _ in range(3):
+                base, _ = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                for _ in range(20):
+                    mic.callback(inbuf, block, None, None)
+                _, peak = tracemalloc.get_traced_memory()
+                grown.append(peak - base)
         finally:
             tracemalloc.stop()
-        assert peak - base < 4096, f"callback allocated {peak - base} bytes"
+        assert min(grown) < 4096, f"callback allocated {grown} bytes in three rounds"
         writer.close()
     os.close(r)
     os.close(w)
