@@ -10,12 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from alloc_probe import callback_peak_bytes
 
 from rtns.atten import OFF, AttenLimit
 from rtns.audio import (
@@ -217,16 +217,9 @@ def test_callback_allocates_no_arrays(passthrough_model: Model) -> None:
         runner.callback(inbuf, outbuf, block, None, None)
         runner.step()
         runner.callback(inbuf, outbuf, block, None, None)  # warm every branch
-        tracemalloc.start()
-        try:
-            base, _ = tracemalloc.get_traced_memory()
-            tracemalloc.reset_peak()
-            for _ in range(20):
-                runner.callback(inbuf, outbuf, block, None, Flags(input_overflow=True))
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert peak - base < 4096, f"callback allocated {peak - base} bytes"
+        flags = Flags(input_overflow=True)
+        grown = callback_peak_bytes(lambda: runner.callback(inbuf, outbuf, block, None, flags))
+        assert grown < 4096, f"callback allocated {grown} bytes"
         assert runner.underruns > 0  # the worker did not run: the short branch was taken
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import select
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from alloc_probe import callback_peak_bytes
 from pulse_harness import wait_until
 
 from rtns.audio import LiveRunner, plan_buffering
@@ -148,22 +148,8 @@ def test_input_callback_allocates_no_arrays(passthrough_model: Model):
         mic.callback(inbuf, block, None, None)
         runner.step()
         mic.callback(inbuf, block, None, None)  # warm every branch
-        # tracemalloc counts every thread of the process (a thread left over by an earlier
-        # test may allocate meanwhile): three rounds, and the callback is judged by the
-        # quietest. An allocation of its own shows in every round.
-        grown = []
-        tracemalloc.start()
-        try:
-            for _ in range(3):
-                base, _ = tracemalloc.get_traced_memory()
-                tracemalloc.reset_peak()
-                for _ in range(20):
-                    mic.callback(inbuf, block, None, None)
-                _, peak = tracemalloc.get_traced_memory()
-                grown.append(peak - base)
-        finally:
-            tracemalloc.stop()
-        assert min(grown) < 4096, f"callback allocated {grown} bytes in three rounds"
+        grown = callback_peak_bytes(lambda: mic.callback(inbuf, block, None, None))
+        assert grown < 4096, f"callback allocated {grown} bytes"
         writer.close()
     os.close(r)
     os.close(w)

@@ -207,6 +207,7 @@ def models_table() -> list[list[str]]:
     )
 
     rows = [["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]]
+    default = {DEFAULT_PACK: " (default)", DEFAULT_SERVE_PACK: " (serve default)"}
     packs = list(iter_packs())
     for path, man in packs:
         if isinstance(man, PackError):
@@ -221,7 +222,6 @@ def models_table() -> list[list[str]]:
         # n - latency_samples (24.0 ms for 512/128 at 16 kHz).
         ms = 1000.0 * man.latency_samples / man.frames.sample_rate
         arg = model_arg(path, man, packs)
-        default = {DEFAULT_PACK: " (default)", DEFAULT_SERVE_PACK: " (serve default)"}
         name = arg + default.get(arg, "")
         limit = options.limit_text(man.atten_lim_db)
         rows.append([name, man.family, f"{ms:.1f} ms", limit, _score_text(man.scores), str(path)])
