@@ -1,14 +1,17 @@
-"""What the STFT-mask families (frcrn, gtcrn, lowlat) share: the sqrt-Hann 512/128 STFT of
-the training path, overlap-add, zero states, and the one-frame ``step`` the exporter traces.
+"""What the STFT-mask families (frcrn, gtcrn, lowlat, ...) share: the sqrt-Hann 512/128 STFT
+of the training path, overlap-add, the state declaration (:class:`StateDef`), zero states,
+the parameter count, and the one-frame ``step`` the exporter traces.
 
-A subclass of :class:`MaskModel` defines ``state_defs`` (objects with ``name``, ``shape``,
-``init``) and ``net(feat [B, 2, T, 257], states) -> (mask [B, 2, T, 257], new states)``;
-``apply_mask`` says how the mask acts on the spectrum (a complex ratio mask by default).
+A subclass of :class:`MaskModel` defines ``state_defs`` (a list of :class:`StateDef`),
+``net(feat [B, 2, T, 257], states) -> (mask [B, 2, T, 257], new states)`` and
+``macs_per_frame()``; ``apply_mask`` says how the mask acts on the spectrum (a complex ratio
+mask by default). Model modules import these helpers from here, never from each other.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +21,21 @@ from torch import nn
 from rtns.config import BLOCK_LEN, BLOCK_SHIFT
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class StateDef:
+    """One streaming state tensor of a mask model (per stream: ``shape``, filled with ``init``
+    at the start of a stream); exported as graph input ``name`` and output ``name_out``."""
+
+    name: str
+    shape: tuple[int, ...]
+    description: str
+    init: float = 0.0
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def analysis_window(device=None) -> Tensor:
@@ -53,12 +71,16 @@ class MaskModel(nn.Module):
     block_shift = BLOCK_SHIFT
     #: Output sample n estimates input n - latency in block-by-block streaming.
     latency = BLOCK_LEN - BLOCK_SHIFT
-    state_defs: list
+    state_defs: list[StateDef]
 
     analysis_window = staticmethod(analysis_window)
     synthesis_window = staticmethod(synthesis_window)
 
     def net(self, feat: Tensor, states: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def macs_per_frame(self) -> int:
+        """Multiply-accumulates of one ``step`` (one 128-sample hop of one stream)."""
         raise NotImplementedError
 
     def apply_mask(self, spec: Tensor, mask: Tensor) -> Tensor:

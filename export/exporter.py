@@ -206,11 +206,11 @@ def export_pack(
     return manifest, report
 
 
-# -- complex-mask families (frcrn, gtcrn, lowlat) ------------------------------------------
+# -- complex-mask families (frcrn, gtcrn, lowlat, ...: rtns_export.cmask.MaskModel) ---------
 def complex_mask_graph(model: nn.Module, file: str) -> GraphExport:
     """The one graph of a complex-mask pack: ``model.step(spectrum [B, 2, 257], *states) ->
-    (mask [B, 2, 257], *new states)`` with the states of ``model.state_defs`` (objects with
-    name, shape, init, description)."""
+    (mask [B, 2, 257], *new states)`` with the states of ``model.state_defs``
+    (:class:`rtns_export.cmask.StateDef`)."""
     return GraphExport(
         "mask",
         file,
@@ -229,23 +229,34 @@ def export_complex_mask_pack(
     out_dir: Path,
     *,
     family: str,
-    graph_file: str,
     name: str,
     provenance: Provenance,
     description: str,
+    graph_file: str | None = None,
     **kw,
 ) -> tuple[Manifest, ParityReport]:
     """Export a complex-mask model (sqrt-Hann 512/128 STFT in, complex ratio mask out, one
-    graph) to a parity-checked pack."""
+    graph ``<family>_mask.onnx``) to a parity-checked pack. The provenance gains the model's
+    architecture (= ``family``), parameter count, MACs per hop and state floats."""
+    from rtns_export.cmask import count_params
+
+    prov = provenance.model_copy(
+        update={
+            "architecture": family,
+            "parameters": count_params(model),
+            "macs_per_hop": model.macs_per_frame(),
+            "state_floats": model.state_floats(),
+        }
+    )
     return export_pack(
         model,
         out_dir,
         name=name,
         family=family,
         frontend=FrontEnd(window="sqrt_hann", mask="complex"),
-        graphs=[complex_mask_graph(model, graph_file)],
+        graphs=[complex_mask_graph(model, graph_file or f"{family}_mask.onnx")],
         latency=model.latency,
-        provenance=provenance,
+        provenance=prov,
         description=description,
         **kw,
     )

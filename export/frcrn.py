@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtns.config import N_BINS
-from rtns_export.cmask import MaskModel
+from rtns_export.cmask import MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -316,19 +316,6 @@ class DecoderLevel(nn.Module):
 
 
 # -- the network -----------------------------------------------------------------------------
-@dataclass
-class _StateDef:
-    name: str
-    shape: tuple[int, ...]
-    description: str
-    init: float = 0.0
-
-
-@dataclass
-class _Plan:
-    states: list[_StateDef] = field(default_factory=list)
-
-
 class FRCRN(MaskModel):
     def __init__(self, cfg: FRCRNConfig | None = None) -> None:
         super().__init__()
@@ -362,24 +349,24 @@ class FRCRN(MaskModel):
         with torch.no_grad():
             self.dec[0].conv.bias.zero_()
             self.dec[0].conv.bias[0] = 1.0
-        self._plan = self._state_plan()
+        self.state_defs = self._state_plan()
 
     # -- state inventory ---------------------------------------------------------------
-    def _state_plan(self) -> _Plan:
-        cfg, plan = self.cfg, _Plan()
+    def _state_plan(self) -> list[StateDef]:
+        cfg, states = self.cfg, []
         ins = [1] + list(cfg.channels[:-1])
         for i, lvl in enumerate(self.enc):
             if lvl.conv.cache_frames:
-                plan.states.append(
-                    _StateDef(
+                states.append(
+                    StateDef(
                         f"enc{i}_cache",
                         (2 * ins[i], lvl.conv.cache_frames, self.bins[i]),
                         f"encoder {i} conv input, last {lvl.conv.cache_frames} frame(s)",
                     )
                 )
         for j, lyr in enumerate(self.mid_time):
-            plan.states.append(
-                _StateDef(
+            states.append(
+                StateDef(
                     f"tfsmn{j}_cache",
                     (2 * lyr.c, lyr.cache_frames, self.bins[-1]),
                     f"bottleneck time FSMN {j}: last {lyr.cache_frames} projected frames",
@@ -387,8 +374,8 @@ class FRCRN(MaskModel):
             )
         for i, lvl in enumerate(self.dec):
             if lvl.conv.cache_frames:
-                plan.states.append(
-                    _StateDef(
+                states.append(
+                    StateDef(
                         f"dec{i}_cache",
                         (lvl.conv.ci * 2, lvl.conv.cache_frames, self.bins[i + 1]),
                         f"decoder {i} conv input, last {lvl.conv.cache_frames} frame(s)",
@@ -396,25 +383,21 @@ class FRCRN(MaskModel):
                 )
         for i, lvl in enumerate(self.enc):
             if lvl.se is not None:
-                plan.states.append(
-                    _StateDef(
+                states.append(
+                    StateDef(
                         f"enc{i}_se_sum", (2 * lvl.se.c,), f"encoder {i} SE running sum (re, im)"
                     )
                 )
         for i, lvl in enumerate(self.dec):
             if lvl.se is not None:
-                plan.states.append(
-                    _StateDef(
+                states.append(
+                    StateDef(
                         f"dec{i}_se_sum", (2 * lvl.se.c,), f"decoder {i} SE running sum (re, im)"
                     )
                 )
         if cfg.se:
-            plan.states.append(_StateDef("se_count", (1,), "frames seen (SE running mean)"))
-        return plan
-
-    @property
-    def state_defs(self) -> list[_StateDef]:
-        return self._plan.states
+            states.append(StateDef("se_count", (1,), "frames seen (SE running mean)"))
+        return states
 
     # -- the shared per-frame(s) network -------------------------------------------------------
     def _features(self, feat: Tensor) -> Tensor:
@@ -483,29 +466,21 @@ class FRCRN(MaskModel):
         return acc[0]
 
 
-def frcrn_graphs(model: FRCRN) -> list:
-    """The single mask graph of an FRCRN pack with its state tensors."""
-    from rtns_export.exporter import complex_mask_graph
-
-    return [complex_mask_graph(model, "frcrn_mask.onnx")]
-
-
 def export_frcrn(model: FRCRN, out_dir, *, name: str, provenance, description: str = "", **kw):
     """Export an FRCRN to a pack (parity-checked); returns (manifest, parity report)."""
     from rtns_export.exporter import export_complex_mask_pack
 
-    n_params = sum(p.numel() for p in model.parameters())
     return export_complex_mask_pack(
         model,
         out_dir,
         family="frcrn",
-        graph_file="frcrn_mask.onnx",
         name=name,
         provenance=provenance,
         description=description
         or (
             f"causal FRCRN-style complex CED, channels {list(model.cfg.channels)}, "
-            f"{n_params:,} parameters, {model.macs_per_frame() / 1e6:.2f} MMAC per 8 ms frame"
+            f"{count_params(model):,} parameters, "
+            f"{model.macs_per_frame() / 1e6:.2f} MMAC per 8 ms frame"
         ),
         **kw,
     )

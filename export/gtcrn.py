@@ -1,7 +1,7 @@
 """A causal, streamable GTCRN-class network (after Rong et al., ICASSP 2024) for rtns.
 
 Written for this project's framing (512-sample blocks, 128-sample hop, 16 kHz, 257 bins,
-sqrt-periodic-Hann analysis/synthesis: the rtns-frcrn pack layout, one complex-mask graph).
+sqrt-periodic-Hann analysis/synthesis: the complex-mask pack layout, one mask graph).
 Facts about the published design are from shared/MODELS.md section 6; the code is ours.
 
 Layer plan (C = ``channels``, default 16; H = C/2; F = bands at each level)::
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtns.config import N_BINS, SAMPLE_RATE
-from rtns_export.cmask import MaskModel
+from rtns_export.cmask import MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -407,14 +407,6 @@ class DPGRNN(nn.Module):
 
 
 # -- the network -------------------------------------------------------------------------------
-@dataclass
-class StateDef:
-    name: str
-    shape: tuple[int, ...]
-    description: str
-    init: float = 0.0
-
-
 class GTCRN(MaskModel):
     def __init__(self, cfg: GTCRNConfig | None = None) -> None:
         super().__init__()
@@ -568,47 +560,25 @@ class GTCRN(MaskModel):
         return total[0] + erb + tra
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def gtcrn_graphs(model: GTCRN) -> list:
-    """The single mask graph of a GTCRN pack with its state tensors."""
-    from rtns_export.exporter import complex_mask_graph
-
-    return [complex_mask_graph(model, "gtcrn_mask.onnx")]
-
-
 def export_gtcrn(model: GTCRN, out_dir, *, name: str, provenance, description: str = "", **kw):
     """Export a GTCRN to a pack (parity-checked through the engine); returns (manifest, parity
-    report). The pack uses the engine's complex-mask layout (manifest family ``frcrn``: one
-    mask graph on (Re X, Im X) of the sqrt-Hann 512/128 STFT); the architecture, parameter
-    count, MACs per hop and state size are in the provenance and description."""
+    report). The pack uses the engine's complex-mask layout (one mask graph on (Re X, Im X) of
+    the sqrt-Hann 512/128 STFT) under family ``gtcrn``; the parameter count, MACs per hop and
+    state size are in the provenance and description."""
     from rtns_export.exporter import export_complex_mask_pack
 
-    n_params = count_params(model)
-    macs = model.macs_per_frame()
-    prov = provenance.model_copy(
-        update={
-            "architecture": "gtcrn",
-            "parameters": n_params,
-            "macs_per_hop": macs,
-            "state_floats": model.state_floats(),
-        }
-    )
     return export_complex_mask_pack(
         model,
         out_dir,
         family="gtcrn",
-        graph_file="gtcrn_mask.onnx",
         name=name,
-        provenance=prov,
+        provenance=provenance,
         description=description
         or (
             f"causal GTCRN-class network (ERB bands, subband features, grouped temporal "
             f"convolutions with temporal recurrent attention, grouped dual-path GRU, complex "
-            f"ratio mask), channels {model.cfg.channels}, {n_params:,} parameters, "
-            f"{macs / 1e6:.3f} MMAC per 8 ms hop; complex-mask pack layout"
+            f"ratio mask), channels {model.cfg.channels}, {count_params(model):,} parameters, "
+            f"{model.macs_per_frame() / 1e6:.3f} MMAC per 8 ms hop; complex-mask pack layout"
         ),
         **kw,
     )

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtns.config import N_BINS
-from rtns_export.cmask import MaskModel
-from rtns_export.gtcrn import StateDef, count_params
+from rtns_export.cmask import MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 PAD_BINS = 272
@@ -115,25 +114,15 @@ class LowLat(MaskModel):
 def export_lowlat(model: LowLat, out_dir, *, name: str, provenance, **kw):
     from rtns_export.exporter import export_complex_mask_pack
 
-    n_params = count_params(model)
-    prov = provenance.model_copy(
-        update={
-            "architecture": "lowlat",
-            "parameters": n_params,
-            "macs_per_hop": model.macs_per_frame(),
-            "state_floats": model.state_floats(),
-        }
-    )
     return export_complex_mask_pack(
         model,
         out_dir,
         family="lowlat",
-        graph_file="lowlat_mask.onnx",
         name=name,
-        provenance=prov,
+        provenance=provenance,
         description=(
             f"causal recurrent magnitude mask (after Wilson et al. 2018), LSTM "
-            f"{model.cfg.layers} x {model.cfg.hidden}, {n_params:,} parameters, "
+            f"{model.cfg.layers} x {model.cfg.hidden}, {count_params(model):,} parameters, "
             f"{model.macs_per_frame() / 1e6:.2f} MMAC per 8 ms hop; complex-mask pack layout"
         ),
         **kw,

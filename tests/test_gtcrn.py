@@ -17,14 +17,18 @@ from packs import perturbed  # noqa: E402
 from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.engine import Model, Stream, enhance_array, session_options  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
-from rtns_export.cmask import analysis_window, overlap_add, synthesis_window  # noqa: E402
+from rtns_export.cmask import (  # noqa: E402
+    analysis_window,
+    count_params,
+    overlap_add,
+    synthesis_window,
+)
 from rtns_export.exporter import parity_signal  # noqa: E402
 from rtns_export.gtcrn import (  # noqa: E402
     GTCRN,
     GroupedGRU,
     GTCRNConfig,
     PReLU,
-    count_params,
     erb_matrices,
     erb_triangles,
     export_gtcrn,
