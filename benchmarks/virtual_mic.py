@@ -16,6 +16,10 @@ the same speech (``rtns enhance``, time-aligned with its input) by cross-correla
 where d is the lag of the best match. The under-runs are those rtns's summary counts.
 
     python benchmarks/virtual_mic.py --seconds 60
+    python benchmarks/virtual_mic.py --seconds 60 --server pipewire
+
+``--server pipewire`` runs the same against a private headless PipeWire 0.3
+(pipewire + wireplumber + pipewire-pulse, tests/pulse_harness.py's ``PipeWireServer``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from pulse_harness import RATE, PulseServer, Rtns, best_lag, skip_reason  # noqa: E402
+from pulse_harness import (  # noqa: E402
+    RATE,
+    PipeWireServer,
+    PulseServer,
+    Rtns,
+    best_lag,
+    pipewire_skip_reason,
+    skip_reason,
+)
 
 NAME = "rtns_bench"
 CHUNK = 480  # 10 ms at 48 kHz per write and per read
@@ -154,9 +166,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="speech played (default 60)")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--json", type=Path, help="write the numbers here")
+    ap.add_argument(
+        "--server", choices=("pulseaudio", "pipewire"), default="pulseaudio",
+        help="the sound server started for the run (default pulseaudio)",
+    )  # fmt: skip
     ap.add_argument("rtns_args", nargs="*", help="more `rtns run` arguments (after --)")
     args = ap.parse_args()
-    reason = skip_reason()
+    server_cls = PipeWireServer if args.server == "pipewire" else PulseServer
+    reason = pipewire_skip_reason() if args.server == "pipewire" else skip_reason()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 1
@@ -174,7 +191,8 @@ def main() -> int:
             print(r.stderr, file=sys.stderr)
             return 1
         ref, _ = sf.read(tmp / "ref.wav", dtype="float32")
-        with PulseServer(tmp / "pulse") as srv:
+        with server_cls(tmp / "server") as srv:
+            server_name = srv.run("pactl", "info").stdout.split("Server Name: ")[-1]
             server = f"unix:{srv.runtime}/pulse/native"
             env = {**srv.env, "PULSE_SOURCE": "fake_mic.monitor"}
             proc = Rtns(["-i", "pulse", "--virtual-mic", NAME, *args.rtns_args], env, tmp)
@@ -219,6 +237,7 @@ def main() -> int:
         )
     m = re.search(r"(\d+) under-runs \((\d+) frames\)", summary)
     result = {
+        "server": server_name.splitlines()[0] if server_name else args.server,
         "seconds_played": args.seconds,
         "delay_ms": round(delay * 1e3, 2),
         "correlation": round(corr, 4),

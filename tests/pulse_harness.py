@@ -6,7 +6,8 @@ The server runs as the issue describes (``pulseaudio -n --daemonize=no
 module-always-sink) with ``XDG_RUNTIME_DIR`` and ``HOME`` in a private folder, so it never
 meets a user's own server. ``fake_mic`` runs at 48 kHz mono: what is played into it reaches
 ``fake_mic.monitor`` without a resampler in between. Every wait polls a condition against
-a deadline; nothing sleeps for a fixed time.
+a deadline; nothing sleeps for a fixed time. ``PipeWireServer`` is the same desktop on
+PipeWire 0.3 (pipewire, wireplumber and pipewire-pulse under a private session D-Bus).
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ RATE = 48_000
 START_TIMEOUT_S = 60.0
 
 
-def skip_reason() -> str | None:
-    """Why the PulseAudio tests cannot run here, or None."""
-    missing = [b for b in BINARIES if shutil.which(b) is None]
+def skip_reason(
+    binaries: tuple[str, ...] = BINARIES,
+    packages: str = "pulseaudio pulseaudio-utils libasound2-plugins",
+) -> str | None:
+    """Why the PulseAudio tests (the ``binaries`` from ``packages``) cannot run here, or
+    None."""
+    missing = [b for b in binaries if shutil.which(b) is None]
     if missing:
-        return (
-            f"needs {', '.join(missing)} (apt-get install pulseaudio pulseaudio-utils "
-            "libasound2-plugins)"
-        )
+        return f"needs {', '.join(missing)} (apt-get install {packages})"
     libdirs = [
         Path(p) for p in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")
     ]
@@ -136,6 +138,85 @@ class PulseServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+PIPEWIRE_BINARIES = ("pipewire", "wireplumber", "pipewire-pulse", "dbus-daemon", *BINARIES[1:])
+
+
+def pipewire_skip_reason() -> str | None:
+    """Why the PipeWire tests cannot run here, or None (pulseaudio itself is not needed:
+    pipewire-pulse is the server)."""
+    return skip_reason(
+        PIPEWIRE_BINARIES, "pipewire pipewire-pulse wireplumber pulseaudio-utils libasound2-plugins"
+    )
+
+
+class PipeWireServer(PulseServer):
+    """A private headless PipeWire 0.3 desktop: a session D-Bus, ``pipewire``,
+    ``wireplumber`` and ``pipewire-pulse`` (the PulseAudio server rtns and the tests talk
+    to), with the same private ``XDG_RUNTIME_DIR``/``HOME`` and the same 48 kHz mono null
+    sink ``fake_mic`` (loaded through pactl) as :class:`PulseServer`."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.log = self.folder / "pipewire.log"
+        self.procs: list[subprocess.Popen] = []
+        for key in ("PIPEWIRE_RUNTIME_DIR", "PIPEWIRE_REMOTE", "DBUS_SESSION_BUS_ADDRESS"):
+            self.env.pop(key, None)
+        self.env["XDG_CONFIG_HOME"] = str(self.home / ".config")
+        self.env["XDG_STATE_HOME"] = str(self.home / ".local" / "state")
+
+    def _spawn(self, *cmd: str) -> subprocess.Popen:
+        with open(self.log, "a") as log:
+            proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> PipeWireServer:
+        self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log.write_text("")
+        address = f"unix:path={self.runtime}/bus"
+        bus = self._spawn(
+            "dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={address}"
+        )
+        self.env["DBUS_SESSION_BUS_ADDRESS"] = address
+        wait_until(lambda: (self.runtime / "bus").exists() or bus.poll() is not None, 30, "dbus")
+        self._spawn("pipewire")
+        wait_until(lambda: (self.runtime / "pipewire-0").exists(), START_TIMEOUT_S, "pipewire")
+        self._spawn("wireplumber")
+        self._spawn("pipewire-pulse")
+
+        def ready() -> bool:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise AssertionError(f"{proc.args[0]} exited:\n{self.log.read_text()}")
+            info = self.run("pactl", "info")
+            return info.returncode == 0 and "on PipeWire" in info.stdout
+
+        wait_until(ready, START_TIMEOUT_S, "pipewire-pulse to answer pactl info", step=0.05)
+        r = self.run(
+            "pactl", "load-module", "module-null-sink", f"sink_name=fake_mic rate={RATE} channels=1"
+        )
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: "fake_mic.monitor" in self.sources(), 30, "fake_mic.monitor")
+        return self
+
+    def version(self) -> str:
+        return self.run("pactl", "info").stdout.split("Server Name: ")[1].splitlines()[0]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):  # pipewire-pulse, wireplumber, pipewire, the bus
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs = []
 
 
 class Rtns:
