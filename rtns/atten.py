@@ -16,8 +16,9 @@ from typing import Literal
 #: The largest finite limit anyone may set; 200 dB is far below float32 resolution of a
 #: dry mix already, so anything larger is a typo for "off".
 MAX_DB = 200.0
-#: Words accepted for "no limit".
-OFF_WORDS = frozenset({"off", "none", "inf", "unlimited"})
+#: Words accepted for "no limit". Not "inf": typed as a number, infinity (or a number that
+#: overflows to it, 1e400) is refused like any other out-of-range value.
+OFF_WORDS = frozenset({"off", "none", "unlimited"})
 
 
 class AttenLimitError(ValueError):
@@ -38,7 +39,7 @@ class AttenLimit:
             raise AttenLimitError(
                 f"attenuation limit must be 0..{MAX_DB:g} dB or 'off', got {db:g}"
             )
-        object.__setattr__(self, "db", float(db))
+        object.__setattr__(self, "db", float(db) + 0.0)  # + 0.0: -0 is 0 dB
 
     # -- constructors ------------------------------------------------------------------
     @classmethod
@@ -56,6 +57,10 @@ class AttenLimit:
                 raise AttenLimitError(
                     f"attenuation limit must be a number of dB or 'off', got {value!r}"
                 ) from None
+            if not math.isfinite(number):
+                raise AttenLimitError(
+                    f"attenuation limit must be 0..{MAX_DB:g} dB or 'off', got {value.strip()!r}"
+                )
             return cls(number)
         return cls(value)
 

@@ -18,7 +18,8 @@ from rtns.atten import MAX_DB, OFF, AttenLimit, AttenLimitError
         ("off", math.inf),
         ("OFF", math.inf),
         ("none", math.inf),
-        ("inf", math.inf),
+        ("unlimited", math.inf),
+        ("-0", 0.0),
         ("200", 200.0),
     ],
 )
@@ -30,6 +31,20 @@ def test_parse(text, db):
 def test_one_bound_everywhere(bad):
     with pytest.raises(AttenLimitError):
         AttenLimit.parse(bad)
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "Infinity", "1e400", "-1e400"])
+def test_infinity_typed_as_a_number_is_refused(bad):
+    """Issue 31 (11): 'inf' and '1e400' (which overflows to inf) were silently 'off' while
+    1e9 was refused; a number of dB out of 0..200 is refused whatever its size."""
+    with pytest.raises(AttenLimitError, match="0..200 dB or 'off'"):
+        AttenLimit.parse(bad)
+
+
+def test_minus_zero_is_zero_db():
+    """Issue 31 (11): '-0' printed as '-0 dB'."""
+    lim = AttenLimit.parse("-0")
+    assert str(lim) == "0 dB" and math.copysign(1.0, lim.db) == 1.0
 
 
 def test_encodings():

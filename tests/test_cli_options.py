@@ -81,8 +81,49 @@ def test_bounds_agree_with_the_settings_models():
     assert bounds(EngineConfig, "threads") == (1, options.MAX_THREADS)
     assert bounds(ServerConfig, "max_sessions") == (1, options.MAX_SESSIONS)
     assert bounds(ServerConfig, "max_batch") == (1, options.MAX_BATCH)
-    assert bounds(ServerConfig, "max_message_bytes")[0] == options.MIN_MESSAGE_BYTES
-    assert bounds(ServerConfig, "max_output_bytes")[0] == options.MIN_OUTPUT_BYTES
+    assert bounds(ServerConfig, "max_message_bytes") == (
+        options.MIN_MESSAGE_BYTES,
+        options.MAX_MESSAGE_BYTES,
+    )
+    assert bounds(ServerConfig, "max_output_bytes") == (
+        options.MIN_OUTPUT_BYTES,
+        options.MAX_OUTPUT_BYTES,
+    )
+    assert bounds(ServerConfig, "queue_limit")[1] == options.MAX_QUEUE_SECONDS * 16000
+    assert bounds(ServerConfig, "idle_timeout")[1] == options.MAX_WAIT_S
+    assert bounds(ServerConfig, "stats_every")[1] == options.MAX_WAIT_S
+    assert bounds(ServerConfig, "max_sessions_per_peer")[1] == options.MAX_SESSIONS
+
+
+def _typed_options(parser: argparse.ArgumentParser, prog: str = "rtns"):
+    """(command, option, type) of every option with a type, in every sub-command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _typed_options(sub, f"{prog} {name}")
+        elif action.type is not None:
+            yield prog, "/".join(action.option_strings) or action.dest, action.type
+
+
+def test_every_number_option_has_a_bound():
+    """Issue 31 (11): `rtns serve --queue-seconds 1e12` was accepted (unbounded memory per
+    session), `--atten-lim inf` / `1e400` were silently 'off'. Every option that takes a
+    number (found by walking the parsers, so a new option is covered too) refuses infinity,
+    NaN and absurdly large or small values."""
+    numeric = 0
+    for prog, opt, kind in _typed_options(build_parser()):
+        try:
+            sample = kind("1")
+        except (argparse.ArgumentTypeError, ValueError):
+            sample = None
+        if not isinstance(sample, int | float | AttenLimit):
+            continue  # names, endpoints
+        numeric += 1
+        for text in ("inf", "-inf", "nan", "1e400", "-1e400", str(10**15), str(-(10**15))):
+            with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+                kind(text)
+                pytest.fail(f"{prog} {opt} accepted {text}")
+    assert numeric >= 25
 
 
 # Each case: arguments, and what the one error line must name. Before the bounds were in
@@ -111,6 +152,9 @@ OUT_OF_RANGE = [
     (["stream", "a.wav", "b.wav", "-e", "tcp://*:5555"], "'*' is only for --bind"),
     (["stream", "a.wav", "b.wav", "--timeout", "1e300"], "--timeout: 1e+300 must be more"),
     (["stream", "a.wav", "b.wav", "--chunk", "0"], "--chunk: 0 is out of range 1..160000"),
+    (["serve", "--queue-seconds", "1e12"], "--queue-seconds: 1e+12 must be more than 0 and at"),
+    (["enhance", "a.wav", "b.wav", "--atten-lim", "inf"], "0..200 dB or 'off', got 'inf'"),
+    (["enhance", "a.wav", "b.wav", "--atten-lim", "1e400"], "0..200 dB or 'off', got '1e400'"),
 ]
 
 

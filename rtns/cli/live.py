@@ -99,7 +99,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="PortAudio suggested latency: low, high or seconds (default: low)",
     )
     p.add_argument(
-        "--duration", type=options.positive_float, metavar="SEC", help="stop after SEC seconds"
+        "--duration",
+        type=options.duration_seconds,
+        metavar="SEC",
+        help="stop after SEC seconds (at most a year)",
     )
     p.add_argument(
         "--rt-priority",

@@ -35,6 +35,19 @@ MAX_RT_PRIORITY = 99
 MAX_WAIT_S = 86_400.0
 #: Samples per `rtns stream` message (10 s at 16 kHz).
 MAX_CHUNK = 160_000
+#: Input one daemon session may queue, in seconds at 16 kHz: 60 s of 8 float32 channels is
+#: 30 MB per session (the default is 6 s).
+MAX_QUEUE_SECONDS = 60.0
+#: `rtns run --duration`: a year.
+MAX_DURATION_S = 366 * 86_400.0
+#: `rtns make-testset`: pairs, crop length, SNR and level ranges, seed (numpy's 32 bits).
+MAX_PAIRS = 1_000_000
+MAX_CROP_S = 3_600.0
+SNR_DB_RANGE = (-60.0, 100.0)
+LEVEL_DBFS_RANGE = (-120.0, 0.0)
+MAX_SEED = 2**32 - 1
+#: `rtns train --average K`: snapshots averaged.
+MAX_AVERAGE = 10_000
 
 
 def _number(text: str, kind: type[int] | type[float]) -> int | float:
@@ -105,6 +118,16 @@ output_mib = between(float, MIN_OUTPUT_BYTES / 2**20, MAX_OUTPUT_BYTES / 2**20)
 wait_seconds = between(float, 0.0, MAX_WAIT_S, low_open=True)
 #: An interval in seconds where 0 means never.
 interval_seconds = between(float, 0.0, MAX_WAIT_S)
+#: `rtns serve --queue-seconds`.
+queue_seconds = between(float, 0.0, MAX_QUEUE_SECONDS, low_open=True)
+#: `rtns run --duration`.
+duration_seconds = between(float, 0.0, MAX_DURATION_S, low_open=True)
+pair_count = between(int, 1, MAX_PAIRS)
+crop_seconds = between(float, 0.0, MAX_CROP_S, low_open=True)
+snr_db = between(float, *SNR_DB_RANGE)
+level_dbfs = between(float, *LEVEL_DBFS_RANGE)
+seed = between(int, 0, MAX_SEED)
+average_count = between(int, 1, MAX_AVERAGE)
 
 
 def latency_hint(text: str) -> str | float:

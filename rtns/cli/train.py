@@ -43,7 +43,7 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "--average",
-        type=options.positive_int,
+        type=options.average_count,
         default=None,
         metavar="K",
         help="only average the model weights of the run's K latest snapshots, validate the "
@@ -95,12 +95,19 @@ def add_parsers(sub: Any) -> None:
     )
     m.add_argument("--out", required=True, help="output folder (created; must be empty)")
     m.add_argument(
-        "--count", type=options.positive_int, default=50, help="number of pairs (default 50)"
+        "--count", type=options.pair_count, default=50, help="number of pairs (default 50)"
     )
-    m.add_argument("--snr", type=float, nargs=2, default=(-5.0, 20.0), metavar=("LOW", "HIGH"))
+    m.add_argument(
+        "--snr",
+        type=options.snr_db,
+        nargs=2,
+        default=(-5.0, 20.0),
+        metavar=("LOW", "HIGH"),
+        help="SNR range in dB (default -5 20)",
+    )
     m.add_argument(
         "--level",
-        type=float,
+        type=options.level_dbfs,
         nargs=2,
         default=(-35.0, -15.0),
         metavar=("LOW", "HIGH"),
@@ -108,11 +115,11 @@ def add_parsers(sub: Any) -> None:
     )
     m.add_argument(
         "--max-seconds",
-        type=options.positive_float,
+        type=options.crop_seconds,
         default=10.0,
         help="crop longer utterances (default 10)",
     )
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=options.seed, default=0, help="random seed (default 0)")
     m.set_defaults(func=run_make_testset)
 
 

@@ -88,11 +88,12 @@ class ServerConfig(BaseModel):
     models: list[str] = Field(default_factory=lambda: [DEFAULT_SERVE_PACK])
     max_sessions: int = Field(256, ge=1, le=100_000)
     #: ZMQ_MAXMSGSIZE on the socket (bytes, per frame): a larger frame drops the connection.
-    max_message_bytes: int = Field(262_144, ge=1024)
+    max_message_bytes: int = Field(262_144, ge=1024, le=1 << 30)
     #: Seconds without any message after which a session is ended.
-    idle_timeout: float = Field(30.0, gt=0)
-    #: Queued input per session, sample frames at 16 kHz (6 s): more gives ``queue_full``.
-    queue_limit: int = Field(96_000, ge=128)
+    idle_timeout: float = Field(30.0, gt=0, le=86_400.0)
+    #: Queued input per session, sample frames at 16 kHz (6 s; at most 60 s): more gives
+    #: ``queue_full``.
+    queue_limit: int = Field(96_000, ge=128, le=960_000)
     #: Hops are collected every this many ms (the clocked tick; at most one hop, 8 ms, so
     #: an answer is never held longer than a hop).
     tick_ms: float = Field(4.0, gt=0, le=8.0)
@@ -107,7 +108,7 @@ class ServerConfig(BaseModel):
     probe: bool = True
     poll_ms: int = Field(50, ge=1, le=1000)
     #: Log a ``stats`` line every this many seconds (0: never).
-    stats_every: float = Field(60.0, ge=0)
+    stats_every: float = Field(60.0, ge=0, le=86_400.0)
     curve: CurveConfig | None = None
     #: Refuse non-loopback binds without CURVE (always True outside tests of that check).
     require_curve_off_loopback: bool = True
@@ -116,10 +117,10 @@ class ServerConfig(BaseModel):
     #: Answers queued for one client that does not read, in bytes (the send high-water mark
     #: is this over the largest answer, max_message_bytes); beyond it answers are dropped
     #: and counted (``send_hwm``), never blocking the server.
-    max_output_bytes: int = Field(64 * 2**20, ge=2**16)
+    max_output_bytes: int = Field(64 * 2**20, ge=2**16, le=2**36)
     #: Sessions one peer address (IP) may hold; None: half of max_sessions, so one local
     #: process cannot take them all.
-    max_sessions_per_peer: int | None = Field(None, ge=1)
+    max_sessions_per_peer: int | None = Field(None, ge=1, le=100_000)
     #: Let clients reset the stats counters (benchmarks); off, a reset request is refused.
     allow_stats_reset: bool = False
     #: Internal: a worker of `rtns serve --workers` (a PAIR socket at ``bind`` carrying
