@@ -32,6 +32,11 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raise the one-line error now when matplotlib is missing (before any work)."""
+    _pyplot()
+
+
 def power_spectrogram(x: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Power spectrogram of mono float x [n]: (power [frames, bins], times s, freqs Hz)."""
     n = max(16, round(WINDOW_S * rate))

@@ -344,15 +344,124 @@ def test_container_limits_refused_before_processing(tmp_path):
     assert_clean_error(rtns("enhance", "a44.wav", "x.opus", cwd=tmp_path), "Opus", "44100")
 
 
-def test_out_equal_in_is_safe(tmp_path):
+def test_out_equal_in_is_refused_unless_forced(tmp_path):
+    """Issue 31 (2): `rtns enhance s.flac s.flac` replaced the recording silently. Now it is
+    refused (through a symbolic link or a hard link to IN too), and --force writes it
+    safely (read to the end first, renamed over it)."""
+    import os
+
     x = tones(32_000, 48_000, 2)
     sf.write(tmp_path / "a.wav", x, 48_000, subtype="FLOAT")
-    r = rtns("enhance", "a.wav", "a.wav", "--atten-lim", "0", "-q", cwd=tmp_path)
+    before = (tmp_path / "a.wav").read_bytes()
+    os.symlink("a.wav", tmp_path / "link.wav")
+    os.link(tmp_path / "a.wav", tmp_path / "hard.wav")
+    for out in ("a.wav", "./a.wav", "link.wav", "hard.wav"):
+        r = rtns("enhance", "a.wav", out, "--atten-lim", "0", "-q", cwd=tmp_path)
+        assert_clean_error(r, f"{Path(out)}: is the input file", "--force")
+        assert (tmp_path / "a.wav").read_bytes() == before
+    r = rtns("enhance", "a.wav", "a.wav", "--atten-lim", "0", "-q", "--force", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     y, sr = sf.read(tmp_path / "a.wav", dtype="float32")
     assert sr == 48_000 and y.shape == x.shape
     np.testing.assert_allclose(y, x, atol=1e-6)
-    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "hard.wav", "link.wav"]
+    # a.wav had a second name (hard.wav): it was rewritten in place, both names see it
+    assert (tmp_path / "hard.wav").read_bytes() == (tmp_path / "a.wav").read_bytes() != before
+
+
+def test_stream_refuses_out_equal_in(tmp_path):
+    """Issue 31 (2): `rtns stream s.flac s.flac` too (refused before connecting)."""
+    sf.write(tmp_path / "s.flac", tones(1600, 16_000, 1), 16_000)
+    before = (tmp_path / "s.flac").read_bytes()
+    r = rtns("stream", "s.flac", "s.flac", "--timeout", "1", cwd=tmp_path)
+    assert_clean_error(r, "s.flac: is the input file", "--force")
+    assert (tmp_path / "s.flac").read_bytes() == before
+
+
+def test_out_symlink_is_written_through_and_hard_links_kept(passthrough_pack, tmp_path):
+    """Issue 31 (2): an OUT that is a symbolic link was replaced by a regular file, and an
+    OUT with hard links was split from them. Now the link's target receives the result
+    (the link stays a link), and every hard link of OUT sees it."""
+    import os
+
+    sf.write(tmp_path / "in.wav", tones(8000, 16_000, 1), 16_000, subtype="FLOAT")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "o.wav").write_bytes(b"old")
+    os.symlink("real/o.wav", tmp_path / "o.wav")
+    r = rtns("enhance", "in.wav", "o.wav", "-m", str(passthrough_pack), "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o.wav").is_symlink()
+    assert sf.info(tmp_path / "real" / "o.wav").frames == 8000
+    (tmp_path / "h1.wav").write_bytes(b"old")
+    os.link(tmp_path / "h1.wav", tmp_path / "h2.wav")
+    r = rtns("enhance", "in.wav", "h1.wav", "-m", str(passthrough_pack), "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert os.stat(tmp_path / "h1.wav").st_nlink == 2
+    assert sf.info(tmp_path / "h2.wav").frames == 8000
+    assert not [p for p in tmp_path.rglob(".*.part")]
+
+
+@pytest.mark.parametrize("which", ["in", "out", "./out"])
+def test_plot_never_replaces_in_or_out(passthrough_pack, tmp_path, which):
+    """Issue 31 (1): `--plot v.flac` replaced the recording with a PNG (exit 0), `--plot
+    o.wav` the result. Refused before any work."""
+    sf.write(tmp_path / "in.wav", tones(8000, 16_000, 1), 16_000)
+    (tmp_path / "out.wav").write_bytes(b"old")
+    target = {"in": "in.wav", "out": "out.wav", "./out": "./out.wav"}[which]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = rtns(
+        "enhance", "in.wav", "out.wav", "-m", str(passthrough_pack), "--plot", target, cwd=tmp_path
+    )
+    assert_clean_error(r, f"--plot {target}: is", "would replace it")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_plot_in_a_missing_folder_fails_before_the_audio_is_written(passthrough_pack, tmp_path):
+    """Issue 31 (1): `--plot nodir/p.png` failed only after the audio had been written."""
+    sf.write(tmp_path / "in.wav", tones(8000, 16_000, 1), 16_000)
+    r = rtns(
+        "enhance",
+        "in.wav",
+        "out.wav",
+        "-m",
+        str(passthrough_pack),
+        "--plot",
+        "nodir/p.png",
+        cwd=tmp_path,
+    )
+    assert_clean_error(r, "--plot nodir/p.png", "nodir does not exist")
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_out_that_is_a_folder_is_named_as_such(passthrough_pack, tmp_path):
+    """Issue 31 (9): an OUT that is a folder said 'unknown output file type'."""
+    sf.write(tmp_path / "in.wav", tones(1600, 16_000, 1), 16_000)
+    (tmp_path / "d").mkdir()
+    r = rtns("enhance", "in.wav", "d", "-m", str(passthrough_pack), cwd=tmp_path)
+    assert_clean_error(r, "d: is a folder; give an output file name")
+
+
+@pytest.mark.parametrize(
+    "sr, channels, subtype, ext",
+    [(48_000, 2, "PCM_16", "wav"), (44_100, 1, "FLOAT", "flac"), (16_000, 3, "FLOAT", "wav")],
+)
+def test_streamed_enhance_is_bit_identical_to_the_whole_file_path(
+    random_dtln_pack, tmp_path, sr, channels, subtype, ext
+):
+    """Issue 31 (10): `rtns enhance` now streams file -> ChannelStream -> writer in blocks;
+    its file is byte for byte what the whole-file path (read_audio, enhance_frames,
+    write_audio) writes."""
+    from rtns.cli.files import enhance_channels, load_model
+
+    sub = subtype if ext == "wav" else "PCM_24"
+    x = tones(int(3.3 * sr) + 17, sr, channels, peak=0.9)
+    sf.write(tmp_path / f"in.{ext}", x, sr, subtype=sub)
+    r = rtns("enhance", f"in.{ext}", f"out.{ext}", "-m", str(random_dtln_pack), "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    audio = audio_io.read_audio(tmp_path / f"in.{ext}")
+    y = enhance_channels(load_model(str(random_dtln_pack)), audio.samples, sr)
+    audio_io.write_audio(tmp_path / f"whole.{ext}", y, sr, audio.subtype)
+    assert (tmp_path / f"out.{ext}").read_bytes() == (tmp_path / f"whole.{ext}").read_bytes()
 
 
 def test_48k_limit_zero_is_the_identity_end_to_end(tmp_path):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +48,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--plot",
         metavar="PNG",
         help="also draw input and output spectrograms and the energy removed per band "
-        "(needs matplotlib: pip install 'rtns[plot]')",
+        "(needs matplotlib: pip install 'rtns[plot]'; keeps a mono mix of the input and the "
+        "output in memory, 8 bytes per frame)",
     )
+    add_force(p)
+    options.one_line_errors(p)
     p.set_defaults(func=run_enhance)
 
     p = sub.add_parser(
@@ -56,6 +61,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="List the model packs on the search path ($RTNS_MODEL_PATH, "
         "~/.local/share/rtns/models, shipped packs) with their scores.",
     )
+    options.one_line_errors(p)
     p.set_defaults(func=run_models)
 
     p = sub.add_parser(
@@ -70,7 +76,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("weights", metavar="WEIGHTS.h5", help="model.h5 or DTLN_norm_*.h5")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) folder for the pack")
     p.add_argument("--name", help="pack name (default from the file name, e.g. dtln-official)")
+    options.one_line_errors(p)
     p.set_defaults(func=run_import_dtln)
+
+
+def add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow OUT to be IN itself (the recording is replaced by the result)",
+    )
 
 
 def _err(msg: str) -> None:
@@ -97,6 +112,22 @@ def load_model(spec: str | None, threads: int = 1):  # -> rtns.engine.Model
     return Model(pack_dir, EngineConfig(threads=threads))
 
 
+def _progress_bar(total_s: float, enabled: bool):
+    """A tqdm bar over ``total_s`` seconds of audio on stderr (disabled: a no-op bar)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=round(total_s, 2),
+        unit="s",
+        unit_scale=False,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]",
+        desc="enhance",
+        file=sys.stderr,
+        disable=not enabled,
+        leave=False,
+    )
+
+
 def enhance_channels(
     model,
     x: np.ndarray,
@@ -107,22 +138,10 @@ def enhance_channels(
     """Enhance float32 [frames, channels] at ``rate`` (default: the model's) through one
     :class:`rtns.streams.ChannelStream`; returns float32 [frames, channels], time-aligned
     with the input. ``atten_lim``: None keeps the pack's default limit."""
-    from tqdm import tqdm
-
     from rtns.streams import enhance_frames
 
     rate = rate or model.sample_rate
-    n = x.shape[0]
-    with tqdm(
-        total=round(n / rate, 2),
-        unit="s",
-        unit_scale=False,
-        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]",
-        desc="enhance",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
-    ) as bar:
+    with _progress_bar(x.shape[0] / rate, progress) as bar:
         done = [0]
 
         def advance(frames: int) -> None:
@@ -134,31 +153,120 @@ def enhance_channels(
         )
 
 
+def enhance_blocks(
+    model,
+    blocks: Iterable[np.ndarray],
+    channels: int,
+    rate: int,
+    write: Callable[[np.ndarray], None],
+    atten_lim=None,
+) -> int:
+    """Enhance a signal that arrives as float32 [n_i, channels] blocks at ``rate`` through
+    one :class:`rtns.streams.ChannelStream` and hand the time-aligned output to ``write``
+    as it comes: memory stays that of a block, whatever the length. Given the blocks
+    :func:`rtns.streams.enhance_frames` pushes (``CHUNK`` frames at 16 kHz, scaled to the
+    rate), the output is bit-identical to it. Returns the frames written (= read)."""
+    from rtns.streams import ChannelStream
+
+    cs = ChannelStream(model, channels, rate)
+    if atten_lim is not None:
+        cs.atten_lim = atten_lim
+    skip = cs.latency  # output frame k estimates input frame k - latency
+    n = written = 0
+
+    def emit(y: np.ndarray) -> None:
+        nonlocal skip, written
+        cut = min(skip, y.shape[0])
+        skip -= cut
+        y = y[cut : cut + n - written]
+        if y.shape[0]:
+            write(y)
+            written += y.shape[0]
+
+    for x in blocks:
+        n += x.shape[0]
+        emit(cs.push(x))
+    emit(cs.flush())
+    if written != n:  # ChannelStream.flush owes exactly n + latency frames
+        raise RtnsError(f"internal error: {written} frames out for {n} in")
+    return n
+
+
+def _check_plot(png: str, args: argparse.Namespace) -> None:
+    """Refuse a --plot target that is IN or OUT, a folder, or in a missing or read-only
+    folder, and a missing matplotlib, before any work (the picture is drawn last)."""
+    from rtns import audio_io
+    from rtns.plot import require_matplotlib
+
+    path = Path(png)
+    for what, other in (("IN", args.input), ("OUT", args.output)):
+        if audio_io.same_file(path, other):
+            raise UserInputError(
+                f"--plot {png}: is {what} ({other}); the picture would replace it (give the "
+                "picture its own name, e.g. plot.png)"
+            )
+    if path.is_dir():
+        raise UserInputError(f"--plot {png}: is a folder; give a file name (e.g. plot.png)")
+    if not path.resolve().parent.is_dir():
+        raise UserInputError(f"--plot {png}: folder {path.parent} does not exist")
+    if not os.access(path.resolve().parent, os.W_OK):
+        raise UserInputError(f"--plot {png}: cannot write in {path.parent}")
+    require_matplotlib()
+
+
+def model_label(model) -> str:
+    """How a loaded pack is named to people: its manifest name, and its folder too when the
+    folder is called something else (the name alone would pass it off as another pack)."""
+    folder = Path(model.pack_dir)
+    if folder.name == model.name:
+        return model.name
+    return f"{model.name} (pack folder {folder})"
+
+
 def run_enhance(args: argparse.Namespace) -> int:
     from rtns import audio_io
 
     t0 = time.perf_counter()
     audio_io.output_format(args.output)  # an unknown extension is refused before reading
-    audio = audio_io.read_audio(args.input)
+    info = audio_io.open_audio(args.input)
     # Everything about the output is checked before the work starts.
-    plan = audio_io.plan_output(args.output, audio.channels, audio.sample_rate, audio.subtype)
+    plan = audio_io.plan_output(
+        args.output, info.channels, info.sample_rate, info.subtype, [args.input], args.force
+    )
+    if args.plot:
+        _check_plot(args.plot, args)
     model = load_model(args.model, args.threads)
     interactive = sys.stderr.isatty() and not args.quiet
-    y = enhance_channels(
-        model,
-        audio.samples,
-        audio.sample_rate,
-        atten_lim=args.atten_lim,
-        progress=interactive and audio.duration > PROGRESS_MIN_SECONDS,
-    )
-    report = audio_io.write_audio(plan, y)
+    mono_in: list[np.ndarray] = []
+    mono_out: list[np.ndarray] = []
+    rate = info.sample_rate
+
+    def blocks() -> Iterator[np.ndarray]:
+        for x in audio_io.read_blocks(info, CHUNK * rate // SAMPLE_RATE):
+            if args.plot:
+                mono_in.append(x.mean(axis=1))
+            yield x
+            bar.update(round(x.shape[0] / rate, 2))
+
+    with (
+        audio_io.AudioWriter(plan) as writer,
+        _progress_bar(info.duration, interactive and info.duration > PROGRESS_MIN_SECONDS) as bar,
+    ):
+
+        def write(y: np.ndarray) -> None:
+            if args.plot:
+                mono_out.append(y.mean(axis=1))
+            writer.write(y)
+
+        frames = enhance_blocks(model, blocks(), info.channels, rate, write, args.atten_lim)
+        report = writer.commit()
     if args.plot:
         from rtns.plot import plot_enhancement
 
         plot_enhancement(
-            audio.samples.mean(axis=1),
-            y.mean(axis=1),
-            audio.sample_rate,
+            np.concatenate(mono_in),
+            np.concatenate(mono_out),
+            rate,
             args.plot,
             title=f"{Path(args.input).name}: {model.name}",
         )
@@ -170,15 +278,16 @@ def run_enhance(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         took = time.perf_counter() - t0
+        duration = frames / rate
         limit = model.manifest.atten_lim_db if args.atten_lim is None else args.atten_lim
         band = ""
-        if audio.sample_rate > model.sample_rate:
+        if rate > model.sample_rate:
             band = f", above {model.sample_rate // 2000} kHz: crossover gain"
         _err(
-            f"rtns: {plan.path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
-            f"{audio.channels} ch, {report.subtype}, model {model.name} (attenuation limit "
-            f"{options.limit_text(limit)}{band}), "
-            f"{took:.2f} s ({took / audio.duration:.3f} x real time)"
+            f"rtns: {plan.path}: {duration:.2f} s, {rate} Hz, "
+            f"{info.channels} ch, {report.subtype}, model {model_label(model)} (attenuation "
+            f"limit {options.limit_text(limit)}{band}), "
+            f"{took:.2f} s ({took / duration:.3f} x real time)"
         )
     return 0
 

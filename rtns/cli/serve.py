@@ -58,10 +58,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--queue-seconds",
-        type=options.positive_float,
+        type=options.queue_seconds,
         default=6.0,
         metavar="S",
-        help="input queued per session before queue_full (6 s)",
+        help=f"input queued per session before queue_full (0..{options.MAX_QUEUE_SECONDS:g}; 6 s)",
     )
     p.add_argument(
         "--max-message-bytes",
@@ -191,6 +191,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-key", metavar="FILE", help="server public key (enables CURVE)")
     p.add_argument("--client-key", metavar="FILE", help="this client's secret key")
     options.add_quiet(p, "no summary")
+    from rtns.cli.files import add_force
+
+    add_force(p)
     options.one_line_errors(p)
     p.set_defaults(func=run_stream)
 
@@ -353,13 +356,16 @@ def run_stream(args: argparse.Namespace) -> int:
         _key_file(args.server_key, "--server-key", secret=False)
         _key_file(args.client_key, "--client-key", secret=True)
     audio_io.output_format(args.output)
+    audio_io.output_target(args.output, [args.input], args.force)
     audio = audio_io.read_audio(args.input)
     if audio.channels > MAX_CHANNELS:
         raise UserInputError(
             f"{args.input}: {audio.channels} channels; the daemon's protocol carries at most "
             f"{MAX_CHANNELS} (split the file, or use `rtns enhance`)"
         )
-    plan = audio_io.plan_output(args.output, audio.channels, audio.sample_rate, audio.subtype)
+    plan = audio_io.plan_output(
+        args.output, audio.channels, audio.sample_rate, audio.subtype, [args.input], args.force
+    )
     # The session resamples and splits bands exactly as `rtns enhance` does (one
     # ChannelStream), so the file goes at its own rate and the samples match.
     x = audio.samples
