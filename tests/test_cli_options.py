@@ -229,6 +229,51 @@ def test_serve_key_files_are_checked(keys, tmp_path):
     )
 
 
+def test_serve_refuses_a_malformed_or_missing_client_key(keys, tmp_path):
+    """Issue 31 (3, 4): one malformed *.key in --allowed-clients made pyzmq's authenticator
+    drop every key (the server started, logged "keys": 3, and a valid client got "no answer
+    to hello"); an empty folder started a server nobody could reach ("keys": 0); a file
+    path was refused only as "no such folder". Each is refused at start, naming the file."""
+    public, secret, bad = keys
+    folder = tmp_path / "clients"
+    folder.mkdir()
+
+    def serve():
+        return run_rtns(
+            "serve",
+            "--curve-secret",
+            str(secret),
+            "--allowed-clients",
+            str(folder),
+            "--workers",
+            "1",
+            cwd=tmp_path,
+            timeout=60,
+        )
+
+    assert_one_line(serve(), 1, f"--allowed-clients {folder}: holds no *.key files")
+    (folder / "alice.key").write_text(public.read_text())
+    (folder / "mallory.key").write_text(bad.read_text())
+    assert_one_line(serve(), 1, "mallory.key is not a CurveZMQ public key file")
+    (folder / "mallory.key").write_text(
+        public.read_text().replace('public-key = "', 'public-key = "#')
+    )
+    assert_one_line(serve(), 1, "mallory.key is not a CurveZMQ public key file")
+    assert_one_line(
+        run_rtns(
+            "serve",
+            "--curve-secret",
+            str(secret),
+            "--allowed-clients",
+            str(public),
+            cwd=tmp_path,
+            timeout=60,
+        ),
+        1,
+        "is not a folder",
+    )
+
+
 def test_stream_refuses_more_channels_than_the_protocol_carries(tmp_path):
     """Refused before connecting (no daemon is running here), naming the limit."""
     from rtns.daemon.protocol import MAX_CHANNELS

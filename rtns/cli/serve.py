@@ -269,8 +269,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if not (args.curve_secret and args.allowed_clients):
             raise UserInputError("CURVE needs both --curve-secret and --allowed-clients")
         _key_file(args.curve_secret, "--curve-secret", secret=True)
-        if not Path(args.allowed_clients).is_dir():
-            raise UserInputError(f"--allowed-clients {args.allowed_clients}: no such folder")
+        from rtns.daemon.server import load_client_keys
+
+        load_client_keys(Path(args.allowed_clients))
         curve = CurveConfig(
             server_secret=Path(args.curve_secret), allowed_clients=Path(args.allowed_clients)
         )
@@ -320,6 +321,8 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             serve_metrics(args.metrics_port, args.metrics_addr, registry)
         except OSError as e:
+            if workers > 1:
+                server.remove_files()
             raise UserInputError(
                 f"--metrics-port {args.metrics_port}: cannot listen on "
                 f"{args.metrics_addr} ({e.strerror})"

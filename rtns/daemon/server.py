@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import struct
 import threading
 import time
 from pathlib import Path
@@ -65,6 +66,37 @@ class CurveConfig(BaseModel):
 
     server_secret: Path
     allowed_clients: Path
+
+
+def load_client_keys(folder: Path) -> list[bytes]:
+    """The public keys of ``folder``'s ``*.key`` files (CurveZMQ certificates, as pyzmq's
+    authenticator reads them), each checked: one malformed file makes the authenticator drop
+    every key, so it is refused here, by name. A missing or empty folder is refused too (a
+    server nobody can reach)."""
+    import zmq.auth
+    from zmq.utils import z85
+
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "no such folder"
+        raise UserInputError(f"--allowed-clients {folder}: {what} (of clients' public *.key files)")
+    keys = []
+    for path in sorted(folder.glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+            if len(public) != 40 or len(z85.decode(public)) != 32:
+                raise ValueError("the public key is not 40 Z85 characters")
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, struct.error) as e:
+            raise UserInputError(
+                f"--allowed-clients {folder}: {path.name} is not a CurveZMQ public key file "
+                f"({e}); fix or remove it (`rtns keys DIR` makes them)"
+            ) from None
+        keys.append(public)
+    if not keys:
+        raise UserInputError(
+            f"--allowed-clients {folder}: holds no *.key files, so no client could connect "
+            "(copy the clients' NAME.key files there; `rtns keys DIR` makes them)"
+        )
+    return keys
 
 
 def _invariant_cap(model: Model, max_batch: int) -> int:
@@ -214,10 +246,11 @@ def open_front_socket(ctx: Any, config: ServerConfig) -> tuple[Any, Any, str]:
         if secret is None:
             sock.close(linger=0)
             raise UserInputError(f"{curve.server_secret}: not a secret key file")
-        if not curve.allowed_clients.is_dir():
+        try:
+            n_keys = len(load_client_keys(curve.allowed_clients))
+        except UserInputError:
             sock.close(linger=0)
-            raise UserInputError(f"{curve.allowed_clients}: no such folder of client keys")
-        n_keys = len(list(curve.allowed_clients.glob("*.key")))
+            raise
         auth = ThreadAuthenticator(ctx, log=logging.getLogger("rtns.daemon.zap"))
         auth.start()
         auth.configure_curve(domain="*", location=str(curve.allowed_clients))
