@@ -44,7 +44,11 @@ def free_port() -> int:
 
 
 def start_serve(
-    tmp_path: Path, *args: str, workers: int = 1, timeout: float = 60.0
+    tmp_path: Path,
+    *args: str,
+    workers: int = 1,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str, Path]:
     """`rtns serve --workers N` on a free loopback port with key=value logs in a file;
     returns once the daemon (and each worker) logged `listening`: (process, endpoint, log)."""
@@ -68,6 +72,7 @@ def start_serve(
                 *args,
             ],
             stderr=err,
+            env={**os.environ, **(env or {})},
         )
     want = 1 if workers == 1 else workers + 1  # the supervisor and every worker
     deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import start_serve
+from cli_helpers import free_port, start_serve
 
 from rtns.daemon import protocol as P
 from rtns.daemon.client import Client
@@ -106,3 +106,23 @@ def test_workers_do_not_outlive_a_killed_supervisor(daemon):
                     break
             assert time.monotonic() < deadline, f"worker {pid} outlived its supervisor"
             time.sleep(0.05)
+
+
+def test_no_files_left_behind(tmp_path):
+    """Issue 31 (6): every `rtns serve --workers 2` (or more) left a /tmp/rtns-workers-*
+    folder (IPC sockets, metrics files), even after a clean SIGTERM."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, endpoint, log = start_serve(
+        tmp_path, "--metrics-port", str(free_port()), workers=2, env={"TMPDIR": str(tmp)}
+    )
+    try:
+        assert len(list(tmp.glob("rtns-workers-*"))) == 1  # in use
+        with Client(endpoint, timeout=20) as c:
+            c.hello()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(tmp.glob("rtns-workers-*")) == []

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -287,9 +288,19 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
 
+    def remove_files(self) -> None:
+        """Remove the folder of the workers' sockets and metrics files (at the end of
+        :meth:`run`, or by the caller when run() never comes)."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+
     def run(self) -> None:
         zmq = self._zmq
-        self.front, auth, self.endpoint = open_front_socket(self.ctx, self.config)
+        try:
+            self.front, auth, self.endpoint = open_front_socket(self.ctx, self.config)
+        except BaseException:
+            self.ctx.term()
+            self.remove_files()
+            raise
         try:
             for k in range(self.n):
                 self._start_worker(k)
@@ -342,6 +353,7 @@ class Supervisor:
             if auth is not None:
                 auth.stop()
             self.ctx.term()
+            self.remove_files()
             log_event("stopped", workers=self.n, restarts=self.restarts)
 
     def _drain_workers(self) -> None:
