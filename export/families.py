@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from rtns.pack import Provenance
-from rtns_export import frcrn, gtcrn, lowlat
+from rtns_export import fastnet, frcrn, gtcrn, lowlat
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,11 @@ FAMILIES: dict[str, Family] = {
     ),
     "gtcrn": Family(
         "gtcrn", config_builder(gtcrn.GTCRN, gtcrn.GTCRNConfig, "GTCRN"), gtcrn.export_gtcrn
+    ),
+    "fastnet": Family(
+        "fastnet",
+        config_builder(fastnet.FastNet, fastnet.FastNetConfig, "FastNet"),
+        fastnet.export_fastnet,
     ),
     "lowlat": Family(
         "lowlat",

@@ -56,7 +56,7 @@ MAX_STATE_INIT = 1e3
 #: Model families a manifest may name. The family labels the graphs' architecture for people
 #: and tools; the engine runs any family through the same front end. Tests and new exporters
 #: add theirs with :func:`register_family`.
-KNOWN_FAMILIES: set[str] = {"dtln", "frcrn", "gtcrn", "lowlat"}
+KNOWN_FAMILIES: set[str] = {"dtln", "fastnet", "frcrn", "gtcrn", "lowlat"}
 #: Environment variable with extra family names (comma-separated) accepted as known: how a
 #: family registered in one process reaches the rtns processes it starts (CLI, daemon).
 FAMILIES_ENV = "RTNS_EXTRA_FAMILIES"
