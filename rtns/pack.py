@@ -282,8 +282,12 @@ def read_manifest(pack_dir: Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackError(f"{path}: not readable JSON ({e})") from None
+    except RecursionError:
+        raise PackError(f"{path}: not a manifest (JSON nested too deeply to read)") from None
     try:
         manifest = Manifest.model_validate(data)
+    except RecursionError:
+        raise PackError(f"{path}: not a manifest (JSON nested too deeply to check)") from None
     except ValidationError as e:
         where, msg = first_validation_error(e)
         msg = msg.removeprefix("Value error, ")
@@ -321,7 +325,12 @@ def verify_files(pack_dir: Path, manifest: Manifest) -> None:
     for g in manifest.graphs:
         path = Path(pack_dir) / g.file
         if not path.is_file():
-            raise PackError(f"{path}: missing; the manifest lists it for the {g.role} graph")
+            what = "missing"
+            if path.is_dir():
+                what = "a folder, not a graph file"
+            elif path.exists():
+                what = "not a regular file (a FIFO, socket or device)"
+            raise PackError(f"{path}: {what}; the manifest lists it for the {g.role} graph")
         digest = sha256_file(path)
         if digest != g.sha256:
             raise PackError(
@@ -421,6 +430,8 @@ def resolve_pack(spec: str | os.PathLike[str] | None) -> Path:
     """A pack folder from a path, or a pack's folder or manifest name found on the search
     path (None: the default pack)."""
     name = DEFAULT_PACK if spec is None else str(spec)
+    if not name.strip():
+        raise PackError("--model is empty; give a pack name (see `rtns models`) or a pack folder")
     p = Path(name).expanduser()
     if p.is_dir() or os.sep in name or name.startswith("."):
         if not p.is_dir():

@@ -383,3 +383,55 @@ def test_initial_states_shapes(passthrough_pack):
     st = initial_states(read_manifest(passthrough_pack), batch=3)
     assert {k: v.shape for k, v in st.items()} == {"m_count": (3, 1), "f_count": (3, 1)}
     assert all(v.dtype == np.float32 and not v.any() for v in st.values())
+
+
+# -- issue 31 -----------------------------------------------------------------------------------
+def test_deeply_nested_manifest_is_one_sentence(pack, passthrough_pack, tmp_path, monkeypatch):
+    """Issue 31 (7): a manifest of deeply nested JSON raised RecursionError (a traceback in
+    `rtns enhance --model DIR`, and `rtns models` crashed on one such pack on the path)."""
+    from cli_helpers import run_rtns
+
+    bad = tmp_path / "deep"
+    bad.mkdir()
+    (bad / MANIFEST).write_text("[" * 200_000 + "]" * 200_000)
+    msg = _load_error(bad)
+    assert str(bad / MANIFEST) in msg and "nested too deeply" in msg
+    r = run_rtns("models", cwd=tmp_path, env={PACK_PATH_ENV: str(tmp_path)}, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert "BROKEN" in rows["deep"] and "nested too deeply" in rows["deep"]
+    assert "passthrough" in rows and "BROKEN" not in rows["passthrough"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_graph_file_that_is_no_file_is_named_as_such(pack, kind):
+    """Issue 31 (9): a graph file that is a directory or a FIFO was reported 'missing' (and
+    a FIFO must not be opened: hashing it would block)."""
+    target = pack / "frame.onnx"
+    target.unlink()
+    if kind == "folder":
+        target.mkdir()
+    else:
+        os.mkfifo(target)
+    msg = _load_error(pack)
+    assert str(target) in msg and "missing" not in msg
+    assert ("a folder, not a graph file" if kind == "folder" else "not a regular file") in msg
+
+
+@pytest.mark.parametrize("spec", ["", " "])
+def test_empty_model_argument(spec):
+    """Issue 31 (9): `--model ''` said 'manifest.json: missing' (it meant the current folder)."""
+    with pytest.raises(PackError, match="--model is empty; give a pack name"):
+        resolve_pack(spec)
+
+
+def test_a_pack_is_announced_with_its_folder_when_the_names_differ(pack, tmp_path):
+    """Issue 31 (9): a pack whose manifest name disagrees with its folder was announced by
+    the manifest's name alone (here 'passthrough' from a folder called 'pack')."""
+    import soundfile as sf
+    from cli_helpers import run_rtns
+
+    sf.write(tmp_path / "in.wav", np.zeros(1600, np.float32), 16_000)
+    r = run_rtns("enhance", "in.wav", "out.wav", "-m", str(pack), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"model passthrough (pack folder {pack})" in r.stderr
