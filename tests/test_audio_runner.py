@@ -413,9 +413,11 @@ def query_hostapis():
 
 
 def test_cli_without_devices(tmp_path: Path) -> None:
-    r = run_cli_with_stub(tmp_path, NO_DEVICES, "devices")
-    assert r.returncode == 0
-    assert "no audio devices found" in r.stdout
+    # Issue 31 (9): `rtns devices` exited 0 when it found no devices.
+    for args in (["devices"], ["--list-devices"]):
+        r = run_cli_with_stub(tmp_path, NO_DEVICES, *args)
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.startswith("rtns: error: no audio devices found")
     r = run_cli_with_stub(tmp_path, NO_DEVICES, "run", "-i", "0", "-o", "0")
     assert r.returncode == 1
     assert r.stderr.startswith("rtns: error: no audio devices found")

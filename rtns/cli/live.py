@@ -133,7 +133,10 @@ def run_devices(args: argparse.Namespace) -> int:
 
     sd = import_sounddevice()
     devices = list(sd.query_devices())
-    print(format_devices(devices, sd.query_hostapis(), list(sd.default.device)))
+    table = format_devices(devices, sd.query_hostapis(), list(sd.default.device))
+    if not devices:  # a failure a script must see, not a listing
+        raise UserInputError(table)
+    print(table)
     return 0
 
 
@@ -410,8 +413,9 @@ class _VirtualMicSetup:
 
 def run_live(args: argparse.Namespace) -> int:
     from rtns.audio import LiveRunner, import_sounddevice, set_thread_scheduling
-    from rtns.config import SAMPLE_RATE, EngineConfig
+    from rtns.config import EngineConfig
     from rtns.engine import Model
+    from rtns.framing import SAMPLE_RATE
 
     name = getattr(args, "virtual_mic", None)
     if name and args.output is not None:
@@ -545,13 +549,15 @@ def run_live(args: argparse.Namespace) -> int:
     else:
         metrics_server = None
 
+    from rtns.cli.files import model_label
+
     where = (
         f"to [{o}] {devices[o]['name']}"
         if vm is None
         else f"publishing microphone {name!r} ({rate / 1000:g} kHz mono)"
     )
     print(
-        f"rtns: {model.name} from [{i}] {devices[i]['name']} {where} "
+        f"rtns: {model_label(model)} from [{i}] {devices[i]['name']} {where} "
         f"at {rate} Hz, attenuation limit {options.limit_text(runner.stats().atten_lim_db)}",
         file=sys.stderr,
         flush=True,
