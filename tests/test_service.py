@@ -4,6 +4,7 @@ it exists. No test runs systemctl."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -47,8 +48,40 @@ def test_quote():
     assert quote("100%") == "100%%"
 
 
+# A sounddevice module with a fixed device list, for the install's --mic check.
+STUB_SD = """
+class _Default:
+    device = [1, 1]
+default = _Default()
+def query_devices():
+    return [
+        {"name": "HDA Intel PCH: ALC3246 Analog (hw:0,0)", "hostapi": 0,
+         "max_input_channels": 2, "max_output_channels": 2, "default_samplerate": 48000.0},
+        {"name": "pulse", "hostapi": 0, "max_input_channels": 32,
+         "max_output_channels": 32, "default_samplerate": 44100.0},
+        {"name": "USB Mic", "hostapi": 0, "max_input_channels": 1,
+         "max_output_channels": 0, "default_samplerate": 48000.0},
+        {"name": "HDMI out", "hostapi": 0, "max_input_channels": 0,
+         "max_output_channels": 2, "default_samplerate": 48000.0},
+    ]
+def query_hostapis():
+    return ({"name": "ALSA"},)
+"""
+
+
+def install_env(tmp_path: Path) -> dict[str, str]:
+    """XDG_CONFIG_HOME in tmp_path, and the stub sounddevice first on the path."""
+    stub = tmp_path / "stub"
+    stub.mkdir(exist_ok=True)
+    (stub / "sounddevice.py").write_text(STUB_SD)
+    return {
+        "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+        "PYTHONPATH": os.pathsep.join([str(stub), str(REPO)]),
+    }
+
+
 def test_install_writes_a_unit_that_runs_the_virtual_mic(tmp_path):
-    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    env = install_env(tmp_path)
     r = run_rtns(
         "service", "install", "--virtual-mic", "--mic", "USB Mic", "--name", "clean_mic",
         "--atten-lim", "12", cwd=tmp_path, env=env, timeout=120,
@@ -85,6 +118,67 @@ def test_install_writes_a_unit_that_runs_the_virtual_mic(tmp_path):
     assert not path.exists() and not (wants / UNIT_NAME).is_symlink()
     r = run_rtns("service", "uninstall", cwd=tmp_path, env=env, timeout=120)
     assert r.returncode == 1 and "no unit to remove" in r.stderr
+
+
+def test_install_checks_the_model_and_writes_an_absolute_folder(passthrough_pack, tmp_path):
+    """Issue 31 (8): `rtns service install --model nonexist` (or a corrupt pack, or a
+    relative path) exited 0 and wrote a unit that failed and restarted every 3 s at each
+    login. The pack is loaded as `rtns run` loads it, and a folder is written absolute."""
+    env = install_env(tmp_path)
+    unit = tmp_path / "cfg" / "systemd" / "user" / UNIT_NAME
+
+    def install(*args):
+        return run_rtns(
+            "service",
+            "install",
+            "--virtual-mic",
+            "--force",
+            *args,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+
+    r = install("--model", "nonexist")
+    assert r.returncode == 1 and "nonexist: no model pack of that name" in r.stderr, r.stderr
+    assert not unit.exists()
+    broken = Path(shutil.copytree(passthrough_pack, tmp_path / "broken"))
+    (broken / "mask.onnx").write_bytes(b"not a graph")
+    r = install("--model", "broken")
+    assert r.returncode == 1 and str(Path("broken") / "mask.onnx") in r.stderr, r.stderr
+    assert "sha256" in r.stderr and not unit.exists()
+    shutil.copytree(passthrough_pack, tmp_path / "good")
+    r = install("--model", "./good")
+    assert r.returncode == 0, r.stderr
+    argv = _exec_start(unit.read_text())
+    assert argv[argv.index("--model") + 1] == str((tmp_path / "good").resolve())
+    r = install("--model", "rtns-dtln")  # a shipped pack keeps its name
+    assert r.returncode == 0, r.stderr
+    argv = _exec_start(unit.read_text())
+    assert argv[argv.index("--model") + 1] == "rtns-dtln"
+
+
+def test_install_checks_the_mic_and_writes_its_name(tmp_path):
+    """Issue 31 (8): `--mic 99` was written as it was. Now it is resolved against this
+    machine's input devices as `rtns run -i` does; an index is written as the device name."""
+    env = install_env(tmp_path)
+    unit = tmp_path / "cfg" / "systemd" / "user" / UNIT_NAME
+    for bad, says in (
+        ("99", "no audio device with index 99"),
+        ("3", "has no input"),
+        ("webcam", "no input device matches 'webcam'"),
+    ):
+        r = run_rtns(
+            "service", "install", "--virtual-mic", "--mic", bad, cwd=tmp_path, env=env, timeout=120
+        )
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not unit.exists()
+    r = run_rtns(
+        "service", "install", "--virtual-mic", "--mic", "2", cwd=tmp_path, env=env, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    argv = _exec_start(unit.read_text())
+    assert argv[argv.index("-i") + 1] == "USB Mic"
 
 
 def test_install_refuses_bad_names(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from rtns.cli import options
 from rtns.errors import UserInputError
@@ -50,7 +51,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--mic",
         default="pulse",
         metavar="MIC",
-        help="input device as `rtns run -i` takes it (default: pulse, the sound server's "
+        help="input device as `rtns run -i` takes it, checked against this machine's devices "
+        "(an index is written as the device's name; default: pulse, the sound server's "
         "default input when the unit starts)",
     )
     inst.add_argument(
@@ -76,6 +78,52 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     un.set_defaults(func=run_uninstall)
 
 
+def unit_model(spec: str | None) -> str | None:
+    """The ``--model`` the unit gets: the pack loaded now exactly as `rtns run` loads it
+    (one line if it cannot be), named so that the unit finds it from any folder and without
+    this shell's environment: a folder as an absolute path; a pack name as it is when the
+    unit's search path finds the same pack, else that pack's absolute folder."""
+    from rtns.cli.files import load_model
+    from rtns.pack import PACK_PATH_ENV, PackError, resolve_pack
+
+    model = load_model(spec)  # None: the default pack, which the unit loads the same way
+    if spec is None:
+        return None
+    folder = Path(model.pack_dir).resolve()
+    if Path(spec).expanduser().is_dir() or os.sep in spec or spec.startswith("."):
+        return str(folder)
+    saved = os.environ.pop(PACK_PATH_ENV, None)  # the unit does not have this shell's value
+    try:
+        found = resolve_pack(spec).resolve()
+    except PackError:
+        found = None
+    finally:
+        if saved is not None:
+            os.environ[PACK_PATH_ENV] = saved
+    return spec if found == folder else str(folder)
+
+
+def unit_mic(spec: str) -> str:
+    """The ``-i`` the unit gets: ``spec`` checked against this machine's input devices as
+    `rtns run -i` checks it; an index becomes the device's name (indexes change between
+    boots and when devices come and go) when that name finds the same device."""
+    from rtns.audio import format_devices, import_sounddevice, resolve_device
+
+    sd = import_sounddevice()
+    devices = list(sd.query_devices())
+    if not devices:
+        raise UserInputError(f"--mic {spec}: {format_devices([], [], [-1, -1])}")
+    index = resolve_device(spec, devices, "input")
+    if not spec.strip().isdigit():
+        return spec
+    name = str(devices[index]["name"])
+    try:
+        same = resolve_device(name, devices, "input") == index
+    except UserInputError:
+        same = False
+    return name if same else spec
+
+
 def run_install(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -88,12 +136,16 @@ def run_install(args: argparse.Namespace) -> int:
         user_unit_dir,
     )
 
+    # What the unit will run is checked now, as `rtns run` checks it, so that a mistake is
+    # one line here and not a unit that fails and restarts every 3 s at each login.
+    model = unit_model(args.model)
+    mic = unit_mic(args.mic)
     try:
         unit = VirtualMicUnit(
             name=args.name or DEFAULT_MIC_NAME,
-            mic=args.mic,
+            mic=mic,
             source=args.source,
-            model=args.model,
+            model=model,
             atten_lim=None if args.atten_lim is None else str(args.atten_lim.wire()),
         )
     except ValidationError as e:
