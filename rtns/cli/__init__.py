@@ -13,7 +13,7 @@ from rtns import __version__
 from rtns.errors import RtnsError
 
 #: Modules under rtns.cli that define ``add_parsers(subparsers)``.
-COMMAND_MODULES = ("files", "train", "serve", "live", "service")
+COMMAND_MODULES = ("files", "train", "serve", "live", "service", "web")
 
 
 def build_parser() -> argparse.ArgumentParser:
