@@ -257,6 +257,13 @@ class FastNet(MaskModel):
         m = torch.cat([re.reshape(-1, 1, t, PAD_BINS), im.reshape(-1, 1, t, PAD_BINS)], 1)
         return torch.tanh(m)[..., :N_BINS], new
 
+    def redundant_elements(self) -> dict[str, object]:
+        """The recurrent biases of the r and z gates: the one-frame graph holds only their
+        sums with the input biases (see :func:`gru_frame`), so a pack import sets them to
+        zero and the input biases to the sums (``rtns_export.pack_import``)."""
+        h = self.cfg.hidden
+        return {f"blocks.{i}.gru.bias_hh_l0": slice(0, 2 * h) for i in range(self.cfg.blocks)}
+
     # -- accounting ----------------------------------------------------------------------------
     def macs_per_frame(self) -> int:
         """Multiply-accumulates of one frame, counted from the layer shapes (the patch

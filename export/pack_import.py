@@ -15,7 +15,11 @@ the model through the same exporter and reads the mapping off them:
 - probe B: the batch norms' parameters and statistics as ids, everything else 0: a batch
   norm the export left in the graph shows up with its own ids.
 
-The pack's tensor at the same place in the same graph then gives each id its value. A batch
+The pack's tensor at the same place in the same graph then gives each id its value. Where
+the export sums two parameters into one constant (fastnet's one-frame GRU adds the input and
+recurrent biases of the r and z gates), only their sum is in the pack: a model names such
+elements in ``redundant_elements()`` ({parameter name: index}); the probe holds them at zero,
+so the sum maps to the other term, and the import sets them to zero (the same function). A batch
 norm that was folded has no values of its own left: its convolution holds the folded weights,
 and the norm must act as the identity in eval mode. :func:`calibrate_folded_norms` makes it
 so with the statistics of real inputs (mean m, variance v per channel; scale sqrt(v + eps),
@@ -40,7 +44,7 @@ from torch import nn
 from rtns.pack import Manifest, PackError, read_manifest, verify_files
 
 ID0 = 2.0**22  # ids 2**22 + k are exact float32 integers for k < 2**22
-COMPLEX_MASK_FAMILIES = ("frcrn", "gtcrn", "lowlat")
+COMPLEX_MASK_FAMILIES = ("fastnet", "frcrn", "gtcrn", "lowlat")
 
 
 class PackImportError(ValueError):
@@ -136,9 +140,19 @@ def _probe_slots(model: nn.Module, norm_ids: bool) -> list[tuple[str, torch.Tens
         for _, t in slots:
             t.copy_(torch.arange(k, k + t.numel(), dtype=torch.float64).reshape(t.shape) + ID0)
             k += t.numel()
+        params = dict(model.named_parameters())
+        for name, index in redundant_elements(model).items():
+            params[name][index] = 0.0
     if k >= ID0:
         raise PackImportError(f"model too large to probe ({k} values)")
     return slots
+
+
+def redundant_elements(model: nn.Module) -> dict[str, object]:
+    """{parameter name: index} of the elements the export folds into a sum with another
+    parameter (see the module doc); empty for most models."""
+    fn = getattr(model, "redundant_elements", None)
+    return dict(fn()) if fn is not None else {}
 
 
 def _ids(a: np.ndarray, n: int) -> np.ndarray:
@@ -155,6 +169,7 @@ def _values_by_id(
     tensors: dict[tuple[int, int], np.ndarray],
     shipped: dict[tuple[int, int], np.ndarray],
     folded_ok: bool,
+    redundant: dict[str, object],
 ) -> dict[str, torch.Tensor]:
     """{slot name: its values in the pack} for one probe: each id found in a probe tensor
     takes the shipped value at the same place. Every slot must be found whole, except (with
@@ -162,6 +177,13 @@ def _values_by_id(
     sizes = [t.numel() for _, t in slots]
     n = int(sum(sizes))
     flat = np.full(n, np.nan)
+    off = 0
+    for (name, t), size in zip(slots, sizes, strict=True):
+        if name in redundant:  # held at zero in the probe: zero in the model too
+            mask = np.zeros(tuple(t.shape), dtype=bool)
+            mask[redundant[name]] = True
+            flat[off : off + size][mask.reshape(-1)] = 0.0
+        off += size
     for key, a in tensors.items():
         idx = _ids(a, n).reshape(-1)
         hit = idx != 0
@@ -252,7 +274,9 @@ def import_pack(
                 "configuration's"
             )
     for norm_ids, (slots, tensors) in enumerate(probes):
-        values |= _values_by_id(pack_dir, slots, tensors, shipped, folded_ok=bool(norm_ids))
+        values |= _values_by_id(
+            pack_dir, slots, tensors, shipped, bool(norm_ids), redundant_elements(model)
+        )
 
     folded = []
     with torch.no_grad():
