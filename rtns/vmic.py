@@ -18,10 +18,13 @@ Threads and data flow (device rate R, 48 kHz by default)::
 * The source is clocked by what rtns writes, so its clock is the microphone's. Under-runs
   (the worker late for a block) are silence in the virtual microphone at a fixed delay,
   exactly as ``rtns run`` plays them.
-* Over-runs: samples the writer could not hand to the server in time (nobody records from
-  the source, or the server stalls) beyond :data:`MAX_BACKLOG_S` are dropped, oldest
-  first, so the virtual microphone never lags behind the real one by more than that. One
-  over-run is one such episode; the dropped frames are counted too.
+* Backlog: samples the writer could not hand to the server beyond :data:`MAX_BACKLOG_S`
+  are dropped, oldest first, so the virtual microphone never lags behind the real one by
+  more than that. While the server reads nothing at all (no application records from the
+  source, so it does not read the FIFO) that is expected and counted apart, as *unread*
+  frames. Once it has read during such a spell and still falls behind (it reads slower
+  than real time, or stalls while recording) the drops are *over-runs*, a problem to look
+  at: one over-run per episode, the dropped frames counted too.
 """
 
 from __future__ import annotations
@@ -272,6 +275,8 @@ class PipeStats(BaseModel):
     written_frames: int
     overruns: int
     overrun_frames: int
+    #: Dropped while the server read nothing (nobody recording): not an over-run.
+    unread_frames: int
     full_frames: int
     fill_s: float
     error: str | None
@@ -301,8 +306,11 @@ class PipeWriter:
         self.written_frames = 0
         self.overruns = 0
         self.overrun_frames = 0
+        self.unread_frames = 0
         self.fill_bytes = 0
         self._trimming = False
+        self._counted = False  # this episode counted as an over-run
+        self._mark = 0  # written_frames when this episode began
         self.error: str | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -322,21 +330,42 @@ class PipeWriter:
 
     # -- writer thread -------------------------------------------------------------------------
     def _trim(self) -> None:
-        """Drop the oldest samples beyond the allowed backlog (counted as an over-run)."""
+        """Drop the oldest samples beyond the allowed backlog: unread frames while the
+        server has read nothing since the backlog began, else an over-run (one per
+        episode) and its frames."""
         pending_frames = len(self._pending) // 4
         excess = self.ring.readable() + pending_frames - self.max_backlog
         if excess <= 0:
             return
-        if not self._trimming:  # one over-run per episode (e.g. while nobody records)
+        if not self._trimming:
+            self._trimming, self._counted, self._mark = True, False, self.written_frames
+        unread = self.written_frames == self._mark
+        if not unread and not self._counted:
             self.overruns += 1
-            self._trimming = True
+            self._counted = True
+        dropped = 0
         if pending_frames:
-            drop = min(excess, pending_frames)
-            self._pending = self._pending[drop * 4 :]
-            self.overrun_frames += drop
-            excess -= drop
-        if excess > 0:
-            self.overrun_frames += self.ring.discard(excess)
+            dropped = min(excess, pending_frames)
+            self._pending = self._pending[dropped * 4 :]
+        if excess > dropped:
+            dropped += self.ring.discard(excess - dropped)
+        if unread:
+            self.unread_frames += dropped
+        else:
+            self.overrun_frames += dropped
+
+    def step(self) -> bool:
+        """One round of the writer thread: write what the FIFO takes, trim the rest to the
+        allowed backlog, write again; False while the FIFO is full. Caught up, a later trim
+        starts a new episode. (Writing before trimming lets a read the server made since the
+        last round count before anything is dropped.)"""
+        self._write_some()
+        self._trim()
+        blocked = not self._write_some()
+        if not blocked:
+            self._trimming = False
+        self._fill()
+        return not blocked
 
     def _write_some(self) -> bool:
         """Write what is pending (refilled from the ring); False when the FIFO is full."""
@@ -370,11 +399,7 @@ class PipeWriter:
                 ready, writable, _ = select.select([self._wake_r], wfds, [], 0.1)
                 if ready:
                     os.read(self._wake_r, 4096)
-                self._trim()
-                blocked = not self._write_some()
-                if not blocked:  # caught up: a later trim is a new over-run
-                    self._trimming = False
-                self._fill()
+                blocked = not self.step()
         except OSError as e:  # the server went away (EPIPE) or the FIFO is gone
             self.error = f"writing the virtual microphone's FIFO failed: {e.strerror or e}"
 
@@ -402,6 +427,7 @@ class PipeWriter:
             written_frames=self.written_frames,
             overruns=self.overruns,
             overrun_frames=self.overrun_frames,
+            unread_frames=self.unread_frames,
             full_frames=self.full_frames,
             fill_s=self.fill_bytes / 4 / self.rate,
             error=self.error,

@@ -30,7 +30,8 @@ second one while the stream is stopping exits at once).
 With --virtual-mic NAME there is no output device: the enhanced signal becomes an input
 device NAME of the PulseAudio/PipeWire server (module-pipe-source fed through a FIFO by a
 writer thread), at the same fixed delay, with the same under-run accounting; the status
-line adds the FIFO's over-runs (samples dropped when nobody records from NAME) and fill.
+line adds the FIFO's over-runs (samples dropped because a recording application fell
+behind), the seconds discarded while no application recorded from NAME, and its fill.
 The source is removed when rtns stops; one left by a crash is removed at the next start.
 
 Exit status: 0 when stopped; 1 when the stream dies (no callback for 0.5 s or more, e.g.
@@ -399,15 +400,20 @@ class _VirtualMicSetup:
         w = self.writer.stats()
         return (
             f"  vmic over-runs {w.overruns} ({w.overrun_frames + w.full_frames} frames)"
+            f" unrecorded {w.unread_frames / self.writer.rate:.1f} s"
             f" pipe {w.fill_s * 1e3:.1f} ms"
         )
 
     def summary(self) -> str:
         w = self.writer.stats()
         rate = self.writer.rate
+        unread = ""
+        if w.unread_frames:
+            unread = f", {w.unread_frames / rate:.1f} s discarded while no application recorded"
         return (
             f"rtns: virtual microphone {self.name}: {w.written_frames / rate:.1f} s written,"
             f" {w.overruns} over-runs ({w.overrun_frames + w.full_frames} frames dropped)"
+            f"{unread}"
         )
 
 

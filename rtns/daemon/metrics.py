@@ -184,8 +184,13 @@ class LiveCollector:
             )
             yield counter(
                 "rtns_live_vmic_overruns",
-                "Times the virtual microphone's backlog was trimmed (nobody reading, or late)",
+                "Times the server fell behind the virtual microphone while recording from it",
                 w.overruns,
+            )
+            yield counter(
+                "rtns_live_vmic_unread_seconds",
+                "Audio discarded while no application recorded from the virtual microphone",
+                w.unread_frames / self.writer.rate,
             )
             yield counter(
                 "rtns_live_vmic_overrun_frames",
