@@ -40,6 +40,15 @@ def test_readme_opens_with_two_commands():
     assert "pip install -q -e '.[train,test]'" in test_cmd
 
 
+def test_readme_shows_the_browser_in_one_command():
+    """Right after the install, one command opens rtns in a browser; its extra exists."""
+    head = _readme_head()
+    after_install = head[head.index("```", head.index("```sh") + 5) :]
+    assert "`pip install '.[web]' && rtns web`" in after_install.split("\n\n")[1]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert "aiohttp" in " ".join(extras["optional-dependencies"]["web"])
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     test_cmd = _readme_commands()[1]
     ci_lines = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()

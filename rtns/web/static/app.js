@@ -7,6 +7,7 @@
 const $ = (id) => document.getElementById(id);
 const CHUNK_S = 0.02;        // 20 ms per WebSocket message
 const PREFILL_S = 0.06;      // playback starts with this much queued
+const MAX_QUEUE_S = 0.15;    // more queued than this is cut back to PREFILL_S
 const MAX_BUFFERED = 1 << 16; // bytes the WebSocket may hold unsent before chunks are dropped
 const LIMIT_OFF = 61;         // the slider's last step
 
@@ -66,9 +67,10 @@ page.recorded = () => ({
   output: toBase64(page.rec.output),
 });
 
+const statsWaiting = [];
 page.playerStats = () => new Promise((resolve) => {
   if (!live) { resolve(null); return; }
-  live.player.port.onmessage = (e) => resolve(e.data);
+  statsWaiting.push(resolve);
   live.player.port.postMessage("stats");
 });
 
@@ -90,7 +92,10 @@ async function start() {
   });
   const player = new AudioWorkletNode(ctx, "rtns-player", {
     numberOfInputs: 0, numberOfOutputs: 1, outputChannelCount: [1],
-    processorOptions: {capacity: Math.round(rate), prefill: Math.round(rate * PREFILL_S)},
+    processorOptions: {
+      capacity: Math.round(rate), prefill: Math.round(rate * PREFILL_S),
+      maxQueue: Math.round(rate * MAX_QUEUE_S),
+    },
   });
   const mute = ctx.createGain();
   mute.gain.value = 0;
@@ -101,9 +106,11 @@ async function start() {
   src.connect(inAn);
   player.connect(outAn);
   player.connect(ctx.destination);
+  player.port.onmessage = (e) => { while (statsWaiting.length) statsWaiting.shift()(e.data); };
   live = {ctx, media, capture, player, inAn, outAn, ws: null, timer: null};
   connect(rate);
   live.timer = setInterval(draw, 30);
+  live.statsTimer = setInterval(showPlayback, 1000);
   $("start").textContent = "Stop";
   $("start").classList.add("stop");
   $("start").disabled = false;
@@ -165,6 +172,7 @@ function onText(msg) {
 function stop() {
   if (!live) return;
   clearInterval(live.timer);
+  clearInterval(live.statsTimer);
   if (live.ws.readyState === WebSocket.OPEN) live.ws.send(JSON.stringify({type: "close"}));
   live.media.getTracks().forEach((t) => t.stop());
   live.ctx.close();
@@ -179,6 +187,14 @@ function sendControl(fields) {
   if (live && live.ws.readyState === WebSocket.OPEN && page.state === "ready") {
     live.ws.send(JSON.stringify({type: "control", ...fields}));
   }
+}
+
+async function showPlayback() {
+  const st = await page.playerStats();
+  if (!st || !live) return;
+  const ms = (n) => (1000 * n / live.ctx.sampleRate).toFixed(0);
+  $("playback").textContent = `Playback: ${ms(st.queued)} ms queued, ${st.underruns} under-runs, ` +
+    `${ms(st.dropped)} ms dropped; ${ms(page.sentDropped)} ms of microphone not sent (connection behind).`;
 }
 
 // -- levels and spectrograms ----------------------------------------------------------------

@@ -3,8 +3,9 @@
 // rtns-capture: the microphone (mixed to mono by the node) in chunks of `chunk` frames,
 //   posted to the page as Float32Arrays (transferred, no copy), which sends them as they are.
 // rtns-player: plays what comes back. A ring of `capacity` frames; playback starts (and
-//   restarts after running dry) once `prefill` frames are queued; when a chunk does not fit,
-//   the oldest frames are dropped so the delay never grows. Counts under-runs and drops.
+//   restarts after running dry) once `prefill` frames are queued; when more than `maxQueue`
+//   frames are queued (a burst after a stall), the oldest are dropped down to `prefill`, so
+//   the delay never grows. Counts under-runs and dropped frames.
 
 class RtnsCapture extends AudioWorkletProcessor {
   constructor(options) {
@@ -41,6 +42,7 @@ class RtnsPlayer extends AudioWorkletProcessor {
     const o = options.processorOptions;
     this.cap = o.capacity;
     this.prefill = o.prefill;
+    this.maxQueue = Math.min(o.maxQueue, o.capacity);
     this.ring = new Float32Array(this.cap);
     this.r = 0;
     this.size = 0;
@@ -74,6 +76,12 @@ class RtnsPlayer extends AudioWorkletProcessor {
       w = w + 1 === this.cap ? 0 : w + 1;
     }
     this.size += src.length;
+    if (this.size > this.maxQueue) {
+      const drop = this.size - this.prefill;
+      this.r = (this.r + drop) % this.cap;
+      this.size -= drop;
+      this.dropped += drop;
+    }
   }
 
   process(inputs, outputs) {
