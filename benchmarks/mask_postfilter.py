@@ -91,7 +91,7 @@ def engine_unlimited(model, x: np.ndarray) -> np.ndarray:
     from rtns.engine import enhance_array
 
     controls = model.stream()
-    controls.atten_lim_db = None
+    controls.atten_lim = "off"
     return enhance_array(model, x, controls)
 
 

@@ -44,8 +44,8 @@ from typing import Literal
 
 import numpy as np
 
-from rtns.config import SAMPLE_RATE
 from rtns.errors import RtnsError, UserInputError
+from rtns.framing import SAMPLE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SET = REPO.parent / "shared" / "data" / "test" / "vbdemand36"
@@ -287,7 +287,7 @@ def score_pair(pair: Pair) -> FileResult:
             model = w.models[s.label]
             stream = model.stream()
             if s.limit_off:
-                stream.atten_lim_db = None
+                stream.atten_lim = "off"
             est = enhance_array(model, noisy, stream)
         scores, errors = score_signal(clean, est, w.dnsmos)
         res.scores[s.label] = scores
@@ -724,7 +724,7 @@ def write_plots(
             model = w.models[s.label]
             stream = model.stream()
             if s.limit_off:
-                stream.atten_lim_db = None
+                stream.atten_lim = "off"
             est = enhance_array(model, noisy, stream)
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s.label)
             out = folder / f"{safe}-{tag}-{Path(name).stem}.png"

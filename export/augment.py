@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rtns.config import SAMPLE_RATE
+from rtns.framing import SAMPLE_RATE
 
 if TYPE_CHECKING:
     from rtns_export.train_config import AugmentConfig

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT
 
 Tensor = torch.Tensor
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtns.config import SAMPLE_RATE
+from rtns.framing import SAMPLE_RATE
 from rtns_export import augment
 from rtns_export.train_config import DataConfig
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS
 from rtns_export.cmask import overlap_add
 
 

@@ -134,7 +134,7 @@ def build_dtln(weights: KerasWeights):  # -> rtns_export.dtln.DTLN
     """A PyTorch :class:`DTLN` in eval mode carrying the Keras weights (variant detected)."""
     import torch
 
-    from rtns.config import BLOCK_LEN, N_BINS
+    from rtns.framing import BLOCK_LEN, N_BINS
     from rtns_export.dtln import DTLN, DTLNConfig
 
     hidden = weights.get(_LSTM1[1], "recurrent_kernel", (128, 512)).shape[0]

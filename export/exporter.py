@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rtns.config import N_BINS
 from rtns.engine import Model, Stream
+from rtns.framing import N_BINS
 from rtns.pack import (
     BATCH,
     FrontEnd,

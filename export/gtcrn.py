@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtns.config import N_BINS, SAMPLE_RATE
+from rtns.framing import N_BINS, SAMPLE_RATE
 from rtns_export.cmask import MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor

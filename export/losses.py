@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from rtns.config import SAMPLE_RATE
+from rtns.framing import SAMPLE_RATE
 
 EPS = 1e-8
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtns.config import N_BINS
+from rtns.framing import N_BINS
 from rtns_export.cmask import MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor

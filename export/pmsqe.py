@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from rtns.config import SAMPLE_RATE
+from rtns.framing import SAMPLE_RATE
 
 N_FFT = 512
 HOP = 256

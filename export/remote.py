@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from rtns.config import SAMPLE_RATE
+from rtns.framing import SAMPLE_RATE
 from rtns_export import augment
 from rtns_export.data import list_audio, load_folder, read_audio
 from rtns_export.train_config import TrainConfig, load_config

@@ -2,24 +2,27 @@
 
 A :class:`StreamBank` holds, for up to ``capacity`` slots, everything a
 :class:`rtns.engine.Stream` holds for one stream: the 512-sample input block, the
-overlap-add buffer, the samples of the incomplete hop, every recurrent state tensor, and
-the controls (bypass, attenuation limit). :meth:`StreamBank.step` runs one hop for a set of
-slots: one rFFT over their blocks, one onnxruntime call per graph (at most ``max_batch``
-rows a call), one irFFT, one vectorised overlap-add. A slot's output equals, sample for
-sample, what a ``Stream`` gives for the same input when the model is batch-invariant
-(:func:`batch_invariant`, checked at start by whoever batches; the exporter makes every
-graph so by construction, see ``rtns_export.batchsafe``).
+overlap-add buffer, an input ring, every recurrent state tensor, and the controls (bypass,
+attenuation limit). :meth:`StreamBank.step` runs one hop for a set of slots: one rFFT over
+their blocks, one onnxruntime call per graph (at most ``max_batch`` rows a call; a call of
+one row goes through a :class:`rtns.engine.BoundInfer`), one irFFT, one vectorised
+overlap-add and the shared dry/wet mix (:func:`rtns.dsp.dry_wet_mix`). A slot's output
+equals, sample for sample, what a ``Stream`` gives for the same input when the model is
+batch-invariant or ``max_batch`` is 1 (:func:`batch_invariant`, checked at start by
+whoever batches; the exporter makes every graph so by construction, see
+``rtns_export.batchsafe``).
 
-The daemon keeps its sessions here; :class:`rtns.streams.ChannelStream` uses slots of a
-bank for its channels when given one.
+Every :class:`rtns.streams.ChannelStream` runs its channels as slots of a bank: the
+daemon's shared one, or a private one of its own.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from rtns import dsp
 from rtns.atten import OFF, AttenLimit
-from rtns.engine import Model, State
+from rtns.engine import BoundInfer, Model, State
 
 #: Input ring per slot, samples (32 hops at 16 kHz).
 IN_LEN = 4096
@@ -53,17 +56,18 @@ class StreamBank:
         self.ola = np.zeros((capacity, n), np.float32)
         if IN_LEN % hop or OUT_LEN % hop:
             raise ValueError(f"block_shift {hop} does not divide the bank's buffers")
-        #: Input ring per slot: n_pending[slot] samples from in_read[slot] (mod IN_LEN).
+        #: Input ring per slot: n_in[slot] samples not yet stepped, from in_read[slot]
+        #: (mod IN_LEN).
         self.inbuf = np.zeros((capacity, IN_LEN), np.float32)
         self.in_read = np.zeros(capacity, np.int64)
-        self.n_pending = np.zeros(capacity, np.int64)
+        self.n_in = np.zeros(capacity, np.int64)
         #: Output of ``step(collect=True)`` not yet taken: outbuf[slot, :n_out[slot]].
         self.outbuf = np.zeros((capacity, OUT_LEN), np.float32)
         self.n_out = np.zeros(capacity, np.int64)
         self._init = model.initial_state(1)
         self.state: State = {k: np.repeat(v, capacity, axis=0) for k, v in self._init.items()}
-        #: Dry-mix gain of the attenuation limit per slot (0: unlimited) and 1 - it, each
-        #: rounded from float64 as :class:`rtns.engine.Stream` does (same bits).
+        #: Dry-mix gain of the attenuation limit per slot (0: unlimited) and 1 - it
+        #: (:func:`rtns.dsp.mix_gains`, as :class:`rtns.engine.Stream`: same bits).
         self.dry_mix = np.zeros(capacity, np.float32)
         self.wet = np.ones(capacity, np.float32)
         self.bypass = np.zeros(capacity, bool)
@@ -71,6 +75,8 @@ class StreamBank:
         self._limits: list[AttenLimit] = [OFF] * capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._default_limit = AttenLimit.from_optional(model.manifest.atten_lim_db)
+        #: Runs a step of one row (no batch to share a call with), made on first use.
+        self._one: BoundInfer | None = None
         #: Rows and calls run so far (stats).
         self.rows = 0
         self.calls = 0
@@ -85,7 +91,7 @@ class StreamBank:
         slot = self._free.pop()
         self.in_use[slot] = True
         self.reset(slot)
-        self.set_atten(slot, self._default_limit)
+        self.set_atten_lim(slot, self._default_limit)
         self.bypass[slot] = False
         return slot
 
@@ -101,7 +107,7 @@ class StreamBank:
         self.blocks, self.ola = more(self.blocks), more(self.ola)
         self.inbuf, self.in_read = more(self.inbuf), more(self.in_read)
         self.outbuf, self.n_out = more(self.outbuf), more(self.n_out)
-        self.n_pending, self.dry_mix = more(self.n_pending), more(self.dry_mix)
+        self.n_in, self.dry_mix = more(self.n_in), more(self.dry_mix)
         self.wet, self.bypass, self.in_use = more(self.wet, 1), more(self.bypass), more(self.in_use)
         self.state = {
             k: np.concatenate([v, np.repeat(self._init[k], capacity - old, axis=0)])
@@ -115,7 +121,7 @@ class StreamBank:
         if not self.in_use[slot]:
             raise ValueError(f"slot {slot} is not open")
         self.in_use[slot] = False
-        self.n_pending[slot] = 0
+        self.n_in[slot] = 0
         self.n_out[slot] = 0
         self._free.append(slot)
 
@@ -123,7 +129,7 @@ class StreamBank:
         """Back to a new stream's state (controls kept)."""
         self.blocks[slot] = 0.0
         self.ola[slot] = 0.0
-        self.n_pending[slot] = 0
+        self.n_in[slot] = 0
         self.in_read[slot] = 0
         self.n_out[slot] = 0
         for k, v in self._init.items():
@@ -134,24 +140,23 @@ class StreamBank:
         return int(self.in_use.sum())
 
     # -- controls ---------------------------------------------------------------------------
-    def set_atten(self, slot: int, limit: AttenLimit | str | float | None) -> None:
-        lim = OFF if limit is None else AttenLimit.parse(limit)
+    def set_atten_lim(self, slot: int, limit: AttenLimit | str | float) -> None:
+        lim = AttenLimit.parse(limit)
         self._limits[slot] = lim
-        g = lim.dry_gain
-        self.dry_mix[slot] = g
-        self.wet[slot] = 1.0 - g
+        self.wet[slot], self.dry_mix[slot] = dsp.mix_gains(lim.dry_gain)
 
-    def atten(self, slot: int) -> AttenLimit:
+    def atten_lim(self, slot: int) -> AttenLimit:
         return self._limits[slot]
 
     # -- data -------------------------------------------------------------------------------
     def room(self, slot: int) -> int:
         """Samples the slot's input ring can still take."""
-        return IN_LEN - int(self.n_pending[slot])
+        return IN_LEN - int(self.n_in[slot])
 
     def feed(self, slot: int, x: np.ndarray) -> int:
-        """Append as much of float32 ``x`` [n] as the input ring takes; returns how many."""
-        k = int(self.n_pending[slot])
+        """Append as much of float32 ``x`` [n] as the input ring takes (any number of hops,
+        up to :meth:`room`); returns how many."""
+        k = int(self.n_in[slot])
         take = min(IN_LEN - k, x.shape[0])
         if take <= 0:
             return 0
@@ -160,12 +165,12 @@ class StreamBank:
         self.inbuf[slot, w : w + first] = x[:first]
         if first < take:  # wraps around
             self.inbuf[slot, : take - first] = x[first:take]
-        self.n_pending[slot] = k + take
+        self.n_in[slot] = k + take
         return take
 
     def ready(self) -> np.ndarray:
         """Open slots with a complete hop in their input (int64 [k], ascending)."""
-        return np.flatnonzero((self.n_pending >= self.shift) & self.in_use)
+        return np.flatnonzero((self.n_in >= self.shift) & self.in_use)
 
     def take(self, slot: int) -> np.ndarray:
         """The output that ``step(collect=True)`` left for the slot, float32 [m] (a view,
@@ -187,43 +192,81 @@ class StreamBank:
         if k == 0:
             return out
         s = self.shift
-        if not (self.n_pending[slots] >= s).all():
+        if not (self.n_in[slots] >= s).all():
             raise ValueError("step() needs a complete hop in every slot")
         if collect and (self.n_out[slots] > OUT_LEN - s).any():
             raise ValueError("a slot's output buffer is full: take() its output first")
         for a in range(0, k, self.max_batch):
             idx = slots[a : a + self.max_batch]
-            # Reads start at multiples of the hop, so a hop never wraps: one row gather
-            # from the [slots, IN_LEN // shift, shift] view (element-wise fancy indexing
-            # costs several times more).
-            rd = self.in_read[idx]
-            hop_in = self.inbuf.reshape(self.capacity, -1, s)[idx, rd // s]
-            self.in_read[idx] = (rd + s) % IN_LEN
-            blocks = np.concatenate([self.blocks[idx, s:], hop_in], axis=1)
-            self.blocks[idx] = blocks
-            state = {name: v[idx] for name, v in self.state.items()}
-            y, new = self.model.infer(blocks, state)
-            for name, v in new.items():
-                self.state[name][idx] = v
-            ola = self.ola[idx]
-            ola[:, :-s] = ola[:, s:]
-            ola[:, -s:] = 0.0
-            ola += y
-            self.ola[idx] = ola
-            dry = blocks[:, :s]
-            hop = ola[:, :s] * self.wet[idx][:, None] + dry * self.dry_mix[idx][:, None]
-            byp = self.bypass[idx]
-            if byp.any():
-                hop[byp] = dry[byp]
-            out[a : a + idx.shape[0]] = hop
+            if idx.shape[0] == 1:
+                out[a] = self._hop_one(int(idx[0]))
+            else:
+                out[a : a + idx.shape[0]] = self._hop(idx)
             self.calls += 1
-        self.n_pending[slots] -= s
+        self.n_in[slots] -= s
         if collect:
             pos = self.n_out[slots]
             self.outbuf.reshape(self.capacity, -1, s)[slots, pos // s] = out
             self.n_out[slots] = pos + s
         self.rows += k
         return out
+
+    def _hop(self, idx: np.ndarray) -> np.ndarray:
+        """One model call for the slots ``idx`` (int64 [k], k <= max_batch): advance their
+        blocks by a hop from the input rings, infer, overlap-add, mix; returns [k, shift]."""
+        s = self.shift
+        # Reads start at multiples of the hop, so a hop never wraps: one row gather from the
+        # [slots, IN_LEN // shift, shift] view (element-wise fancy indexing costs several
+        # times more).
+        rd = self.in_read[idx]
+        hop_in = self.inbuf.reshape(self.capacity, -1, s)[idx, rd // s]
+        self.in_read[idx] = (rd + s) % IN_LEN
+        blocks = np.concatenate([self.blocks[idx, s:], hop_in], axis=1)
+        self.blocks[idx] = blocks
+        state = {name: v[idx] for name, v in self.state.items()}
+        y, new = self.model.infer(blocks, state)
+        for name, v in new.items():
+            self.state[name][idx] = v
+        ola = self.ola[idx]
+        ola[:, :-s] = ola[:, s:]
+        ola[:, -s:] = 0.0
+        ola += y
+        self.ola[idx] = ola
+        dry = blocks[:, :s]
+        out = dsp.dry_wet_mix(ola[:, :s], dry, self.wet[idx][:, None], self.dry_mix[idx][:, None])
+        byp = self.bypass[idx]
+        if byp.any():
+            out[byp] = dry[byp]
+        return out
+
+    def _hop_one(self, slot: int) -> np.ndarray:
+        """:meth:`_hop` for one slot (no batch to share a call with), on views of its rows
+        and through a :class:`BoundInfer`: the same bits with less per-call work."""
+        s = self.shift
+        rd = int(self.in_read[slot])
+        block, ola = self.blocks[slot], self.ola[slot]
+        block[:-s] = block[s:]
+        block[-s:] = self.inbuf[slot, rd : rd + s]
+        self.in_read[slot] = (rd + s) % IN_LEN
+        ola[:-s] = ola[s:]
+        ola[-s:] = 0.0
+        ola += self._infer_one(slot, block)
+        if self.bypass[slot]:
+            return block[:s]
+        return dsp.dry_wet_mix(ola[:s], block[:s], self.wet[slot], self.dry_mix[slot])
+
+    def _infer_one(self, slot: int, block: np.ndarray) -> np.ndarray:
+        """``model.infer`` of one slot through a :class:`BoundInfer` (the same bits, less
+        per-call work): the slot's state rows are copied in and the new state written back
+        into them (rows of ``self.state``, which :meth:`_grow` may reallocate, are never
+        bound)."""
+        if self._one is None:
+            self._one = self.model.bound_infer()
+        rows = {name: v[slot : slot + 1] for name, v in self.state.items()}
+        self._one.load(rows)
+        y = self._one.run(block)
+        self._one.save_to(rows)
+        return y
 
 
 def batch_invariant(model: Model, max_batch: int = 64, hops: int = 3) -> bool:

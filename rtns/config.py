@@ -1,15 +1,14 @@
-"""Typed runtime settings, and the framing names other modules still import from here.
+"""Typed runtime settings of a loaded model.
 
-The framing (16 kHz, 512/128 and what derives from them) lives in :mod:`rtns.framing`.
+The framing (16 kHz, 512/128 and what derives from them) lives in :mod:`rtns.framing`, and
+is imported from there only.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS, SAMPLE_RATE, FrameSpec
-
-__all__ = ["BLOCK_LEN", "BLOCK_SHIFT", "N_BINS", "SAMPLE_RATE", "EngineConfig", "FrameSpec"]
+__all__ = ["EngineConfig"]
 
 
 class EngineConfig(BaseModel):

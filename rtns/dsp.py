@@ -126,6 +126,24 @@ def apply_complex_mask(spec: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return spec * m
 
 
+def mix_gains(dry_gain: float) -> tuple[np.float32, np.float32]:
+    """The (wet, dry) float32 gains of the attenuation limit's mix for a dry gain ``g``
+    (:attr:`rtns.atten.AttenLimit.dry_gain`): ``(1 - g, g)``, each rounded once from float64."""
+    return np.float32(1.0 - dry_gain), np.float32(dry_gain)
+
+
+def dry_wet_mix(
+    wet: np.ndarray, dry: np.ndarray, wet_gain: np.ndarray, dry_gain: np.ndarray
+) -> np.ndarray:
+    """The attenuation limit's mix ``wet * wet_gain + dry * dry_gain`` in float32 (new array;
+    gains from :func:`mix_gains`, scalars or broadcasting per row).
+
+    The one expression behind the engine's :class:`rtns.engine.Stream` and the
+    :class:`rtns.bank.StreamBank`: a bank slot equals a Stream bit for bit because both mix
+    here. At ``g = 0`` it returns ``wet`` exactly (``x * 1 + y * 0``)."""
+    return wet * wet_gain + dry * dry_gain
+
+
 def db_to_gain(db: float) -> float:
     """Amplitude gain of ``db`` decibels."""
     return float(10.0 ** (db / 20.0))

@@ -10,6 +10,12 @@ overlap-add buffer, the samples of an incomplete hop, the recurrent state tensor
 user controls (bypass, attenuation limit). It accepts chunks of any size and returns the
 enhanced samples of every hop completed so far. Output sample n estimates input sample
 ``n - latency`` where ``latency`` is the pack's algorithmic latency.
+
+Words: a *hop* is ``block_shift`` (128) samples, the amount a stream advances per model
+call; a *block* is the ``block_len`` (512) samples the model sees in one call.
+
+This module is the bottom floor of the runtime: it imports nothing of rtns above it
+(``rtns.bank``, ``rtns.streams``, the CLI and the daemon build on it; a test enforces it).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from rtns import dsp
-from rtns.atten import OFF, AttenLimit
+from rtns.atten import AttenLimit
 from rtns.config import EngineConfig
 from rtns.pack import (
     GraphSpec,
@@ -136,29 +142,37 @@ class Model:
             out = self._graphs[1].run(out[:, None, :], state, new_state)[:, 0]
         return out, new_state
 
-    def bound_hop(self, state: State | None = None) -> BoundHop:
-        """A one-stream hop runner over preallocated, bound buffers (see :class:`BoundHop`)."""
-        return BoundHop(self, state)
+    def bound_infer(self, state: State | None = None) -> BoundInfer:
+        """:meth:`infer` for one stream over preallocated, bound buffers (see
+        :class:`BoundInfer`)."""
+        return BoundInfer(self, state)
 
     def stream(self) -> Stream:
         return Stream(self)
 
 
-class BoundHop:
+class BoundInfer:
     """:meth:`Model.infer` for one stream, with every graph input, output and state bound
-    once (onnxruntime IOBinding) to arrays allocated here: a hop copies the block's features
+    once (onnxruntime IOBinding) to arrays allocated here: a call copies the block's features
     into the bound input, runs each graph without building feeds or new state arrays, and
     flips between two state sets (the graph reads one and writes the other). Outputs equal
     ``Model.infer`` at batch 1 bit for bit; the saving is the per-call allocation and
     dictionary work, about a third of a DTLN hop here (``benchmarks/latency.py``).
 
-    The state lives here; :attr:`state` gives copies, :meth:`load` writes it.
+    The state lives here; :attr:`state` gives copies, :meth:`load` and :meth:`save_to`
+    copy it in and out.
+
+    Binding rule: onnxruntime holds the *addresses* of ``_ins``, ``_outs`` and every array
+    of ``_sets``. Write into them (``a[...] = v``, ``out=``), never rebind them
+    (``self._sets[0][name] = v`` or ``_ins[0] = ...``): a rebound array is silently no
+    longer what the graph reads or writes (``tests/test_engine.py`` fails if it happens).
     """
 
     def __init__(self, model: Model, state: State | None = None) -> None:
         self.model = model
         self._init = model.initial_state(1)
-        # Two state sets; hop k reads set k % 2 and writes the other.
+        # Two state sets; call k reads set k % 2 and writes the other. Bound below: write
+        # into these arrays, never replace them (the binding rule above).
         self._sets: tuple[State, State] = (
             {k: v.copy() for k, v in self._init.items()},
             {k: v.copy() for k, v in self._init.items()},
@@ -187,8 +201,8 @@ class BoundHop:
             self.load(state)
 
     def run(self, block: np.ndarray) -> np.ndarray:
-        """One hop: block float32 [block_len] -> the output block float32 [block_len] (a
-        view of a buffer the next hop overwrites)."""
+        """One call: block float32 [block_len] -> the output block float32 [block_len] (a
+        view of a buffer the next call overwrites)."""
         m = self.model
         bindings = self._bindings[self._cur]
         spec = dsp.spectrum(block[None, :], m._win_a)
@@ -222,13 +236,19 @@ class BoundHop:
         if state.keys() != cur.keys():
             raise ValueError(f"state names {sorted(state)} are not the pack's {sorted(cur)}")
         for k, v in state.items():
-            cur[k][...] = v
+            cur[k][...] = v  # into the bound array (the binding rule)
+
+    def save_to(self, state: State) -> None:
+        """Write the current state tensors into ``state``'s arrays (float32 [1, ...] each,
+        e.g. views of a bank's rows)."""
+        for k, v in self._sets[self._cur].items():
+            state[k][...] = v
 
     def reset(self) -> None:
         self.load(self._init)
 
-    def copy(self) -> BoundHop:
-        return BoundHop(self.model, self._sets[self._cur])
+    def copy(self) -> BoundInfer:
+        return BoundInfer(self.model, self._sets[self._cur])
 
 
 def _bind(bind, name: str, a: np.ndarray) -> None:
@@ -249,14 +269,12 @@ class Stream:
         n, hop = model.block_len, model.block_shift
         self._block = np.zeros(n, dtype=np.float32)
         self._ola = np.zeros(n, dtype=np.float32)
-        self._pending = np.zeros(hop, dtype=np.float32)
-        self._n_pending = 0
-        self._hop = model.bound_hop()
+        self._partial = np.zeros(hop, dtype=np.float32)  # the incomplete hop's input
+        self._n_partial = 0
+        self._infer = model.bound_infer()
         #: Output the delayed input instead of the enhanced signal (latency unchanged).
         self.bypass = False
-        self._dry_mix = 0.0
-        self._atten_lim = OFF
-        self.atten_lim = model.manifest.atten_lim_db
+        self.atten_lim = AttenLimit.from_optional(model.manifest.atten_lim_db)
         #: Input samples clipped to +-dsp.CLIP_LEVEL by :meth:`push` (far outside full scale).
         self.clipped = 0
         self.samples_in = 0
@@ -270,27 +288,18 @@ class Stream:
         return self._atten_lim
 
     @atten_lim.setter
-    def atten_lim(self, value: AttenLimit | str | float | None) -> None:
-        """Takes an AttenLimit, text ('18', 'off'), dB, or None / ``math.inf`` for off."""
-        self._atten_lim = OFF if value is None else AttenLimit.parse(value)
-        self._dry_mix = self._atten_lim.dry_gain
-
-    @property
-    def atten_lim_db(self) -> float | None:
-        """The limit in dB, None when unlimited (the manifest's encoding)."""
-        return self._atten_lim.optional()
-
-    @atten_lim_db.setter
-    def atten_lim_db(self, db: float | None) -> None:
-        self.atten_lim = db
+    def atten_lim(self, value: AttenLimit | str | float) -> None:
+        """Takes an AttenLimit, text ('18', 'off') or dB (``math.inf``: off)."""
+        self._atten_lim = AttenLimit.parse(value)
+        self._gains = dsp.mix_gains(self._atten_lim.dry_gain)
 
     # -- state ---------------------------------------------------------------------
     def reset(self) -> None:
         """Back to the state of a new stream (controls are kept)."""
         self._block.fill(0.0)
         self._ola.fill(0.0)
-        self._n_pending = 0
-        self._hop.reset()
+        self._n_partial = 0
+        self._infer.reset()
         self.samples_in = 0
         self.samples_out = 0
 
@@ -299,74 +308,49 @@ class Stream:
         other = copy.copy(self)
         other._block = self._block.copy()
         other._ola = self._ola.copy()
-        other._pending = self._pending.copy()
-        other._hop = self._hop.copy()
+        other._partial = self._partial.copy()
+        other._infer = self._infer.copy()
         return other
 
     @property
     def state(self) -> State:
         """The recurrent state tensors, float32 [1, ...] each (copies; assign to replace)."""
-        return self._hop.state
+        return self._infer.state
 
     @state.setter
     def state(self, value: State) -> None:
-        self._hop.load(value)
+        self._infer.load(value)
 
     @property
-    def pending(self) -> int:
-        """Input samples waiting for their hop to complete."""
-        return self._n_pending
+    def partial(self) -> int:
+        """Input samples of the incomplete hop (waiting for the rest of it)."""
+        return self._n_partial
 
-    # -- the hop, split so the daemon can batch many streams -------------------------
-    def load_hop(self, hop: np.ndarray) -> np.ndarray:
-        """Shift the input block by one hop and append ``hop`` (float32 [shift]).
-
-        Returns the block to infer, float32 [block_len] (a view; do not keep it).
-        """
-        s = self.model.block_shift
-        self._block[:-s] = self._block[s:]
-        self._block[-s:] = hop
-        return self._block
-
-    def run_block(self, block: np.ndarray) -> np.ndarray:
-        """The model's output block for ``block`` (float32 [block_len]), advancing this
-        stream's state: a view, valid until the next hop."""
-        return self._hop.run(block)
-
-    def finish_hop(self, out_block: np.ndarray, state: State | None = None) -> np.ndarray:
-        """Overlap-add a model output block and take ``state`` (None: the state
-        :meth:`run_block` left); returns the hop's output samples [shift] (new)."""
-        s = self.model.block_shift
-        if state is not None:
-            self._hop.load(state)
-        self._ola[:-s] = self._ola[s:]
-        self._ola[-s:] = 0.0
-        self._ola += out_block
-        if self.bypass:
-            # The dry sample aligned with this output is the oldest of the block.
-            return self._block[:s].copy()
-        out = self._ola[:s].copy()
-        if self._dry_mix:
-            out *= 1.0 - self._dry_mix
-            out += self._dry_mix * self._block[:s]
-        return out
-
-    def take_hop(self) -> np.ndarray | None:
-        """Complete the pending hop if it is full: returns the block to infer or None."""
-        if self._n_pending < self.model.block_shift:
-            return None
-        self._n_pending = 0
-        return self.load_hop(self._pending)
-
-    def feed(self, x: np.ndarray) -> int:
-        """Append up to one hop's missing samples from ``x``; returns how many were taken."""
-        take = min(self.model.block_shift - self._n_pending, x.shape[0])
-        self._pending[self._n_pending : self._n_pending + take] = x[:take]
-        self._n_pending += take
+    # -- one hop -------------------------------------------------------------------
+    def _fill_partial(self, x: np.ndarray) -> int:
+        """Append up to the incomplete hop's missing samples from ``x``; returns how many."""
+        take = min(self.model.block_shift - self._n_partial, x.shape[0])
+        self._partial[self._n_partial : self._n_partial + take] = x[:take]
+        self._n_partial += take
         self.samples_in += take
         return take
 
-    # -- the simple single-stream path -------------------------------------------------
+    def _run_hop(self) -> np.ndarray:
+        """The complete hop in ``_partial``: shift it into the block, run the model,
+        overlap-add; returns the hop's output samples [shift] (new)."""
+        s = self.model.block_shift
+        self._n_partial = 0
+        self._block[:-s] = self._block[s:]
+        self._block[-s:] = self._partial
+        self._ola[:-s] = self._ola[s:]
+        self._ola[-s:] = 0.0
+        self._ola += self._infer.run(self._block)
+        # The dry sample aligned with this output is the oldest of the block.
+        if self.bypass:
+            return self._block[:s].copy()
+        return dsp.dry_wet_mix(self._ola[:s], self._block[:s], *self._gains)
+
+    # -- samples in, samples out ---------------------------------------------------------
     def push(self, x: np.ndarray) -> np.ndarray:
         """Process samples [n] of any length; returns float32 [k * shift].
 
@@ -379,15 +363,13 @@ class Stream:
             raise ValueError(f"a stream takes mono samples of shape [n], got {x.shape}")
         self.clipped += clipped
         s = self.model.block_shift
-        n_hops = (self._n_pending + x.shape[0]) // s
+        n_hops = (self._n_partial + x.shape[0]) // s
         out = np.empty(n_hops * s, dtype=np.float32)
         pos = 0
         for h in range(n_hops):
-            pos += self.feed(x[pos:])
-            block = self.take_hop()
-            assert block is not None
-            out[h * s : (h + 1) * s] = self.finish_hop(self._hop.run(block))
-        pos += self.feed(x[pos:])
+            pos += self._fill_partial(x[pos:])
+            out[h * s : (h + 1) * s] = self._run_hop()
+        pos += self._fill_partial(x[pos:])
         self.samples_out += out.shape[0]
         return out
 
@@ -404,10 +386,14 @@ class Stream:
 
 def enhance_array(model: Model, x: np.ndarray, controls: Stream | None = None) -> np.ndarray:
     """Enhance a whole mono signal [N] at the model's rate; returns float32 [N],
-    time-aligned with the input (see :func:`rtns.streams.enhance_frames`). ``controls``: a
-    stream whose bypass and attenuation limit to use (default: a new stream's)."""
-    from rtns.streams import enhance_frames
-
-    c = controls or model.stream()
-    y = enhance_frames(model, np.asarray(x)[:, None], atten_lim=c.atten_lim, bypass=c.bypass)
-    return y[:, 0]
+    time-aligned with the input (output sample n estimates input sample n). ``controls``: a
+    stream whose bypass and attenuation limit to use (default: a new stream's). Equals
+    :func:`rtns.streams.enhance_frames` on the same signal bit for bit."""
+    st = model.stream()
+    if controls is not None:
+        st.bypass, st.atten_lim = controls.bypass, controls.atten_lim
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"enhance_array takes mono samples of shape [n], got {x.shape}")
+    y = np.concatenate([st.push(x), st.flush()])
+    return y[model.latency : model.latency + x.shape[0]]

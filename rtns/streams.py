@@ -2,7 +2,8 @@
 sessions and the client all use around the 16 kHz engine.
 
 :class:`ChannelStream` takes interleaved samples ``[n, channels]`` at ``rate`` Hz and returns
-enhanced samples at the same rate. Each channel is its own :class:`rtns.engine.Stream`.
+enhanced samples at the same rate. Each channel is a slot of a :class:`rtns.bank.StreamBank`
+(its own, or one shared with other streams).
 
 At the model's rate the output is exactly the engine's. At any other rate the model sees
 the signal resampled to 16 kHz, and only *what it changed* travels back::
@@ -40,7 +41,7 @@ import numpy as np
 from rtns import dsp
 from rtns.atten import AttenLimit
 from rtns.bank import BankFull, StreamBank
-from rtns.engine import Model, Stream
+from rtns.engine import Model
 from rtns.framing import SAMPLE_RATE
 from rtns.resample import ATTEN_DB, CUTOFF, HALF_WIDTH_S, Resampler, lowpass_fir
 
@@ -93,13 +94,18 @@ class _Fifo:
 class ChannelStream:
     """``channels`` channels at ``rate`` Hz through one model (see the module docstring).
 
+    Its channels are slots of a :class:`rtns.bank.StreamBank`: a private bank (one slot per
+    channel, one row per model call: the same bits as a :class:`rtns.engine.Stream` per
+    channel, for any pack), or the ``bank`` given (the daemon's, shared by its sessions).
+
     Two ways to drive it:
 
     * :meth:`push` / :meth:`flush`: samples in, enhanced samples out (inference inside);
-    * for a caller that batches hops of many streams (the daemon): :meth:`put` queues input,
-      :meth:`next_hop` / :meth:`finish_hop` run one hop of every channel, :meth:`take`
-      returns the output of the hops finished so far, :meth:`end` queues the end-of-stream
-      padding.
+    * for the owner of a shared bank that steps many streams at once (the daemon):
+      :meth:`put` queues input, :meth:`fill` moves it into the slots' input rings, the owner
+      runs ``bank.step(..., collect=True)``, :meth:`take` returns the output of the hops
+      finished so far, :meth:`end` queues the end-of-stream padding, :meth:`close` gives
+      the slots back.
     """
 
     def __init__(
@@ -116,96 +122,83 @@ class ChannelStream:
         self.rate = int(model.sample_rate if rate is None else rate)
         if self.rate <= 0:
             raise ValueError(f"sample rate must be positive, got {rate}")
-        #: With a bank, the channels are slots of it (hops batched with other streams by
-        #: whoever owns the bank); without, each channel is its own engine Stream.
+        if bank is None:
+            bank = StreamBank(model, channels, max_batch=1)
+        elif bank.model is not model:
+            raise ValueError("the bank runs another model")
         self.bank = bank
-        self.slots = np.zeros(0, np.int64)
-        #: The first slot as an int (-1: none), read on every message and tick.
-        self._first = -1
-        self.streams: list[Stream] = []
-        if bank is not None:
-            if bank.model is not model:
-                raise ValueError("the bank runs another model")
-            taken: list[int] = []
-            try:
-                for _ in range(channels):
-                    taken.append(bank.open())
-            except BankFull:
-                for slot in taken:
-                    bank.close(slot)
-                raise
-            self.slots = np.asarray(taken, np.int64)
-            self._first = taken[0]
-        else:
-            self.streams = [model.stream() for _ in range(channels)]
+        #: The bank slots of the channels (channel c is slots[c]); empty once closed.
+        self.slots = _open_slots(bank, channels)
+        #: The first slot as an int, read on every message and tick. All slots of a stream
+        #: are fed and stepped together: their rings always hold the same count.
+        self._first = int(self.slots[0])
+        self._open = True
+        self._bypass = False
+        self._atten_lim = bank.atten_lim(self._first)
         sr = model.sample_rate
         self.resampling = self.rate != sr
         self.full_band = self.rate > sr
         self._down: Resampler | None = None
         self._up: Resampler | None = None
-        if self.resampling:
-            self._down = Resampler(self.rate, sr, channels)
-            model_delay = Fraction(model.latency, sr)
-            natural_up = Resampler(sr, self.rate, 1).delay
-            total = math.ceil((self._down.delay + model_delay + natural_up) * self.rate)
-            up_channels = 2 * channels if self.full_band else channels
-            self._up = Resampler(
-                sr,
-                self.rate,
-                up_channels,
-                min_delay_s=Fraction(total, self.rate) - self._down.delay - model_delay,
-            )
-            exact = (self._down.delay + model_delay + self._up.delay) * self.rate
-            assert exact == total, (exact, total)
-            #: Output frame k estimates input frame k - latency (at ``rate``).
-            self.latency = total
-        else:
-            self.latency = model.latency
+        #: Output frame k estimates input frame k - latency (at ``rate``).
+        self.latency = self._make_resamplers() if self.resampling else model.latency
         self._hf: dsp.FirFilter | None = None
         if self.full_band:
-            half = math.ceil(HALF_WIDTH_S * self.rate)
-            lp = lowpass_fir(2 * half + 1, CUTOFF * sr / 2 / self.rate, ATTEN_DB)
-            hp = -lp
-            hp[half] += 1.0  # delta(half) - lowpass: the exact complement, delay `half`
-            self._hf = dsp.FirFilter(hp, channels)
-            self._hf_delay = half
-            lo, hi = GAIN_BAND_HZ
-            n = model.block_len
-            self._gain_bins = slice(round(lo * n / sr), round(hi * n / sr) + 1)
-            self._gain_win = np.sqrt(dsp.hann_periodic(n)).astype(np.float32)
+            self._make_crossover()
         self._reset_buffers()
+
+    def _make_resamplers(self) -> int:
+        """The down- and up-samplers; returns the latency in whole samples at ``rate``."""
+        sr, model, channels = self.model.sample_rate, self.model, self.channels
+        self._down = Resampler(self.rate, sr, channels)
+        model_delay = Fraction(model.latency, sr)
+        natural_up = Resampler(sr, self.rate, 1).delay
+        total = math.ceil((self._down.delay + model_delay + natural_up) * self.rate)
+        up_channels = 2 * channels if self.full_band else channels
+        self._up = Resampler(
+            sr,
+            self.rate,
+            up_channels,
+            min_delay_s=Fraction(total, self.rate) - self._down.delay - model_delay,
+        )
+        exact = (self._down.delay + model_delay + self._up.delay) * self.rate
+        assert exact == total, (exact, total)
+        return total
+
+    def _make_crossover(self) -> None:
+        """The high band's filter and the band-gain analysis (rates above the model's)."""
+        sr = self.model.sample_rate
+        half = math.ceil(HALF_WIDTH_S * self.rate)
+        lp = lowpass_fir(2 * half + 1, CUTOFF * sr / 2 / self.rate, ATTEN_DB)
+        hp = -lp
+        hp[half] += 1.0  # delta(half) - lowpass: the exact complement, delay `half`
+        self._hf = dsp.FirFilter(hp, self.channels)
+        self._hf_delay = half
+        lo, hi = GAIN_BAND_HZ
+        n = self.model.block_len
+        self._gain_bins = slice(round(lo * n / sr), round(hi * n / sr) + 1)
+        self._gain_win = np.sqrt(dsp.hann_periodic(n)).astype(np.float32)
 
     # -- controls ------------------------------------------------------------------------
     @property
     def bypass(self) -> bool:
-        if self.bank is not None:
-            if not self.slots.size:
-                return self._closed_controls[0]
-            return bool(self.bank.bypass[self.slots[0]])
-        return self.streams[0].bypass
+        return self._bypass
 
     @bypass.setter
     def bypass(self, on: bool) -> None:
-        if self.bank is not None:
-            self.bank.bypass[self.slots] = bool(on)
-        for st in self.streams:
-            st.bypass = bool(on)
+        self._bypass = bool(on)
+        self.bank.bypass[self.slots] = self._bypass
 
     @property
     def atten_lim(self) -> AttenLimit:
-        if self.bank is not None:
-            if not self.slots.size:
-                return self._closed_controls[1]
-            return self.bank.atten(int(self.slots[0]))
-        return self.streams[0].atten_lim
+        """At most this much noise reduction; a new stream starts with its pack's limit."""
+        return self._atten_lim
 
     @atten_lim.setter
-    def atten_lim(self, value: AttenLimit | str | float | None) -> None:
-        if self.bank is not None:
-            for slot in self.slots:
-                self.bank.set_atten(int(slot), value)
-        for st in self.streams:
-            st.atten_lim = value
+    def atten_lim(self, value: AttenLimit | str | float) -> None:
+        self._atten_lim = AttenLimit.parse(value)
+        for slot in self.slots:
+            self.bank.set_atten_lim(int(slot), self._atten_lim)
 
     # -- state ----------------------------------------------------------------------------
     def _reset_buffers(self) -> None:
@@ -216,7 +209,7 @@ class ChannelStream:
         self.hops = 0
         #: Input samples clipped to +-dsp.CLIP_LEVEL so far.
         self.clipped = 0
-        self._backlog = _Fifo(c)  # 16 kHz input not yet fed to the engine streams
+        self._backlog = _Fifo(c)  # 16 kHz input that did not fit the slots' input rings
         self._y16: list[np.ndarray] = []  # finished hops' output, [shift, c] each
         if self.resampling:
             self._dry16 = _Fifo(c, prefill=lat)  # the engine's dry signal, aligned with y16
@@ -231,14 +224,23 @@ class ChannelStream:
 
     def reset(self) -> None:
         """Back to a new stream (controls are kept)."""
-        for st in self.streams:
-            st.reset()
         for slot in self.slots:
             self.bank.reset(int(slot))
         if self._down is not None:
             self._down.reset()
             self._up.reset()
         self._reset_buffers()
+
+    def close(self) -> None:
+        """Give the bank slots back: the stream can still :meth:`take` what it produced
+        (with the controls it had), but no longer run hops. Idempotent."""
+        if not self._open:
+            return
+        self.collect()
+        for slot in self.slots:
+            self.bank.close(int(slot))
+        self.slots = np.zeros(0, np.int64)
+        self._open = False
 
     # -- input side -----------------------------------------------------------------------
     def _frames(self, x: np.ndarray) -> np.ndarray:
@@ -280,140 +282,74 @@ class ChannelStream:
         return x16.shape[0]
 
     def _queue(self, x16: np.ndarray) -> None:
-        """Bank mode: straight into the slots' input rings while they have room (the
-        bank's owner then steps every ready slot at once); the rest, in order, after
-        whatever already waits in the backlog."""
-        if self._first < 0 or self._backlog.size:
-            self._backlog.append(x16)
-            return
-        bank = self.bank
-        if self.channels == 1:
-            took = bank.feed(self._first, x16[:, 0])
-        else:
-            took = 0
-            for c, slot in enumerate(self.slots):
-                took = bank.feed(int(slot), x16[:, c])
+        """Straight into the slots' input rings as far as they have room, the rest (in
+        order, after whatever already waits there) into the backlog."""
+        took = 0 if self._backlog.size else self._feed(x16)
         if took < x16.shape[0]:
             self._backlog.append(x16[took:])
 
-    @property
-    def queued(self) -> int:
-        """16 kHz frames queued and not yet fed to the engine (bank mode: the backlog and
-        the complete hops in the slots' input rings)."""
-        if self._first >= 0:
-            n = int(self.bank.n_pending[self._first])
-            return self._backlog.size + n - n % self.model.block_shift
-        return self._backlog.size
+    def _feed(self, x16: np.ndarray) -> int:
+        """Feed the same leading frames of ``x16`` [n, channels] to every slot's input ring,
+        as many as the rings have room for (equal in every slot: they are always fed and
+        stepped together); returns how many. 0 once closed."""
+        if not self._open:
+            return 0
+        take = min(self.bank.room(self._first), x16.shape[0])
+        if take:
+            for c, slot in enumerate(self.slots):
+                self.bank.feed(int(slot), x16[:take, c])
+        return take
+
+    def _in_rings(self) -> int:
+        """16 kHz frames in the slots' input rings, not yet stepped (0 once closed)."""
+        return int(self.bank.n_in[self._first]) if self._open else 0
 
     @property
-    def pending(self) -> int:
-        """16 kHz frames fed to the engine streams, waiting for their hop to complete (bank
-        mode: the incomplete hop in the slots' input rings)."""
-        if self.bank is not None:
-            if self._first < 0:
-                return 0
-            return int(self.bank.n_pending[self._first]) % self.model.block_shift
-        return self.streams[0].pending
+    def queued(self) -> int:
+        """16 kHz frames queued whose hop is complete and not yet run: the backlog and the
+        complete hops in the slots' input rings (an incomplete hop is not counted)."""
+        n = self._in_rings()
+        return self._backlog.size + n - n % self.model.block_shift
 
     @property
     def backlog(self) -> int:
-        """Bank mode: 16 kHz frames queued beyond the slots' input rings (0 unless a chunk
-        larger than the rings arrived)."""
+        """16 kHz frames queued beyond the slots' input rings (0 unless a chunk larger than
+        the rings arrived); :meth:`fill` moves them in."""
         return self._backlog.size
 
     @property
     def hop_ready(self) -> bool:
-        """A complete hop waits to be run (bank mode: in the input rings)."""
-        if self.bank is not None:
-            return self._first >= 0 and bool(
-                self.bank.n_pending[self._first] >= self.model.block_shift
-            )
-        return self.streams[0].pending >= self.model.block_shift
-
-    def close(self) -> None:
-        """Give the bank slots back: the stream can still :meth:`take` what it produced
-        (with the controls it had), but no longer run hops."""
-        if self.bank is not None and self.slots.size:
-            self._closed_controls = (self.bypass, self.atten_lim)
-            self.collect()
-            for slot in self.slots:
-                self.bank.close(int(slot))
-            self.slots = np.zeros(0, np.int64)
-            self._first = -1
+        """A complete hop waits in the input rings to be run."""
+        return self._in_rings() >= self.model.block_shift
 
     def fill(self) -> bool:
-        """Bank mode: move backlog into the slots' input rings as far as they have room; True
-        if a complete hop waits there (then the bank's owner steps the slots with
+        """Move backlog into the slots' input rings as far as they have room; True if a
+        complete hop waits there (then the bank's owner steps the slots with
         ``collect=True``, and :meth:`collect` or :meth:`take` picks the output up)."""
-        bank, shift = self.bank, self.model.block_shift
-        first = int(self.slots[0])
-        take = min(bank.room(first), self._backlog.size)
-        if take:
-            x = self._backlog.take(take)
-            for c, slot in enumerate(self.slots):
-                bank.feed(int(slot), x[:, c])
-        return int(bank.n_pending[first]) >= shift
+        if self._backlog.size and self._open:
+            take = min(self.bank.room(self._first), self._backlog.size)
+            self._feed(self._backlog.take(take))
+        return self.hop_ready
 
     def collect(self) -> None:
-        """Bank mode: move what ``bank.step(collect=True)`` left in the slots' output
-        buffers to this stream's output (the owner calls it at least every 32 hops)."""
-        bank, first = self.bank, self._first
-        if first < 0:
+        """Move what ``bank.step(collect=True)`` left in the slots' output buffers to this
+        stream's output (the bank's owner calls it at least every 32 hops)."""
+        if not self._open:
             return
-        m = int(bank.n_out[first])
+        m = int(self.bank.n_out[self._first])
         if not m:
             return
-        if self.channels == 1:
-            y = bank.take(first)[:, None].copy()
-        else:
-            y = np.empty((m, self.channels), np.float32)
-            for c, slot in enumerate(self.slots):
-                y[:, c] = bank.take(int(slot))
+        y = np.empty((m, self.channels), np.float32)
+        for c, slot in enumerate(self.slots):
+            y[:, c] = self.bank.take(int(slot))
         self._y16.append(y)
         self.hops += m // self.model.block_shift
 
-    def next_hop(self) -> list[np.ndarray] | None:
-        """Feed queued input until every channel has a complete hop; returns the blocks to
-        infer (one float32 [block_len] view per channel) or None when input is short."""
-        if self.bank is not None:
-            raise RuntimeError(
-                "a bank-backed stream is stepped by its bank (fill, then bank.step(collect=True))"
-            )
-        shift = self.model.block_shift
-        need = shift - self.streams[0].pending
-        if need > self._backlog.size:
-            if self._backlog.size:
-                x = self._backlog.take(self._backlog.size)
-                for c, st in enumerate(self.streams):
-                    st.feed(x[:, c])
-            return None
-        if need:
-            x = self._backlog.take(need)
-            for c, st in enumerate(self.streams):
-                st.feed(x[:, c])
-        return [st.take_hop() for st in self.streams]  # type: ignore[misc]
-
-    def finish_hop(
-        self, out_blocks: np.ndarray, states: list[dict[str, np.ndarray]] | None = None
-    ) -> None:
-        """Overlap-add each channel's model output block (float32 [channels, block_len]) and
-        take its new state (one state dict per channel; None: each channel's
-        ``run_block`` already advanced it)."""
-        hop = np.empty((self.model.block_shift, self.channels), np.float32)
-        for c, st in enumerate(self.streams):
-            hop[:, c] = st.finish_hop(out_blocks[c], None if states is None else states[c])
-        self._y16.append(hop)
-        self.hops += 1
-
     def _run_hops(self) -> None:
-        if self.bank is not None:
-            while self.fill():
-                self.bank.step(self.slots, collect=True)
-                self.collect()
-            return
-        while (blocks := self.next_hop()) is not None:
-            outs = [st.run_block(b) for st, b in zip(self.streams, blocks, strict=True)]
-            self.finish_hop(np.stack(outs))
+        """Run every complete hop (the private bank's way; a shared bank's owner steps)."""
+        while self.fill():
+            self.bank.step(self.slots, collect=True)
+            self.collect()
 
     # -- output side ----------------------------------------------------------------------
     def take(self) -> np.ndarray:
@@ -551,3 +487,16 @@ def enhance_frames(
     filled += tail.shape[0]
     assert filled == n + cs.latency, (filled, n, cs.latency)
     return out[cs.latency : cs.latency + n]
+
+
+def _open_slots(bank: StreamBank, channels: int) -> np.ndarray:
+    """``channels`` fresh slots of ``bank`` (int64 [channels]); none taken if it is full."""
+    taken: list[int] = []
+    try:
+        for _ in range(channels):
+            taken.append(bank.open())
+    except BankFull:
+        for slot in taken:
+            bank.close(slot)
+        raise
+    return np.asarray(taken, np.int64)

@@ -30,7 +30,7 @@ def test_bank_equals_one_stream_each_bit_for_bit(dtln):
     limits = [None, AttenLimit(0), AttenLimit(6), "off", AttenLimit(30), None, None]
     for slot, lim in zip(slots, limits, strict=True):
         if lim is not None:
-            bank.set_atten(slot, lim)
+            bank.set_atten_lim(slot, lim)
     bank.bypass[slots[5]] = True
     out = np.zeros((k, n), np.float32)
     for h in range(n // 128):
@@ -66,7 +66,7 @@ def test_slots_open_close_reset_and_full(dtln):
     np.testing.assert_array_equal(np.concatenate(outs), ref)
     bank.close(a)
     c = bank.open()  # a reused slot starts as a new stream
-    assert c == a and bank.n_pending[c] == 0
+    assert c == a and bank.n_in[c] == 0
     outs = []
     for h in range(5):
         bank.feed(c, x[h * 128 : (h + 1) * 128])
@@ -143,7 +143,7 @@ def test_input_ring_and_collected_output_equal_one_stream(dtln):
     for i in range(k):
         ref = dtln.stream().push(x[i])
         np.testing.assert_array_equal(np.concatenate(outs[i]), ref)
-    room = IN_LEN - int(bank.n_pending[slots[0]])
+    room = IN_LEN - int(bank.n_in[slots[0]])
     assert bank.feed(slots[0], np.zeros(IN_LEN + 10, np.float32)) == room
 
 

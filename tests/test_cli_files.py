@@ -253,10 +253,18 @@ def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
 
 
 def test_models_when_none_installed(tmp_path):
-    r = rtns("models", cwd=tmp_path, env={PACK_PATH_ENV: str(tmp_path), "HOME": str(tmp_path)})
-    assert r.returncode == 0
-    if "no model packs found" not in r.stdout:  # shipped packs exist in models/
-        assert r.stdout.startswith("NAME")
+    """With the shipped packs hidden and nothing on the search path: one line naming the
+    folders searched, exit 0. With them: a table naming every shipped pack."""
+    env = {PACK_PATH_ENV: str(tmp_path), "HOME": str(tmp_path)}
+    r = run_rtns("models", cwd=tmp_path, env=env, hide_shipped_packs=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("no model packs found (searched: "), r.stdout
+    assert str(tmp_path) in r.stdout and len(r.stdout.strip().splitlines()) == 1
+    r = rtns("models", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("NAME"), r.stdout
+    shipped = sorted(p.parent.name for p in (REPO / "models").glob(f"*/{MANIFEST}"))
+    assert shipped and all(name in r.stdout for name in shipped), (shipped, r.stdout)
 
 
 # -- import weight (torch must stay out of the runtime) ----------------------------------------------------------------------------

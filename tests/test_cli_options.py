@@ -309,5 +309,6 @@ def test_help_and_listing_name_the_two_defaults(capsys):
         assert f"default: {name}" in " ".join(capsys.readouterr().out.split()), cmd
     names = [row[0] for row in models_table()[1:]]
     listed = {n.split()[0] for n in names}
+    assert {DEFAULT_PACK, DEFAULT_SERVE_PACK} <= listed, names  # both ship in models/
     want = {f"{DEFAULT_PACK} (default)", f"{DEFAULT_SERVE_PACK} (serve default)"}
-    assert {n for n in names if "default)" in n} == {w for w in want if w.split()[0] in listed}
+    assert {n for n in names if "default)" in n} == want

@@ -81,8 +81,13 @@ def test_mix_at_scales_down_instead_of_clipping():
     c, y, rescaled = data.mix_at(clean, noise, 10.0, -3.0)
     assert rescaled
     assert np.max(np.abs(y)) == pytest.approx(data.PEAK, abs=1e-4)
-    # the pair keeps its SNR: clean and noisy were scaled together
-    assert np.allclose(y - c, (y - c) * 1.0)
+    # one gain scaled both (nothing clipped, nothing scaled apart): clean is g * clean and
+    # the noise in the mix is g * k * noise, sample for sample
+    g = float(np.dot(c, clean) / np.dot(clean, clean))
+    np.testing.assert_allclose(c, g * clean, rtol=0, atol=1e-6)
+    k = float(np.dot(y - c, noise) / np.dot(noise, noise))
+    np.testing.assert_allclose(y - c, k * noise, rtol=0, atol=1e-5)
+    # the pair keeps its SNR
     ratio = data.active_rms(c) / data.active_rms(y - c)
     assert 20 * np.log10(ratio) == pytest.approx(10.0, abs=0.1)
 

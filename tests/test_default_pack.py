@@ -49,7 +49,7 @@ def _enhance(model, x: np.ndarray, atten_lim_db: float | None | str = "pack") ->
     flushed; ``atten_lim_db`` None lifts the pack's limit ("pack" keeps it)."""
     st = model.stream()
     if atten_lim_db != "pack":
-        st.atten_lim_db = atten_lim_db
+        st.atten_lim = "off" if atten_lim_db is None else atten_lim_db
     y = np.concatenate([st.push(x), st.flush()])
     return y[model.latency : model.latency + x.shape[0]]
 

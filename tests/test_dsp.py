@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rtns import dsp
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS
 
 
 def test_hann_periodic_values():

@@ -92,14 +92,14 @@ def test_bypass_and_attenuation_limit(random_dtln_pack):
     st.bypass = True
     np.testing.assert_allclose(enhance_array(model, x, st), x, atol=0)
     st.bypass = False
-    st.atten_lim_db = 6.0
-    assert st.atten_lim_db == pytest.approx(6.0)
+    st.atten_lim = 6.0
+    assert st.atten_lim.db == pytest.approx(6.0)
     wet = enhance_array(model, x)
     mixed = enhance_array(model, x, st)
     g = 10 ** (-6 / 20)
     np.testing.assert_allclose(mixed, g * x + (1 - g) * wet, atol=1e-6)
     with pytest.raises(ValueError):
-        st.atten_lim_db = -3.0
+        st.atten_lim = -3.0
 
 
 def limited_copy(pack: Path, dest: Path, db: float | None) -> Path:
@@ -117,14 +117,14 @@ def test_pack_default_attenuation_limit(random_dtln_pack, tmp_path):
     wet = enhance_array(Model(random_dtln_pack), x)
     model = Model(limited_copy(random_dtln_pack, tmp_path / "lim", 12.0))
     st = model.stream()
-    assert st.atten_lim_db == pytest.approx(12.0)
+    assert st.atten_lim.db == pytest.approx(12.0)
     g = 10 ** (-12 / 20)
     np.testing.assert_allclose(enhance_array(model, x, st), g * x + (1 - g) * wet, atol=1e-6)
-    st.atten_lim_db = math.inf  # "off"
-    assert st.atten_lim_db is None
+    st.atten_lim = math.inf  # "off"
+    assert st.atten_lim.off
     np.testing.assert_array_equal(enhance_array(model, x, st), wet)
     st.reset()  # controls survive a reset; a new stream starts at the default again
-    assert st.atten_lim_db is None and model.stream().atten_lim_db == pytest.approx(12.0)
+    assert st.atten_lim.off and model.stream().atten_lim.db == pytest.approx(12.0)
 
 
 def test_non_mono_input_rejected(passthrough_pack):
@@ -134,12 +134,12 @@ def test_non_mono_input_rejected(passthrough_pack):
 
 
 @pytest.mark.parametrize("pack", ["rtns-dtln", "rtns-frcrn", "rtns-gtcrn", "passthrough_stft_pack"])
-def test_bound_hop_equals_infer_bit_for_bit(pack, request):
-    """The single-stream hop over bound buffers (what Stream.push runs) == Model.infer at
+def test_bound_infer_equals_infer_bit_for_bit(pack, request):
+    """The single-stream call over bound buffers (what Stream.push runs) == Model.infer at
     batch 1, outputs and every state tensor, over hops that flip its two state sets."""
     model = Model(request.getfixturevalue(pack) if pack.endswith("_pack") else pack)
     rng = np.random.default_rng(7)
-    hop = model.bound_hop()
+    hop = model.bound_infer()
     state = model.initial_state(1)
     for _ in range(5):
         block = (0.1 * rng.standard_normal(model.block_len)).astype(np.float32)
@@ -152,19 +152,70 @@ def test_bound_hop_equals_infer_bit_for_bit(pack, request):
         assert all(np.array_equal(st[k], state[k]) for k in st)
 
 
-def test_bound_hop_copy_load_and_reset_are_independent(random_dtln_pack):
+def test_bound_infer_copy_load_and_reset_are_independent(random_dtln_pack):
     model = Model(random_dtln_pack)
     block = (0.1 * np.random.default_rng(3).standard_normal(512)).astype(np.float32)
-    a = model.bound_hop()
+    a = model.bound_infer()
     a.run(block)
     b = a.copy()
     ya = a.run(block).copy()
     assert np.array_equal(b.run(block), ya)  # same state, separate buffers
-    fresh = model.bound_hop()
+    fresh = model.bound_infer()
     y0 = fresh.run(block).copy()
     a.reset()
     assert np.array_equal(a.run(block), y0)
-    c = model.bound_hop(b.state)
+    c = model.bound_infer(b.state)
     assert all(np.array_equal(c.state[k], v) for k, v in b.state.items())
     with pytest.raises(ValueError, match="state names"):
         c.load({"nope": np.zeros((1, 2), np.float32)})
+
+
+@pytest.mark.parametrize("pack", ["rtns-gtcrn", "random_dtln_pack"])
+def test_bound_infer_writes_into_its_bound_arrays(pack, request):
+    """The binding rule of BoundInfer: load, reset and save_to write into the arrays
+    onnxruntime holds by address. A load that rebinds a state array (``cur[k] = v``) leaves
+    the graph reading the old state: the output after a load would no longer equal
+    Model.infer from the loaded state."""
+    model = Model(request.getfixturevalue(pack) if pack.endswith("_pack") else pack)
+    rng = np.random.default_rng(11)
+    blocks = (0.1 * rng.standard_normal((6, model.block_len))).astype(np.float32)
+    other = model.bound_infer()
+    for b in blocks[:3]:
+        other.run(b)
+    loaded = other.state  # a state no fresh stream has
+    bound = model.bound_infer()
+    bound.run(blocks[3])  # now reading its second state set
+    for start in (loaded, model.initial_state(1)):
+        if start is loaded:
+            bound.load(start)
+        else:
+            bound.reset()
+        want, _ = model.infer(blocks[4][None], start)
+        assert np.array_equal(bound.run(blocks[4]), want[0])
+    out = {k: np.full_like(v, np.nan) for k, v in loaded.items()}
+    bound.save_to(out)
+    assert all(np.array_equal(out[k], v) for k, v in bound.state.items())
+
+
+def test_engine_is_the_bottom_floor():
+    """rtns.engine imports nothing of rtns above it: only the modules below (dsp, atten,
+    config, framing, pack and what they use), at the top of the file or inside a function.
+    Fails if engine.py imports rtns.streams, rtns.bank, the CLI, the daemon or any other
+    module that builds on the engine."""
+    import ast
+
+    import rtns.engine
+
+    below = {"rtns", "rtns.dsp", "rtns.atten", "rtns.config", "rtns.framing", "rtns.pack"}
+    tree = ast.parse(Path(rtns.engine.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "rtns":  # from rtns import dsp
+            imported |= {f"rtns.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} if node.module.startswith("rtns") else set()
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names if a.name.startswith("rtns")}
+    assert imported, "the walk found no rtns import at all"
+    above = imported - below
+    assert not above, f"rtns.engine imports from above it: {sorted(above)}"

@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.engine import Model, Stream, enhance_array  # noqa: E402
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
 from rtns_export.cmask import overlap_add  # noqa: E402
 from rtns_export.exporter import parity_signal  # noqa: E402

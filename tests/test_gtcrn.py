@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 
 from packs import perturbed  # noqa: E402
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.engine import Model, Stream, enhance_array, session_options  # noqa: E402
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
 from rtns_export.cmask import (  # noqa: E402
     analysis_window,

@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rtns.config import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.engine import session_options  # noqa: E402
+from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.pack import Provenance  # noqa: E402
 from rtns_export.exporter import parity_signal  # noqa: E402
 from rtns_export.lowlat import LowLat, LowLatConfig, export_lowlat  # noqa: E402

@@ -80,35 +80,42 @@ def test_latency_is_whole_samples_and_states_it(dtln):
 
 
 def test_batchable_api_equals_push(dtln):
-    """put / next_hop / finish_hop / take / end (the daemon's way) == push / flush."""
+    """put / fill / bank.step(collect=True) / take / end (the daemon's way, two streams on
+    one shared bank, batched rows) == push / flush of each stream alone."""
+    from rtns.bank import StreamBank
+
     rate = 48_000
     x = noise(20_000, 2, seed=3)
     ref = ChannelStream(dtln, 2, rate)
     want = np.concatenate([ref.push(x), ref.flush()])
-    cs = ChannelStream(dtln, 2, rate)
-    got = []
+    mono = noise(7_000, 1, seed=4)
+    st = dtln.stream()
+    want_mono = np.concatenate([st.push(mono[:, 0]), st.flush()])
+    bank = StreamBank(dtln, capacity=4, max_batch=4)
+    cs, other = ChannelStream(dtln, 2, rate, bank=bank), ChannelStream(dtln, 1, bank=bank)
+    got, got_mono = [], []
+
+    def tick():
+        ready = [s for s in (cs, other) if s.fill()]
+        while ready:
+            bank.step(np.concatenate([s.slots for s in ready]), collect=True)
+            ready = [s for s in ready if s.hop_ready]
+        got.append(cs.take())
+        got_mono.append(other.take())
+
     for a in range(0, x.shape[0], 960):
         cs.put(x[a : a + 960])
-        while (blocks := cs.next_hop()) is not None:
-            y, st = dtln.infer(
-                np.stack(blocks),
-                {k: np.concatenate([s.state[k] for s in cs.streams]) for k in cs.streams[0].state},
-            )
-            cs.finish_hop(y, [{k: v[c : c + 1] for k, v in st.items()} for c in range(2)])
-        got.append(cs.take())
+        other.put(mono[a * 7 // 20 : (a + 960) * 7 // 20])
+        tick()
     owed = cs.samples_in + cs.latency
+    owed_mono = other.samples_in + other.latency
     cs.end()
-    while (blocks := cs.next_hop()) is not None:
-        outs, states = [], []
-        for c, b in enumerate(blocks):
-            y, st = dtln.infer(b[None], cs.streams[c].state)
-            outs.append(y[0])
-            states.append(st)
-        cs.finish_hop(np.stack(outs), states)
-    got.append(cs.take())
+    other.end()
+    tick()
     got = np.concatenate(got)[:owed]
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.concatenate(got_mono)[:owed_mono, 0], want_mono)
 
 
 def test_48k_keeps_the_band_above_8k_within_the_limit(dtln):

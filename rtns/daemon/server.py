@@ -1,14 +1,17 @@
 """``rtns serve``: a ZeroMQ ROUTER daemon that enhances many client streams at once.
 
 One thread runs everything (no locks): it polls the socket with a timeout, drains the
-messages that have arrived, then *ticks*: every session with a complete 128-sample hop
-contributes one row, and all rows of sessions sharing a model go through ONE
-:meth:`rtns.engine.Model.infer` call (states gathered with ``np.concatenate`` on axis 0 and
-scattered back as row views). Rounds repeat while hops are ready, at most
-``hops_per_tick`` per session, so one client sending a long chunk cannot starve the others;
-left-over input stays in the session's bounded queue and the loop polls with a zero timeout
-until it is processed. Each audio message is answered once all its samples have been fed
-and every completed hop run, with all output produced since the previous answer.
+messages that have arrived, then *ticks*. Each model has one :class:`rtns.bank.StreamBank`
+and each session's channels are slots of it (its :class:`rtns.streams.ChannelStream` puts
+the decoded input straight into their input rings). A tick round is ``bank.ready()`` and
+one ``bank.step(collect=True)``: every slot with a complete 128-sample hop is one row, run
+in chunks of at most ``max_batch`` rows per :meth:`rtns.engine.Model.infer` call (states
+gathered from and scattered back into the bank's rows). Rounds repeat while hops are
+ready, at most ``hops_per_tick``, so one client sending a long chunk cannot starve the
+others; left-over input stays in the session's bounded queue and the loop polls with a
+zero timeout until it is processed. Each audio message is answered once all its samples
+have been fed and every completed hop run, with all output produced since the previous
+answer.
 
 Batch independence: a session's output must not depend on which other sessions are active.
 onnxruntime's CPU kernels (MLAS GEMM/LSTM, element-wise kernels) and numpy's FFT compute
