@@ -73,10 +73,26 @@ def test_chunking_and_exact_end_of_stream(dtln, rate):
     np.testing.assert_array_equal(np.concatenate([cs.push(x), cs.flush()]), ref)
 
 
-def test_latency_is_whole_samples_and_states_it(dtln):
-    assert ChannelStream(dtln, 1, 16_000).latency == 384
-    assert ChannelStream(dtln, 1, 48_000).latency == 1295
-    assert ChannelStream(dtln, 1, 44_100).latency == 1192
+@pytest.mark.parametrize("rate", RATES)
+def test_latency_is_whole_samples_and_states_it(dtln, rate):
+    """The latency is the resamplers' delays plus the model's, rounded up to whole samples
+    at the rate once (derived here from the resampler's own delays, not copied from a run),
+    and the up-sampler is lengthened so that the sum is exact; at 16 kHz it is the pack's."""
+    import math
+    from fractions import Fraction
+
+    from rtns.resample import Resampler
+
+    cs = ChannelStream(dtln, 1, rate)
+    sr = dtln.sample_rate
+    if rate == sr:
+        assert cs.latency == dtln.latency == 384
+        return
+    model = Fraction(dtln.latency, sr)
+    natural = Resampler(rate, sr, 1).delay + model + Resampler(sr, rate, 1).delay
+    assert cs.latency == math.ceil(natural * rate)
+    assert (cs._down.delay + model + cs._up.delay) * rate == cs.latency  # exact, whole
+    assert 0 <= cs.latency - natural * rate < 1
 
 
 def test_batchable_api_equals_push(dtln):
