@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -194,6 +195,10 @@ def parse_candidate(text: str) -> tuple[str, str, dict]:
         raise argparse.ArgumentTypeError(
             f"--candidate {text!r}: expected LABEL=FAMILY:JSON ({e})"
         ) from None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+        raise argparse.ArgumentTypeError(
+            f"--candidate {text!r}: LABEL may hold letters, digits, '_', '.' and '-' only"
+        )
     if not isinstance(options, dict):
         raise argparse.ArgumentTypeError(f"--candidate {text!r}: options must be a JSON object")
     return label, family, options
