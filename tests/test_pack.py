@@ -289,11 +289,33 @@ def test_graph_file_in_a_subfolder_or_symlinked_inside_loads(pack):
     assert Model(pack).name == "passthrough"
 
 
-@pytest.mark.parametrize("pack_dir", ["rtns-dtln", "rtns-frcrn"])
+#: Every pack shipped in models/ (committed); a missing or an unlisted one fails below.
+SHIPPED = ("rtns-dtln", "rtns-frcrn", "rtns-gtcrn")
+
+
+def test_shipped_packs_are_all_there():
+    from rtns.pack import DEFAULT_PACK, DEFAULT_SERVE_PACK
+
+    found = sorted(p.parent.name for p in (REPO / "models").glob(f"*/{MANIFEST}"))
+    assert found == sorted(SHIPPED)
+    assert {DEFAULT_PACK, DEFAULT_SERVE_PACK} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("pack_dir", SHIPPED)
 def test_shipped_packs_pass_the_checks(pack_dir):
-    man = read_manifest(REPO / "models" / pack_dir)
-    assert man.latency_samples == man.frames.latency_samples == 384
-    assert man.frames.latency_ms == 24.0
+    """Each shipped pack loads as the engine would (file hashes, onnxruntime sessions and
+    their inputs and outputs checked against the manifest), its stated latency is the
+    framing's, and a second of noise gives finite output of the input's length."""
+    path = REPO / "models" / pack_dir
+    man = read_manifest(path)
+    assert man.name == pack_dir
+    assert man.latency_samples == man.frames.latency_samples
+    assert man.frames == framing.FrameSpec()  # 16 kHz, 512 / 128: 384 samples, 24 ms
+    model = Model(path)  # verify_files + check_session_io
+    x = (0.1 * np.random.default_rng(2).standard_normal(16_000)).astype(np.float32)
+    st = model.stream()
+    y = np.concatenate([st.push(x), st.flush()])
+    assert y.shape == (x.shape[0] + framing.LATENCY_SAMPLES,) and np.all(np.isfinite(y))
 
 
 def test_missing_manifest_and_folder(pack, tmp_path):
