@@ -365,18 +365,108 @@ def test_client_that_never_reads_cannot_block_the_server(passthrough_pack):
         ctx.term()
 
 
-def test_one_peer_cannot_take_every_session(passthrough_pack):
-    with running_server([passthrough_pack], max_sessions=4) as srv:  # 2 per peer
-        with Client(srv.endpoint) as a, Client(srv.endpoint) as b:
-            a.hello()
-            b.hello()
-            with Client(srv.endpoint) as c, pytest.raises(ServerError) as e:
+def test_local_clients_do_not_share_one_quota(passthrough_pack):
+    """Issue 31 (5): the per-peer limit was keyed by IP, so every local process was one
+    peer: one process holding half the sessions locked every other local client out
+    ("127.0.0.1 already holds 2 sessions"). Without CURVE a client is its connection: one
+    process's connections take sessions up to --max-sessions, and the refusal names it."""
+    with running_server([passthrough_pack], max_sessions=4) as srv:  # 2 per client
+        clients = [Client(srv.endpoint) for _ in range(4)]
+        try:
+            for c in clients:
+                c.hello()  # before: the third was server_full (one peer, 2 sessions)
+            with Client(srv.endpoint) as extra, pytest.raises(ServerError) as e:
+                extra.hello()
+            assert e.value.code == "server_full" and "limit of 4 sessions" in str(e.value)
+        finally:
+            for c in clients:
+                c.close()
+
+
+def _curve(tmp_path):
+    from rtns.cli.serve import write_keypair
+    from rtns.daemon.server import CurveConfig
+
+    write_keypair(tmp_path / "server", "server")
+    for name in ("alice", "bob"):
+        write_keypair(tmp_path / "allowed", name)
+    curve = CurveConfig(
+        server_secret=tmp_path / "server/server.key_secret", allowed_clients=tmp_path / "allowed"
+    )
+
+    def client(endpoint: str, name: str) -> Client:
+        return Client(
+            endpoint,
+            server_key=tmp_path / "server/server.key",
+            client_key=tmp_path / f"allowed/{name}.key_secret",
+        )
+
+    return curve, client
+
+
+def test_the_per_client_limit_is_per_curve_key(passthrough_pack, tmp_path):
+    """Issue 31 (5): with CURVE the limit counts a client's key, whatever its connections;
+    another key still gets in; the message names the key and the limit."""
+    curve, client = _curve(tmp_path)
+    with running_server([passthrough_pack], max_sessions=8, max_sessions_per_peer=2,
+                        curve=curve) as srv:  # fmt: skip
+        held = [client(srv.endpoint, "alice") for _ in range(2)]
+        try:
+            for c in held:
                 c.hello()
-            assert e.value.code == "server_full" and "already holds 2" in str(e.value)
-            b.close_session()
-            with Client(srv.endpoint) as d:
-                d.hello()  # the peer's count went down with b's session
-        assert stats(srv.endpoint)["counters"]["refused_peer"] == 1
+            with client(srv.endpoint, "alice") as a3, pytest.raises(ServerError) as e:
+                a3.hello()
+            assert e.value.code == "server_full"
+            assert "client key" in str(e.value) and "already holds 2" in str(e.value)
+            assert "--max-sessions-per-peer 2" in str(e.value)
+            with client(srv.endpoint, "bob") as b:
+                b.hello()
+            held[0].close_session()
+            with client(srv.endpoint, "alice") as a4:
+                a4.hello()  # alice's count went down with her closed session
+            with client(srv.endpoint, "bob") as b:
+                assert b.stats()["counters"]["refused_peer"] == 1
+        finally:
+            for c in held:
+                c.close()
+
+
+CLIENT_THEN_WAIT = """
+import sys, time
+from rtns.daemon.client import Client
+c = Client(sys.argv[1], timeout=20)
+c.hello()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def killed_client_sessions_end(endpoint: str, sessions) -> None:
+    """Start a client process that opens a session, SIGKILL it, and wait until
+    ``sessions()`` is back to what it was: the socket monitor saw the connection go (the
+    idle timeout, 30 s, is far beyond the wait)."""
+    import subprocess
+    import sys
+
+    before = sessions()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_THEN_WAIT, endpoint], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert sessions() == before + 1
+    finally:
+        proc.kill()
+        proc.wait(10)
+    wait_until(lambda: sessions() == before, "the killed client's session ending", 20.0)
+
+
+def test_a_killed_clients_session_ends_at_once(passthrough_pack):
+    """Issue 31 (5): the sessions of a killed client kept counting until the 30 s idle
+    timeout. ZeroMQ's socket monitor reports the disconnect and the session ends."""
+    with running_server([passthrough_pack], idle_timeout=30.0) as srv:
+        killed_client_sessions_end(srv.endpoint, lambda: stats(srv.endpoint)["sessions"])
+        assert stats(srv.endpoint)["counters"]["closed_vanished"] == 1
 
 
 def test_stats_reset_is_the_operators(passthrough_pack):

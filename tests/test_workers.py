@@ -126,3 +126,44 @@ def test_no_files_left_behind(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert list(tmp.glob("rtns-workers-*")) == []
+
+
+def test_supervisor_keeps_the_daemons_limits(tmp_path):
+    """Issue 31 (5): with workers, the refusal showed a worker's share ("limit of 2") and
+    the per-peer share, not the daemon's limits; a killed client's session counted until the
+    idle timeout. The supervisor checks the daemon's limits and watches disconnects."""
+    from test_server_hostile import killed_client_sessions_end
+
+    from rtns.daemon.client import ServerError
+
+    proc, endpoint, log = start_serve(tmp_path, "--max-sessions", "4", workers=2)
+    clients = [Client(endpoint, timeout=20) for _ in range(4)]
+    try:
+        for c in clients:
+            c.hello()
+        with Client(endpoint, timeout=20) as extra, pytest.raises(ServerError) as e:
+            extra.hello()
+        assert e.value.code == "server_full" and "limit of 4 sessions" in str(e.value)
+        clients.pop().close()  # a connection that goes frees its session
+
+        def sessions() -> int:
+            with Client(endpoint, timeout=20) as s:
+                return s.stats()["sessions"]
+
+        wait_until_true(lambda: sessions() == 3)
+        killed_client_sessions_end(endpoint, sessions)
+        with Client(endpoint, timeout=20) as s:
+            st = s.stats()
+        assert st["counters"]["refused_full"] == 1
+    finally:
+        for c in clients:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def wait_until_true(cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.05)

@@ -133,7 +133,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         type=options.session_count,
         default=None,
         metavar="N",
-        help="sessions one peer address may hold (default: half of --max-sessions)",
+        help="sessions one client may hold: one CurveZMQ key, or without CURVE one "
+        "connection (default: half of --max-sessions)",
     )
     p.add_argument(
         "--max-output-mb",

@@ -45,6 +45,7 @@ from rtns.atten import AttenLimit
 from rtns.bank import StreamBank, batch_invariant
 from rtns.config import EngineConfig
 from rtns.daemon import protocol as P
+from rtns.daemon.clients import ConnectionWatch, client_key, describe
 from rtns.daemon.logs import log, log_event
 from rtns.daemon.metrics import DaemonMetrics, NoMetrics
 from rtns.daemon.session import Served, Session
@@ -153,8 +154,8 @@ class ServerConfig(BaseModel):
     #: is this over the largest answer, max_message_bytes); beyond it answers are dropped
     #: and counted (``send_hwm``), never blocking the server.
     max_output_bytes: int = Field(64 * 2**20, ge=2**16, le=2**36)
-    #: Sessions one peer address (IP) may hold; None: half of max_sessions, so one local
-    #: process cannot take them all.
+    #: Sessions one client may hold: one CurveZMQ key, or (without CURVE) one connection.
+    #: None: half of max_sessions.
     max_sessions_per_peer: int | None = Field(None, ge=1, le=100_000)
     #: Let clients reset the stats counters (benchmarks); off, a reset request is refused.
     allow_stats_reset: bool = False
@@ -338,9 +339,11 @@ class Server:
         self.sessions: dict[bytes, Session] = {}
         #: Sessions with work (input queued, answers owed, closing), by client id.
         self._active: dict[bytes, Session] = {}
-        #: Open sessions per peer address.
+        #: Open sessions per client (see rtns.daemon.clients.client_key).
         self.per_peer: collections.Counter[str] = collections.Counter()
         self.peer_limit = config.max_sessions_per_peer or max(1, config.max_sessions // 2)
+        #: Disconnects of the public socket's connections (None for a relay worker).
+        self._watch: ConnectionWatch | None = None
         self._stop = threading.Event()
         self._auth: Any = None
         self._peer_frame: Any = None
@@ -377,9 +380,12 @@ class Server:
             self.endpoint = self.config.bind
         else:
             sock, self._auth, self.endpoint = open_front_socket(self.ctx, self.config)
+            self._watch = ConnectionWatch(sock)
         self.sock = sock
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
+        if self._watch is not None:
+            self.poller.register(self._watch.monitor, zmq.POLLIN)
         for name, s in self.models.items():
             log_event(
                 "model",
@@ -401,6 +407,8 @@ class Server:
                 self._loop()
                 self._shutdown()
         finally:
+            if self._watch is not None:
+                self._watch.close()
             if self.sock is not None:
                 self.sock.close(linger=1000)
             if self._auth is not None:
@@ -425,6 +433,7 @@ class Server:
             else:
                 events = self.poller.poll(self.config.poll_ms)
             if events:
+                self._reap()
                 self._drain()
                 work = True
             now = time.monotonic()
@@ -557,12 +566,14 @@ class Server:
             raise P.ProtocolError(
                 "unknown_model", f"no model {name[:60]!r}; this server has {sorted(self.models)}"
             )
-        peer = self._peer()
+        self._reap()  # sessions of connections gone by now no longer count
+        peer = self._peer(ident)
         if self.per_peer[peer] >= self.peer_limit:
             self.counters["refused_peer"] += 1
             raise P.ProtocolError(
                 "server_full",
-                f"{peer} already holds {self.per_peer[peer]} sessions, the most one peer may",
+                f"{describe(peer)} already holds {self.per_peer[peer]} sessions, the most one "
+                f"client may (--max-sessions-per-peer {self.peer_limit})",
             )
         if len(self.sessions) >= self.config.max_sessions:
             self.counters["refused_full"] += 1
@@ -582,6 +593,8 @@ class Server:
             last_seen=time.monotonic(),
         )
         sess.peer = peer
+        if self._watch is not None:
+            self._watch.tie(ident, self._peer_frame)
         for slot in cs.slots.tolist():
             served.owner[slot] = sess
         self.per_peer[peer] += 1
@@ -781,18 +794,24 @@ class Server:
             sess.served.owner.pop(slot, None)
         sess.cs.close()
         self.metrics.sessions_open.set(len(self.sessions))
+        if self._watch is not None:
+            self._watch.forget(sess.ident)
         self.per_peer[sess.peer] -= 1
         if self.per_peer[sess.peer] <= 0:
             del self.per_peer[sess.peer]
 
-    def _peer(self) -> str:
-        """The address of the peer whose message is being handled ("local" for inproc/ipc)."""
+    def _peer(self, ident: bytes) -> str:
+        """The client whose message is being handled (its CurveZMQ key, else its
+        connection); a relay worker gets it from the supervisor."""
         if self.config.relay:
             return self._relay_peer
-        try:
-            return str(self._peer_frame.get("Peer-Address"))
-        except Exception:  # zmq raises for transports without addresses
-            return "local"
+        return client_key(self._peer_frame, ident)
+
+    def _reap(self) -> None:
+        """End the sessions whose connection has gone (the socket monitor says so)."""
+        if self._watch is not None:
+            for ident in self._watch.gone():
+                self._vanished(ident)
 
     def _fail(self, s: Session) -> None:
         """End a session that hit a server bug: a fatal ``internal`` error, no tail."""
@@ -857,6 +876,7 @@ class Server:
         sess = self.sessions.pop(ident, None)
         if sess is not None:
             self._release(sess)
+            self._active.pop(ident, None)
             self.counters["closed_vanished"] += 1
             log_event("vanished", session=sess.sid)
 

@@ -47,7 +47,8 @@ class Session:
     closing: str | None = None
     overruns: int = 0
     next_seq: int = 0
-    #: The peer address the hello came from (per-peer session limit).
+    #: The client the hello came from (its CurveZMQ key or its connection; the per-client
+    #: session limit, see rtns.daemon.clients).
     peer: str = "local"
     #: Slots and the peer's count given back (see Server._release).
     released: bool = False

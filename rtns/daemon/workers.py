@@ -9,8 +9,13 @@ option of a single server (CURVE, message size, output cap, IPv6) and relays mes
 * A session is pinned to one worker for its life: a hello goes to the worker with the
   fewest open sessions, and the route is kept from its ``ready`` to its ``closed``. Other
   messages of a connection without a session go to a worker chosen by its id (they only get
-  errors). Frames travel as ``[client id, peer address, frames...]`` so each worker applies
-  its per-peer session limit (per worker) and answers exactly as a single server would.
+  errors). Frames travel as ``[client id, client key, frames...]`` (the key: its CurveZMQ
+  key or its connection, see rtns.daemon.clients) so each worker answers exactly as a
+  single server would.
+* The daemon's limits are kept here, where every session is seen: ``--max-sessions`` and
+  the per-client limit are checked before a hello is relayed (``server_full`` names the
+  daemon's limits, not a worker's share), and a client's sessions end as soon as the socket
+  monitor reports its connection gone.
 * ``stats`` asks every worker and answers with the sum (counters, sessions, CPU seconds,
   blocks) and, per figure, the worst worker's percentiles.
 * A worker that dies ends only its sessions: each of their clients gets ``closed`` with
@@ -24,6 +29,7 @@ Workers are separate processes (no GIL between them); each runs onnxruntime at o
 
 from __future__ import annotations
 
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from rtns.daemon import protocol as P
+from rtns.daemon.clients import ConnectionWatch, client_key, describe
 from rtns.daemon.logs import log, log_event
 from rtns.daemon.server import (
     VANISHED,
@@ -125,6 +132,13 @@ class Supervisor:
         self.route: dict[bytes, int] = {}  # client id -> worker, while a session is open
         self.sid: dict[bytes, str] = {}
         self.load = [0] * workers  # open sessions per worker
+        #: Client key of every connection with a session or a hello on its way, and the
+        #: number of those per key (the per-client limit).
+        self.key_of: dict[bytes, str] = {}
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.peer_limit = config.max_sessions_per_peer or max(1, config.max_sessions // 2)
+        self.refused: collections.Counter[str] = collections.Counter()
+        self._watch: ConnectionWatch | None = None
         self._stats_wait: dict[bytes, list[tuple[int, dict]]] = {}
         self._stop = threading.Event()
         self.bound = threading.Event()
@@ -140,15 +154,15 @@ class Supervisor:
 
     def _start_worker(self, k: int) -> None:
         c = self.config
-        peer_limit = c.max_sessions_per_peer or max(1, c.max_sessions // 2)
         cfg = c.model_copy(
             update={
                 "bind": self._endpoint(k),
                 "relay": True,
                 "workers_total": self.n,
-                # The limits are the whole daemon's: each worker gets its share.
+                # The limits are the whole daemon's, checked here; a worker's share of the
+                # sessions only bounds its bank.
                 "max_sessions": -(-c.max_sessions // self.n),
-                "max_sessions_per_peer": -(-peer_limit // self.n),
+                "max_sessions_per_peer": self.peer_limit,
             }
         )
         proc = self._mp.Process(
@@ -190,6 +204,7 @@ class Supervisor:
             )
             self._to_client([ident, P.encode(closed), b""])
             del self.route[ident]
+            self._uncount(ident)
         self.load[k] = 0
         # A fresh socket: the old pair may still hold the dead worker's unread messages.
         self.backs[k].close(linger=0)
@@ -216,11 +231,54 @@ class Supervisor:
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            k = self.route.pop(frames[0], None)
-            if k is not None:  # tell its worker the connection is gone
-                self.sid.pop(frames[0], None)
-                self.load[k] -= 1
-                self.backs[k].send_multipart([frames[0], b"", VANISHED])
+            self._client_gone(frames[0])
+
+    def _client_gone(self, ident: bytes) -> None:
+        """The connection of ``ident`` is gone: tell its worker, forget its session."""
+        k = self.route.pop(ident, None)
+        if k is not None:
+            self.sid.pop(ident, None)
+            self.load[k] -= 1
+            self.backs[k].send_multipart([ident, b"", VANISHED])
+        self._uncount(ident)
+
+    def _reap(self) -> None:
+        if self._watch is not None:
+            for ident in self._watch.gone():
+                self._client_gone(ident)
+
+    def _uncount(self, ident: bytes) -> None:
+        key = self.key_of.pop(ident, None)
+        if key is not None:
+            self.per_client[key] -= 1
+            if self.per_client[key] <= 0:
+                del self.per_client[key]
+        if self._watch is not None:
+            self._watch.forget(ident)
+
+    def _admit(self, ident: bytes, key: str, first: Any) -> bool:
+        """Count a hello of a connection without a session against the daemon's limits;
+        False (and ``server_full`` sent) when it would exceed one."""
+        if ident in self.key_of:
+            return True  # already counted (a second hello gets already_open from its worker)
+        self._reap()
+        if len(self.key_of) >= self.config.max_sessions:
+            why = f"the server is at its limit of {self.config.max_sessions} sessions"
+            self.refused["refused_full"] += 1
+        elif self.per_client[key] >= self.peer_limit:
+            why = (
+                f"{describe(key)} already holds {self.per_client[key]} sessions, the most one "
+                f"client may (--max-sessions-per-peer {self.peer_limit})"
+            )
+            self.refused["refused_peer"] += 1
+        else:
+            self.key_of[ident] = key
+            self.per_client[key] += 1
+            if self._watch is not None:
+                self._watch.tie(ident, first)
+            return True
+        self._to_client([ident, P.encode(P.Error(code="server_full", message=why))])
+        return False
 
     def _from_client(self) -> None:
         zmq = self._zmq
@@ -229,10 +287,8 @@ class Supervisor:
         while self.front.getsockopt(zmq.RCVMORE):
             body.append(self.front.recv())
         ident = first.bytes
-        try:
-            peer = str(first.get("Peer-Address")).encode()
-        except Exception:
-            peer = b"local"
+        key = client_key(first, ident)
+        peer = key.encode()
         k = self.route.get(ident)
         if k is None:
             kind = _message_type(body)
@@ -242,6 +298,8 @@ class Supervisor:
                     back.send_multipart([_STATS + ident, peer, *body])
                 return
             if kind == "hello":
+                if not self._admit(ident, key, first):
+                    return
                 k = min(range(self.n), key=lambda w: self.load[w])
             else:
                 k = int.from_bytes(ident[-2:] or b"\0", "big") % self.n
@@ -282,6 +340,10 @@ class Supervisor:
             if self.route.pop(ident, None) is not None:
                 self.load[k] -= 1
                 self.sid.pop(ident, None)
+            self._uncount(ident)
+        elif head.startswith(b'{"type":"error"') and ident not in self.route:
+            if _error_code(head) in HELLO_REFUSALS:
+                self._uncount(ident)  # its hello was refused: it holds nothing
         self._to_client(frames)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -301,6 +363,7 @@ class Supervisor:
             self.ctx.term()
             self.remove_files()
             raise
+        self._watch = ConnectionWatch(self.front)
         try:
             for k in range(self.n):
                 self._start_worker(k)
@@ -324,9 +387,12 @@ class Supervisor:
                         break
                 poller = zmq.Poller()
                 poller.register(self.front, zmq.POLLIN)
+                poller.register(self._watch.monitor, zmq.POLLIN)
                 for back in self.backs:
                     poller.register(back, zmq.POLLIN)
                 events = dict(poller.poll(50))
+                if self._watch.monitor in events:
+                    self._reap()
                 if self.front in events and stopping_since is None:
                     for _ in range(512):
                         try:
@@ -346,6 +412,7 @@ class Supervisor:
                         if not p.is_alive():
                             self._worker_died(k)
         finally:
+            self._watch.close()
             self.front.close(linger=1000)
             for back in self.backs:
                 if back is not None:
@@ -360,6 +427,30 @@ class Supervisor:
         for k, back in enumerate(self.backs):
             while back is not None and back.poll(0):
                 self._from_worker(k)
+
+
+#: Error codes that answer a hello: the connection got no session. (Other errors of a
+#: connection without a session may answer something it sent before its hello's answer;
+#: it stays counted until its session ends or its connection goes.)
+HELLO_REFUSALS = frozenset(
+    {
+        "bad_version",
+        "bad_rate",
+        "bad_channels",
+        "bad_format",
+        "bad_atten",
+        "unknown_model",
+        "server_full",
+    }
+)
+
+
+def _error_code(head: bytes) -> str | None:
+    try:
+        code = json.loads(head).get("code")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _message_type(body: list[bytes]) -> str | None:
@@ -385,6 +476,11 @@ def merge_stats(parts: list[dict], sup: Supervisor) -> dict:
                 total[k] = total.get(k, 0) + v
         out[key] = total
     out["dropped"]["supervisor_send_hwm"] = sup.dropped
+    for k, v in sup.refused.items():  # hellos the supervisor refused for the daemon's limits
+        out["counters"][k] = out["counters"].get(k, 0) + v
+    refused = sum(sup.refused.values())
+    if refused:
+        out["dropped"]["server_full"] = out["dropped"].get("server_full", 0) + refused
     out["models"] = parts[0].get("models", {})
     out["queue_depths"] = {k: v for p in parts for k, v in p.get("queue_depths", {}).items()}
     ticks = [p["tick_infer_ms"] for p in parts if p.get("tick_infer_ms", {}).get("n")]
