@@ -214,9 +214,12 @@ function column(an, canvasId) {
   const bins = new Uint8Array(an.frequencyBinCount);
   an.getByteFrequencyData(bins);
   const h = canvas.height;
+  const nyquist = an.context.sampleRate / 2;
   g.drawImage(canvas, -2, 0);
   for (let y = 0; y < h; y++) {
-    const v = bins[Math.floor((h - 1 - y) / h * bins.length)];
+    // Log frequency, 50 Hz at the bottom to Nyquist at the top.
+    const f = 50 * Math.pow(nyquist / 50, (h - 1 - y) / (h - 1));
+    const v = bins[Math.min(bins.length - 1, Math.round(f / nyquist * bins.length))];
     const r = Math.min(255, v * 1.6), gg = Math.max(0, v * 1.2 - 100), b = v < 128 ? v : 255 - v;
     g.fillStyle = `rgb(${r | 0},${gg | 0},${(b + 40) | 0})`;
     g.fillRect(canvas.width - 2, y, 2, 1);
