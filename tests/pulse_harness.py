@@ -220,11 +220,14 @@ class PipeWireServer(PulseServer):
 
 
 class Rtns:
-    """``rtns run`` as a subprocess whose stderr lines are collected by a thread."""
+    """``rtns run`` (or another ``command``) as a subprocess whose stderr lines are collected
+    by a thread."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], cwd: Path, command: str = "run"
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtns", "run", *args],
+            [sys.executable, "-m", "rtns", command, *args],
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,

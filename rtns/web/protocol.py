@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from rtns.atten import MAX_DB
+from rtns.daemon.protocol import _FIELD_CODES as HELLO_FIELD_CODES
 from rtns.daemon.protocol import ERROR_CODES as DAEMON_ERROR_CODES
 from rtns.daemon.protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, ProtocolError
 
@@ -105,13 +106,6 @@ class Close(_Msg):
 
 ClientMsg = Annotated[Hello | Control | Close, Field(discriminator="type")]
 _CLIENT = TypeAdapter(ClientMsg)
-_FIELD_CODES = {
-    "version": "bad_version",
-    "sample_rate": "bad_rate",
-    "channels": "bad_channels",
-    "format": "bad_format",
-    "atten_lim_db": "bad_atten",
-}
 
 
 # -- server -> client ---------------------------------------------------------------------
@@ -182,7 +176,7 @@ def parse_client(text: str) -> Hello | Control | Close:
     except ValidationError as e:
         first = e.errors()[0]
         field = str(first["loc"][1]) if len(first["loc"]) > 1 else ""
-        code = _FIELD_CODES.get(field, "bad_message") if kind == "hello" else "bad_message"
+        code = HELLO_FIELD_CODES.get(field, "bad_message") if kind == "hello" else "bad_message"
         if kind == "control" and field == "atten_lim_db":
             code = "bad_atten"
         raise ProtocolError(
