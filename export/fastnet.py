@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtns.framing import N_BINS
-from rtns_export.cmask import MaskModel
+from rtns_export.cmask import MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -93,14 +93,6 @@ class FastNetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class StateDef:
-    name: str
-    shape: tuple[int, ...]
-    description: str
-    init: float = 0.0
 
 
 def compressed_features(feat: Tensor) -> Tensor:
@@ -281,40 +273,26 @@ class FastNet(MaskModel):
         return int(total)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def export_fastnet(model: FastNet, out_dir, *, name: str, provenance, description: str = "", **kw):
     """Export a FastNet to a pack (parity-checked through the engine); returns (manifest,
     parity report). Parameters, MACs per hop and state floats go in the provenance; the
-    kernel count after onnxruntime's optimisation is added by ``benchmarks/cost.py``."""
+    kernel count after onnxruntime's optimisation is measured by ``benchmarks/cost.py``."""
     from rtns_export.exporter import export_complex_mask_pack
 
-    n_params = count_params(model)
-    macs = model.macs_per_frame()
     cfg = model.cfg
-    prov = provenance.model_copy(
-        update={
-            "architecture": "fastnet",
-            "parameters": n_params,
-            "macs_per_hop": macs,
-            "state_floats": model.state_floats(),
-        }
-    )
     return export_complex_mask_pack(
         model,
         out_dir,
         family="fastnet",
-        graph_file="fastnet_mask.onnx",
         name=name,
-        provenance=prov,
+        provenance=provenance,
         description=description
         or (
-            f"runtime-first band network (frequency convs, {cfg.blocks} blocks of a GRU over "
-            f"time per band and attention across {cfg.bands} bands, complex ratio mask), "
-            f"channels {cfg.channels}, hidden {cfg.hidden}, {n_params:,} parameters, "
-            f"{macs / 1e6:.3f} MMAC per 8 ms hop, {model.state_floats()} state floats"
+            f"runtime-first band network ({cfg.blocks} blocks of a GRU over time per band and "
+            f"attention across {cfg.bands} bands, channels-last dense layers, complex ratio "
+            f"mask), channels {cfg.channels}, hidden {cfg.hidden}, "
+            f"{count_params(model):,} parameters, {model.macs_per_frame() / 1e6:.3f} MMAC per "
+            f"8 ms hop, {model.state_floats()} state floats"
         ),
         **kw,
     )
