@@ -130,7 +130,8 @@ def test_unknown_family(pack):
     msg = _load_error(pack)
     assert str(pack / MANIFEST) in msg and "invalid manifest at family" in msg
     assert (
-        "unknown family 'wavenet'; known families: dtln, frcrn, gtcrn, lowlat, passthrough" in msg
+        "unknown family 'wavenet'; known families: dtln, fastnet, frcrn, gtcrn, lowlat, passthrough"
+        in msg
     )
 
 
