@@ -21,7 +21,6 @@ from rtns.bank import batch_invariant  # noqa: E402
 from rtns.engine import Model, enhance_array  # noqa: E402
 from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
-from rtns_export.cmask import analysis_window, overlap_add, synthesis_window  # noqa: E402
 from rtns_export.exporter import check_parity, parity_signal  # noqa: E402
 from rtns_export.fastnet import (  # noqa: E402
     PAD_BINS,
@@ -62,18 +61,11 @@ def pack(model, tmp_path_factory):
 
 
 def step_loop(model: FastNet, x: np.ndarray) -> np.ndarray:
-    """One-frame steps with explicit states, synthesized and overlap-added in torch."""
-    xt = torch.from_numpy(x)[None]
-    spec = torch.fft.rfft(xt.unfold(-1, BLOCK_LEN, BLOCK_SHIFT) * analysis_window(), dim=-1)[0]
-    states = list(model.zero_states(1).values())
-    blocks = []
-    with torch.inference_mode():
-        for t in range(spec.shape[0]):
-            feat = torch.stack([spec[t].real, spec[t].imag])[None]
-            mask, *states = model.step(feat, *states)
-            est = spec[t] * torch.complex(mask[0, 0], mask[0, 1])
-            blocks.append(torch.fft.irfft(est, n=BLOCK_LEN) * synthesis_window())
-    return overlap_add(torch.stack(blocks)[None], BLOCK_SHIFT)[0].double().numpy()
+    """One-frame steps with explicit states, synthesized and overlap-added in torch (the
+    GTCRN tests' loop: the same complex-mask step contract)."""
+    from test_gtcrn import step_loop as mask_step_loop
+
+    return mask_step_loop(model, x)
 
 
 def forward_np(model: FastNet, x: np.ndarray) -> np.ndarray:
