@@ -71,12 +71,19 @@ class ProtocolError(RtnsError):
         self.seq = seq
 
 
-class _Msg(BaseModel):
+#: An attenuation limit on the wire: dB in 0..MAX_DB, or "off" (unlimited).
+AttenField = Annotated[float, Field(ge=0.0, le=MAX_DB, allow_inf_nan=False)] | Literal["off"]
+
+
+class Message(BaseModel):
+    """Base of every wire message (daemon and WebSocket): unknown keys refused, strict
+    types, immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # -- client -> server -----------------------------------------------------------------------
-class Hello(_Msg):
+class Hello(Message):
     """Opens a session on this connection."""
 
     type: Literal["hello"] = "hello"
@@ -88,25 +95,23 @@ class Hello(_Msg):
     model: str | None = Field(None, max_length=200)
     #: At most this many dB of noise reduction; "off": unlimited; None: the model's default
     #: (its pack's ``atten_lim_db``, shown in Ready).
-    atten_lim_db: (
-        Annotated[float, Field(ge=0.0, le=MAX_DB, allow_inf_nan=False)] | Literal["off"] | None
-    ) = None
+    atten_lim_db: AttenField | None = None
 
 
-class Audio(_Msg):
+class Audio(Message):
     """PCM for the session (frame 1); ``seq`` counts accepted audio messages from 0."""
 
     type: Literal["audio"] = "audio"
     seq: int = Field(ge=0, lt=2**53)
 
 
-class Close(_Msg):
+class Close(Message):
     """Ends the session: the server processes what it holds, sends the tail and ``closed``."""
 
     type: Literal["close"] = "close"
 
 
-class StatsRequest(_Msg):
+class StatsRequest(Message):
     """Asks for the server's counters (no session needed)."""
 
     type: Literal["stats"] = "stats"
@@ -114,7 +119,7 @@ class StatsRequest(_Msg):
     reset: bool = False
 
 
-class Ping(_Msg):
+class Ping(Message):
     type: Literal["ping"] = "ping"
 
 
@@ -134,7 +139,7 @@ _FIELD_CODES = {
 
 
 # -- server -> client -----------------------------------------------------------------------
-class Ready(_Msg):
+class Ready(Message):
     """The answer to a good hello."""
 
     type: Literal["ready"] = "ready"
@@ -160,7 +165,7 @@ class Ready(_Msg):
     atten_lim_db: float | None = None
 
 
-class AudioOut(_Msg):
+class AudioOut(Message):
     """Enhanced PCM (frame 1) answering the audio message ``seq``."""
 
     type: Literal["audio"] = "audio"
@@ -171,7 +176,7 @@ class AudioOut(_Msg):
     queued: int = 0
 
 
-class Closed(_Msg):
+class Closed(Message):
     """The session has ended; frame 1 holds the tail (possibly empty)."""
 
     type: Literal["closed"] = "closed"
@@ -183,7 +188,7 @@ class Closed(_Msg):
     samples_out: int
 
 
-class Error(_Msg):
+class Error(Message):
     type: Literal["error"] = "error"
     code: str
     message: str
@@ -193,7 +198,7 @@ class Error(_Msg):
     fatal: bool = False
 
 
-class Pong(_Msg):
+class Pong(Message):
     type: Literal["pong"] = "pong"
     time: float
 

@@ -18,12 +18,18 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from rtns.atten import MAX_DB
 from rtns.daemon.protocol import _FIELD_CODES as HELLO_FIELD_CODES
 from rtns.daemon.protocol import ERROR_CODES as DAEMON_ERROR_CODES
-from rtns.daemon.protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, ProtocolError
+from rtns.daemon.protocol import (
+    MAX_CHANNELS,
+    MAX_RATE,
+    MIN_RATE,
+    AttenField,
+    Message,
+    ProtocolError,
+)
 
 #: Bumped on any incompatible change of a message below.
 PROTOCOL_VERSION = 1
@@ -71,15 +77,9 @@ CLOSE_TOO_BIG = 1009  # a message over MAX_FRAME_BYTES
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013  # server_full
 
-AttenField = Annotated[float, Field(ge=0.0, le=MAX_DB, allow_inf_nan=False)] | Literal["off"]
-
-
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
 
 # -- client -> server ---------------------------------------------------------------------
-class Hello(_Msg):
+class Hello(Message):
     """Opens the session of this WebSocket (one per connection)."""
 
     type: Literal["hello"] = "hello"
@@ -92,7 +92,7 @@ class Hello(_Msg):
     bypass: bool = False
 
 
-class Control(_Msg):
+class Control(Message):
     """Changes the session's controls; fields left out stay as they are."""
 
     type: Literal["control"] = "control"
@@ -100,7 +100,7 @@ class Control(_Msg):
     atten_lim_db: AttenField | None = None
 
 
-class Close(_Msg):
+class Close(Message):
     type: Literal["close"] = "close"
 
 
@@ -109,7 +109,7 @@ _CLIENT = TypeAdapter(ClientMsg)
 
 
 # -- server -> client ---------------------------------------------------------------------
-class Ready(_Msg):
+class Ready(Message):
     type: Literal["ready"] = "ready"
     version: int = PROTOCOL_VERSION
     session: str
@@ -128,7 +128,7 @@ class Ready(_Msg):
     bypass: bool
 
 
-class ControlState(_Msg):
+class ControlState(Message):
     """The answer to ``control``: the controls now in force."""
 
     type: Literal["control"] = "control"
@@ -136,7 +136,7 @@ class ControlState(_Msg):
     atten_lim_db: float | None
 
 
-class Closed(_Msg):
+class Closed(Message):
     """The session has ended (after the tail's binary message); totals at the session's
     rate."""
 
@@ -146,7 +146,7 @@ class Closed(_Msg):
     samples_out: int
 
 
-class Error(_Msg):
+class Error(Message):
     type: Literal["error"] = "error"
     code: str
     message: str
