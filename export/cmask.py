@@ -11,7 +11,8 @@ mask by default). Model modules import these helpers from here, never from each 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +33,29 @@ class StateDef:
     shape: tuple[int, ...]
     description: str
     init: float = 0.0
+
+
+class DictConfig:
+    """``from_dict`` / ``to_dict`` for a model's frozen dataclass config: JSON lists become
+    tuples for the fields named in ``TUPLE_FIELDS``; unknown keys are refused, naming
+    ``LABEL``."""
+
+    LABEL: ClassVar[str] = "model"
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        for k in cls.TUPLE_FIELDS:
+            if k in d:
+                d[k] = tuple(d[k])
+        unknown = set(d) - set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+        if unknown:
+            raise ValueError(f"unknown option(s) of a {cls.LABEL} config: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
 
 
 def count_params(model: nn.Module) -> int:

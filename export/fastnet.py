@@ -43,14 +43,14 @@ frame per 128-sample hop, every state an explicit tensor).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtns.framing import N_BINS
-from rtns_export.cmask import MaskModel, StateDef, count_params
+from rtns_export.cmask import DictConfig, MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -64,7 +64,9 @@ POSITIONS = PAD_BINS // PATCH
 
 
 @dataclass(frozen=True)
-class FastNetConfig:
+class FastNetConfig(DictConfig):
+    LABEL = "FastNet"
+
     channels: int = 32
     bands: int = 16
     hidden: int = 32
@@ -83,16 +85,6 @@ class FastNetConfig:
             raise ValueError(f"bands ({self.bands}) must be in 2..{POSITIONS}")
         if self.blocks < 1:
             raise ValueError("blocks must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FastNetConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def compressed_features(feat: Tensor) -> Tensor:

@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtns.framing import N_BINS
-from rtns_export.cmask import MaskModel, StateDef, count_params
+from rtns_export.cmask import DictConfig, MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -62,7 +62,10 @@ def _count(n: int) -> None:
 
 # -- the config --------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FRCRNConfig:
+class FRCRNConfig(DictConfig):
+    LABEL = "FRCRN"
+    TUPLE_FIELDS = ("channels", "freq_fsmn_levels")
+
     """Sizes of the network; counts of channels are complex channels."""
 
     #: Encoder output channels per level (each level halves the bins: 129, 65, 33, 17).
@@ -105,20 +108,6 @@ class FRCRNConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 < self.compress <= 1:
             raise ValueError("compress must be in (0, 1]")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FRCRNConfig:
-        d = dict(d)
-        for k in ("channels", "freq_fsmn_levels"):
-            if k in d:
-                d[k] = tuple(d[k])
-        unknown = set(d) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"unknown FRCRN config keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bins_per_level(n_levels: int, bins: int = N_BINS) -> list[int]:

@@ -52,7 +52,7 @@ C x 65 or C x 33 elements per row (C a multiple of 16) or is exact arithmetic.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtns.framing import N_BINS, SAMPLE_RATE
-from rtns_export.cmask import MaskModel, StateDef, count_params
+from rtns_export.cmask import DictConfig, MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -134,7 +134,10 @@ def erb_matrices(
 
 # -- the config -------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class GTCRNConfig:
+class GTCRNConfig(DictConfig):
+    LABEL = "GTCRN"
+    TUPLE_FIELDS = ("dilations",)
+
     #: Channels of the encoder/decoder (a multiple of 16: SIMD-safe rows, even halves).
     channels: int = 16
     #: Time dilations of the encoder's grouped temporal blocks (the decoder mirrors them).
@@ -166,19 +169,6 @@ class GTCRNConfig:
             raise ValueError("compress must be in (0, 1]")
         if self.tra_expand < 1:
             raise ValueError("tra_expand must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GTCRNConfig:
-        d = dict(d)
-        if "dilations" in d:
-            d["dilations"] = tuple(d["dilations"])
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown GTCRN config keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def freq_sizes(cfg: GTCRNConfig) -> tuple[int, int, int]:

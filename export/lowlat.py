@@ -21,21 +21,23 @@ multiple of 16 (272 bins) so the exported graph is batch-invariant.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtns.framing import N_BINS
-from rtns_export.cmask import MaskModel, StateDef, count_params
+from rtns_export.cmask import DictConfig, MaskModel, StateDef, count_params
 
 Tensor = torch.Tensor
 PAD_BINS = 272
 
 
 @dataclass(frozen=True)
-class LowLatConfig:
+class LowLatConfig(DictConfig):
+    LABEL = "lowlat"
+
     channels: int = 4
     dilation: int = 2
     hidden: int = 192
@@ -49,16 +51,6 @@ class LowLatConfig:
             raise ValueError(f"hidden must be a positive multiple of 16, got {self.hidden}")
         if not 0 < self.compress <= 1:
             raise ValueError("compress must be in (0, 1]")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LowLatConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown lowlat config keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class LowLat(MaskModel):
