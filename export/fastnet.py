@@ -104,11 +104,9 @@ def compressed_features(feat: Tensor) -> Tensor:
 
 
 def to_rows(x: Tensor) -> Tensor:
-    """[B, T, F, C] -> [T, B*F, C], the GRU's sequence-first layout. For one frame (T = 1,
-    the exported graph) the same values come from a reshape, without a Transpose kernel."""
+    """[B, T, F, C] -> [T, B*F, C], the GRU's sequence-first layout (whole signals; one
+    frame takes :func:`gru_frame` on a plain reshape instead)."""
     t, c = int(x.shape[1]), int(x.shape[3])
-    if t == 1:
-        return x.reshape(1, -1, c)
     return x.transpose(0, 1).reshape(t, -1, c)
 
 
