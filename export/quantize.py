@@ -150,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="calibration audio (60 s)")
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
     a = ap.parse_args(argv)
-    if a.out.exists():
+    if a.out.resolve() == a.pack.resolve() or a.pack.resolve() in a.out.resolve().parents:
+        ap.error(f"{a.out} is the pack itself or inside it; choose another folder")
+    if a.out.exists() or a.out.is_symlink():
         if not a.force:
             ap.error(f"{a.out} exists (use --force to replace it)")
+        if a.out.is_symlink() or not a.out.is_dir():
+            ap.error(f"{a.out} is not a folder this tool wrote; remove it yourself")
         shutil.rmtree(a.out)
     feeds = None
     if a.mode == "static":
