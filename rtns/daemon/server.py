@@ -630,13 +630,14 @@ class Server:
         )
 
     def _audio(self, sess: Session, seq: int, payload: bytes) -> None:
-        if seq < sess.next_seq:
+        ledger = sess.ledger
+        if seq < ledger.next_seq:
             raise P.ProtocolError(
-                "duplicate_seq", f"seq {seq} was already accepted; next is {sess.next_seq}", seq
+                "duplicate_seq", f"seq {seq} was already accepted; next is {ledger.next_seq}", seq
             )
-        if seq > sess.next_seq:
+        if seq > ledger.next_seq:
             raise P.ProtocolError(
-                "seq_gap", f"seq {seq} skips ahead; the next expected is {sess.next_seq}", seq
+                "seq_gap", f"seq {seq} skips ahead; the next expected is {ledger.next_seq}", seq
             )
         if len(payload) > self.config.max_message_bytes:
             raise P.ProtocolError(
@@ -665,19 +666,17 @@ class Server:
             added = cs.put(x, owned=True)
         except ValueError as e:  # NaN / Inf in float PCM (decode_pcm checks first)
             raise P.ProtocolError("bad_samples", str(e), seq) from None
-        sess.next_seq = seq + 1
+        ledger.accept(seq, added, time.monotonic())
         self.counters["audio_messages"] += 1
         self.metrics.audio_in.inc(x.shape[0] / cs.rate)
-        sess.queued_total += added
-        sess.unanswered.append((seq, sess.queued_total, time.monotonic()))
         self._active[sess.ident] = sess
 
     # -- closing --------------------------------------------------------------------------
     def _begin_close(self, sess: Session, reason: str) -> None:
         """Queue the silence that pushes the last ``latency`` samples out; mark as closing."""
-        fed = sess.fed
+        before = sess.cs.queued
         sess.cs.end()
-        sess.queued_total = fed + sess.cs.queued
+        sess.ledger.pad(before, sess.cs.queued)
         sess.closing = reason
         self._active[sess.ident] = sess
 
@@ -694,14 +693,14 @@ class Server:
             if tail.shape[0] < owed:  # only when the shutdown deadline cut processing short
                 pad = np.zeros((owed - tail.shape[0], sess.channels), np.float32)
                 tail = np.concatenate([tail, pad])
-            sess.sent += tail.shape[0]
+            sess.ledger.sent += tail.shape[0]
             self.metrics.audio_out.inc(tail.shape[0] / sess.rate)
         log_event(
             "close",
             session=sess.sid,
             reason=reason,
             samples_in=cs.samples_in,
-            samples_out=sess.sent,
+            samples_out=sess.ledger.sent,
             overruns=sess.overruns,
             sessions=len(self.sessions),
         )
@@ -715,7 +714,7 @@ class Server:
                             reason=reason,  # type: ignore[arg-type]
                             samples=tail.shape[0],
                             samples_in=cs.samples_in,
-                            samples_out=sess.sent,
+                            samples_out=sess.ledger.sent,
                         )
                     ),
                     P.encode_pcm(tail, sess.fmt),
@@ -782,7 +781,7 @@ class Server:
         self._active = {
             s.ident: s
             for s in active
-            if self.sessions.get(s.ident) is s and (s.queued or s.unanswered or s.closing)
+            if self.sessions.get(s.ident) is s and (s.queued or s.ledger.owed or s.closing)
         }
 
     def _release(self, sess: Session) -> None:
@@ -824,25 +823,20 @@ class Server:
     def _answer(self, s: Session) -> None:
         if self.sessions.get(s.ident) is not s:
             return  # ended during this tick (its client vanished)
-        cs, un = s.cs, s.unanswered
+        cs, ledger = s.cs, s.ledger
         hop_waiting = cs.hop_ready
         cs.collect()  # keep the bank's output buffers drained (they hold 32 hops)
         queued = cs.queued  # nothing below changes it, nor what has been fed
-        if un and not hop_waiting:
-            fed = s.queued_total - queued
-            while un and un[0][1] <= fed:
-                seq, _, arrived = un.popleft()
-                y = cs.take()
-                if s.closing is not None:
-                    y = y[: max(s.owed, 0)]  # never past input + latency
-                n = y.shape[0]
-                s.sent += n
-                self.metrics.audio_out.inc(n / cs.rate)
-                self.metrics.answered(time.monotonic() - arrived)
-                self._send_raw(
-                    s.ident, [P.encode_audio_out(seq, n, queued), P.encode_pcm(y, s.fmt)]
-                )
-        if s.closing and not queued and not hop_waiting and not un:
+        for seq, _, arrived in ledger.due(queued, hop_waiting):
+            y = cs.take()
+            if s.closing is not None:
+                y = y[: max(s.owed, 0)]  # never past input + latency
+            n = y.shape[0]
+            ledger.sent += n
+            self.metrics.audio_out.inc(n / cs.rate)
+            self.metrics.answered(time.monotonic() - arrived)
+            self._send_raw(s.ident, [P.encode_audio_out(seq, n, queued), P.encode_pcm(y, s.fmt)])
+        if s.closing and not queued and not hop_waiting and not ledger.owed:
             self._end(s, s.closing)
 
     # -- sending --------------------------------------------------------------------------
