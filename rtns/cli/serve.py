@@ -18,6 +18,12 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_serve(sub)
+    _add_stream(sub)
+    _add_keys(sub)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the noise-suppression daemon (ZeroMQ ROUTER, see docs/protocol.md)",
@@ -49,6 +55,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"1..{options.MAX_SESSIONS} (256)",
     )
+    _add_serve_limits(p)
+    _add_serve_operations(p)
+    options.one_line_errors(p)
+    p.set_defaults(func=run_serve)
+
+
+def _add_serve_limits(p: argparse.ArgumentParser) -> None:
+    """Sessions, queues, messages, batching and the clock."""
     p.add_argument(
         "--idle-timeout",
         type=options.wait_seconds,
@@ -83,6 +97,33 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         f"(1..{options.MAX_BATCH}; 128)",
     )
     options.add_threads(p)
+    p.add_argument(
+        "--tick-ms",
+        type=options.tick_ms,
+        default=4.0,
+        metavar="MS",
+        help="collect hops every MS ms (4; at most 8, one hop)",
+    )
+    p.add_argument(
+        "--max-sessions-per-peer",
+        type=options.session_count,
+        default=None,
+        metavar="N",
+        help="sessions one client may hold: one CurveZMQ key, or without CURVE one "
+        "connection (default: half of --max-sessions)",
+    )
+    p.add_argument(
+        "--max-output-mb",
+        type=options.output_mib,
+        default=64.0,
+        metavar="MB",
+        help="answers queued for a client that does not read, in MiB, before they are "
+        "dropped and counted (64)",
+    )
+
+
+def _add_serve_operations(p: argparse.ArgumentParser) -> None:
+    """Security, workers, metrics, logs."""
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key (NAME.key_secret)")
     p.add_argument(
         "--allowed-clients", metavar="DIR", help="folder of allowed clients' public *.key files"
@@ -114,13 +155,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="address of the metrics endpoint (127.0.0.1)",
     )
     p.add_argument(
-        "--tick-ms",
-        type=options.tick_ms,
-        default=4.0,
-        metavar="MS",
-        help="collect hops every MS ms (4; at most 8, one hop)",
-    )
-    p.add_argument(
         "--workers",
         type=options.worker_count,
         default=None,
@@ -129,31 +163,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(default: the cores this process may use)",
     )
     p.add_argument(
-        "--max-sessions-per-peer",
-        type=options.session_count,
-        default=None,
-        metavar="N",
-        help="sessions one client may hold: one CurveZMQ key, or without CURVE one "
-        "connection (default: half of --max-sessions)",
-    )
-    p.add_argument(
-        "--max-output-mb",
-        type=options.output_mib,
-        default=64.0,
-        metavar="MB",
-        help="answers queued for a client that does not read, in MiB, before they are "
-        "dropped and counted (64)",
-    )
-    p.add_argument(
         "--allow-stats-reset",
         action="store_true",
         help="let clients reset the stats counters (benchmarks)",
     )
     p.add_argument("--log-format", choices=("json", "kv"), default="json")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
-    options.one_line_errors(p)
-    p.set_defaults(func=run_serve)
 
+
+def _add_stream(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stream",
         help="stream an audio file through a running daemon",
@@ -198,6 +216,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     options.one_line_errors(p)
     p.set_defaults(func=run_stream)
 
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keys",
         help="make a CurveZMQ key pair for `rtns serve` / `rtns stream`",

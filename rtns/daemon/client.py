@@ -214,70 +214,95 @@ class Client:
         same shape and alignment as :func:`rtns.engine.enhance_array`.
         """
         x = np.asarray(x, dtype=np.float32)
+        channels = 1 if x.ndim == 1 else x.shape[1]
+        self.hello(sample_rate, format, channels, model, atten_lim_db)
+        return self.stream(x, chunk=chunk, realtime=realtime, window=window)
+
+    def stream(
+        self, x: np.ndarray, *, chunk: int = 512, realtime: bool = False, window: int = 32
+    ) -> np.ndarray:
+        """:meth:`enhance` in the session already open (after :meth:`hello`, or
+        :func:`connect`): streams ``x`` at the session's rate, closes the session and
+        returns the aligned output."""
+        ready = self.ready
+        assert ready is not None, "hello first"
+        x = np.asarray(x, dtype=np.float32)
         mono = x.ndim == 1
         xs = x[:, None] if mono else x
-        ready = self.hello(sample_rate, format, xs.shape[1], model, atten_lim_db)
         chunks = [xs[i : i + chunk] for i in range(0, xs.shape[0], chunk)]
         # Never queue more than the server holds (in 16 kHz frames) when sending fast.
-        chunk16 = -(-chunk * SAMPLE_RATE // sample_rate) + 1
-        window = max(1, min(window, ready.queue_limit // chunk16))
-        outs: list[np.ndarray] = []
-        inflight: set[int] = set()
-        period = chunk / sample_rate
-        t0 = time.monotonic()
-        k = 0  # next seq to send
-        gate = True  # False after queue_full until an answer shows the queue moved
-        rewound = False
-
-        def handle(msg: Any, pcm: np.ndarray | None) -> None:
-            nonlocal k, gate, rewound
-            if isinstance(msg, P.AudioOut):
-                inflight.discard(msg.seq)
-                assert pcm is not None
-                outs.append(pcm)
-                gate = True
-            elif isinstance(msg, P.Error) and msg.code == "queue_full" and msg.seq is not None:
-                if not any(q < msg.seq for q in inflight):
-                    raise ServerError(msg)  # nothing ahead of it will drain: it never fits
-                # The server drops this seq and every later one (seq_gap): resend from it.
-                inflight.difference_update({q for q in inflight if q >= msg.seq})
-                k, gate, rewound = msg.seq, False, True
-            elif isinstance(msg, P.Error) and msg.code == "seq_gap" and rewound:
-                pass  # a copy sent after a refused seq; it is resent after the rewind
-            elif isinstance(msg, P.Error):
-                raise ServerError(msg)
-            elif isinstance(msg, P.Closed):
-                # The server ended the session (it is shutting down): that is the end.
-                self.closed = msg
-                raise _SessionEnded(pcm)
-
+        chunk16 = -(-chunk * SAMPLE_RATE // ready.sample_rate) + 1
+        pump = _Pump(self, chunks, max(1, min(window, ready.queue_limit // chunk16)))
+        period = chunk / ready.sample_rate if realtime else 0.0
         try:
-            while k < len(chunks) or inflight:
-                if k < len(chunks) and gate and len(inflight) < window:
-                    wait = t0 + k * period - time.monotonic() if realtime else 0.0
-                    if wait > 0:
-                        if self.sock.poll(int(wait * 1000) + 1):
-                            handle(*self.recv())
-                        continue
-                    self.send_audio(chunks[k], seq=k)
-                    inflight.add(k)
-                    k += 1
-                    self.seq = k
-                    continue
-                handle(*self.recv())
+            pump.run(period)
             before, tail = self.close_session()
             for msg, pcm in before:
-                handle(msg, pcm)
+                pump.handle(msg, pcm)
         except _SessionEnded as end:
             reason = self.closed.reason if self.closed else "?"
-            if k < len(chunks) or reason != "shutdown":
+            if pump.k < len(chunks) or reason != "shutdown":
                 raise RtnsError(
-                    f"the server ended the session ({reason}) after {k} of {len(chunks)} "
-                    "chunks were sent; the output is incomplete"
+                    f"the server ended the session ({reason}) after {pump.k} of "
+                    f"{len(chunks)} chunks were sent; the output is incomplete"
                 ) from None
             # Everything was sent: a shutting-down server flushes it all, tail included.
             tail = end.tail if end.tail is not None else np.zeros((0, xs.shape[1]), np.float32)
-        outs.append(tail)
-        y = np.concatenate(outs) if outs else np.zeros((0, xs.shape[1]), np.float32)
-        y = aligned(y, ready.latency, xs.shape[0])
+        pump.outs.append(tail)
+        y = aligned(np.concatenate(pump.outs), ready.latency, xs.shape[0])
         return y[:, 0] if mono else y
+
+
+class _Pump:
+    """The sending and receiving loop of :meth:`Client.stream`: ``chunks`` go out as seqs
+    0.., at most ``window`` unanswered; answers collect in ``outs``; a ``queue_full``
+    rewinds to its seq and holds sending until an answer shows the queue moved."""
+
+    def __init__(self, client: Client, chunks: list[np.ndarray], window: int) -> None:
+        self.client = client
+        self.chunks = chunks
+        self.window = window
+        self.outs: list[np.ndarray] = []
+        self.inflight: set[int] = set()
+        self.k = 0  # next seq to send
+        self.gate = True  # False after queue_full until an answer shows the queue moved
+        self.rewound = False
+
+    def handle(self, msg: Any, pcm: np.ndarray | None) -> None:
+        if isinstance(msg, P.AudioOut):
+            self.inflight.discard(msg.seq)
+            assert pcm is not None
+            self.outs.append(pcm)
+            self.gate = True
+        elif isinstance(msg, P.Error) and msg.code == "queue_full" and msg.seq is not None:
+            if not any(q < msg.seq for q in self.inflight):
+                raise ServerError(msg)  # nothing ahead of it will drain: it never fits
+            # The server drops this seq and every later one (seq_gap): resend from it.
+            self.inflight.difference_update({q for q in self.inflight if q >= msg.seq})
+            self.k, self.gate, self.rewound = msg.seq, False, True
+        elif isinstance(msg, P.Error) and msg.code == "seq_gap" and self.rewound:
+            pass  # a copy sent after a refused seq; it is resent after the rewind
+        elif isinstance(msg, P.Error):
+            raise ServerError(msg)
+        elif isinstance(msg, P.Closed):
+            # The server ended the session (it is shutting down): that is the end.
+            self.client.closed = msg
+            raise _SessionEnded(pcm)
+
+    def run(self, period: float) -> None:
+        """Until every chunk is sent and answered; ``period`` > 0: one chunk per period."""
+        c, n = self.client, len(self.chunks)
+        t0 = time.monotonic()
+        while self.k < n or self.inflight:
+            if self.k < n and self.gate and len(self.inflight) < self.window:
+                wait = t0 + self.k * period - time.monotonic() if period else 0.0
+                if wait > 0:
+                    if c.sock.poll(int(wait * 1000) + 1):
+                        self.handle(*c.recv())
+                    continue
+                c.send_audio(self.chunks[self.k], seq=self.k)
+                self.inflight.add(self.k)
+                self.k += 1
+                c.seq = self.k
+                continue
+            self.handle(*c.recv())
