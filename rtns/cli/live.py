@@ -4,6 +4,7 @@ between a microphone and a speaker through a PortAudio duplex stream."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from rtns.cli import options
 from rtns.errors import RtnsError, UserInputError
@@ -335,7 +336,8 @@ def _pick_input_rate(sd: Any, i: int, devices: list[dict], wanted: int) -> int:
 
 class _VirtualMicSetup:
     """The server side of --virtual-mic: checked and cleaned before the devices are opened,
-    published once the model is loaded, and removed on every way out."""
+    published once the model is loaded, and removed on every way out (a context manager
+    whose exit removes it and keeps any problem in :attr:`problem`)."""
 
     def __init__(self, name: str) -> None:
         from rtns import vmic
@@ -363,6 +365,16 @@ class _VirtualMicSetup:
         self.fd: int | None = None
         self.writer: Any = None
         self.mic: Any = None
+        #: Why removing it failed (set on leaving the ``with`` block), or None.
+        self.problem: str | None = None
+
+    def __enter__(self) -> _VirtualMicSetup:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.problem = self.remove()
+        if self.problem and exc_type is not None:  # the exception's line must not hide it
+            print(f"rtns: error: {self.problem}", file=sys.stderr, flush=True)
 
     def publish(self, runner: Any, rate: int, block: int) -> None:
         vmic = self.vmic
@@ -416,18 +428,75 @@ class _VirtualMicSetup:
             f"{unread}"
         )
 
+    def check(self) -> str | None:
+        """The writer's failure (another way for the stream to fail), or None."""
+        err = self.writer.stats().error
+        return f"{err} (sound server gone?)" if err else None
 
-def run_live(args: argparse.Namespace) -> int:
-    from rtns.audio import LiveRunner, import_sounddevice, set_thread_scheduling
-    from rtns.config import EngineConfig
-    from rtns.engine import Model
+
+@contextlib.contextmanager
+def _signal_handlers(handlers: dict[int, Callable[[int, Any], None]]) -> Iterator[None]:
+    """``handlers`` (signal number -> handler) installed for the ``with`` block; the
+    previous ones are back on every way out."""
+    old: dict[int, Any] = {}
+    try:
+        for sig, handler in handlers.items():
+            old[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _stop_and_close(stream: Any, how: str) -> None:
+    try:
+        getattr(stream, how)()  # "stop" or "abort"
+    finally:
+        stream.close()
+
+
+class _OpenStream:
+    """The PortAudio stream as a context manager: leaving the ``with`` block any way
+    aborts and closes it (bounded, :func:`_bounded`) unless :meth:`stop` or :meth:`abort`
+    already did."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.done = False
+
+    def stop(self) -> bool:
+        """Stop and close; False when it did not within :data:`STOP_TIMEOUT_S`."""
+        self.done = True
+        return _bounded(lambda: _stop_and_close(self.stream, "stop"), STOP_TIMEOUT_S)
+
+    def abort(self, timeout: float = ABORT_TIMEOUT_S) -> None:
+        self.done = True
+        _bounded(lambda: _stop_and_close(self.stream, "abort"), timeout)
+
+    def __enter__(self) -> _OpenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.done:
+            self.abort(STOP_TIMEOUT_S)
+
+
+class _Devices(NamedTuple):
+    """What ``rtns run`` opens: the input, the output (None for --virtual-mic), the rate,
+    the block size and the buffering margin in blocks."""
+
+    sd: Any
+    devices: list[dict]
+    input: int
+    output: int | None
+    rate: int
+    blocksize: int
+    margin: int
+
+
+def _pick_devices(args: argparse.Namespace, vm: _VirtualMicSetup | None) -> _Devices:
+    from rtns.audio import import_sounddevice
     from rtns.framing import SAMPLE_RATE
-
-    name = getattr(args, "virtual_mic", None)
-    if name and args.output is not None:
-        raise UserInputError("--virtual-mic publishes the output as a microphone; leave out -o")
-    # The sound server first: without one there is nothing to publish to.
-    vm = _VirtualMicSetup(name) if name else None
 
     sd = import_sounddevice()
     devices = list(sd.query_devices())
@@ -437,174 +506,203 @@ def run_live(args: argparse.Namespace) -> int:
     if vm is not None:
         from rtns.vmic import DEFAULT_BLOCK_S, DEFAULT_RATE, MARGIN_BLOCKS
 
-        o = None
         rate = _pick_input_rate(sd, i, devices, args.samplerate or DEFAULT_RATE)
         blocksize = args.blocksize or round(rate * DEFAULT_BLOCK_S)
-        margin = MARGIN_BLOCKS
-    else:
-        o = _pick_device(sd, args.output, devices, "output")
-        # Devices first: their errors are cheaper to find than a pack's.
-        rate = _pick_rate(sd, i, o, devices, args.samplerate, SAMPLE_RATE)
-        blocksize = args.blocksize
-        margin = 0
-    model = Model(args.model, EngineConfig(threads=1))
-    rt = {} if args.rt_priority is None else {"rt_priority": args.rt_priority}
-    runner = LiveRunner(model, rate, margin_blocks=margin, **rt)
-    # Applied at once (the worker has not started), so the banner shows what is in force.
-    if args.atten_lim is not None:  # else the pack's default
-        runner.set_atten_lim_db(args.atten_lim)
-    if args.bypass:
-        runner.set_bypass(True)
+        return _Devices(sd, devices, i, None, rate, blocksize, MARGIN_BLOCKS)
+    o = _pick_device(sd, args.output, devices, "output")
+    # Devices first: their errors are cheaper to find than a pack's.
+    rate = _pick_rate(sd, i, o, devices, args.samplerate, SAMPLE_RATE)
+    return _Devices(sd, devices, i, o, rate, args.blocksize, 0)
 
-    stop = threading.Event()
-    stopping = threading.Event()  # set once the stream is being stopped
-    lat_ms = [float("nan")]
-    old_handlers = {}
 
-    def summary_lines() -> list[str]:
-        lines = [_summary(runner.stats(), lat_ms[0])]
-        if vm is not None and vm.writer is not None:
-            lines.append(vm.summary())
+def _open_stream(args: argparse.Namespace, dev: _Devices, callback: Callable) -> _OpenStream:
+    """The input stream (--virtual-mic) or the duplex stream, opened, not started."""
+    common = dict(
+        samplerate=dev.rate,
+        blocksize=dev.blocksize,
+        dtype="float32",
+        latency=args.pa_latency,
+        callback=callback,
+    )
+    try:
+        if dev.output is None:
+            return _OpenStream(dev.sd.InputStream(device=dev.input, channels=1, **common))
+        return _OpenStream(dev.sd.Stream(device=(dev.input, dev.output), channels=(1, 1), **common))
+    except RtnsError:
+        raise
+    except Exception as e:  # PortAudioError, ValueError
+        where = (
+            f"device {dev.input}" if dev.output is None else f"devices {dev.input} -> {dev.output}"
+        )
+        raise RtnsError(f"cannot open the audio stream on {where} at {dev.rate} Hz: {e}") from None
+
+
+class _Live:
+    """What the signal handlers and the ways out of ``rtns run`` share: the runner, the
+    virtual microphone, the latency once known, and the stop and stopping events."""
+
+    def __init__(self, runner: Any, vm: _VirtualMicSetup | None) -> None:
+        self.runner = runner
+        self.vm = vm
+        self.stop = threading.Event()
+        self.stopping = threading.Event()  # set once the stream is being stopped
+        self.lat_ms = [float("nan")]  # written by _run_stream once the stream is primed
+
+    def summary_lines(self) -> list[str]:
+        lines = [_summary(self.runner.stats(), self.lat_ms[0])]
+        if self.vm is not None and self.vm.writer is not None:
+            lines.append(self.vm.summary())
         return lines
 
-    def leave(lines: list[str], code: int) -> None:
+    def leave(self, lines: list[str], code: int) -> None:
         """Remove the virtual microphone (if any), then :func:`_leave_now`."""
-        if vm is not None:
-            problem = vm.remove()
+        if self.vm is not None:
+            problem = self.vm.remove()
             if problem:
                 lines = [*lines, f"rtns: error: {problem}"]
         _leave_now(lines, code)
 
-    def on_term(signum: int, frame: Any) -> None:
-        if stopping.is_set():  # stuck stopping the stream: give up on it
+    def on_term(self, signum: int, frame: Any) -> None:
+        if self.stopping.is_set():  # stuck stopping the stream: give up on it
             sig = signal.Signals(signum).name
-            leave(
+            self.leave(
                 [
-                    *summary_lines(),
+                    *self.summary_lines(),
                     f"rtns: error: {sig} while stopping the audio stream; left without closing it",
                 ],
                 128 + signum,
             )
-        stop.set()
+        self.stop.set()
 
-    def on_usr1(signum: int, frame: Any) -> None:
+    def on_usr1(self, signum: int, frame: Any) -> None:
         # Python runs signal handlers on the main thread, between bytecodes: printing is safe.
-        runner.set_bypass(None)
+        self.runner.set_bypass(None)
         print("rtns: bypass toggled (SIGUSR1)", file=sys.stderr, flush=True)
 
-    old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
-    # Ctrl-C must stop the stream even when rtns was started with SIGINT ignored (a
-    # background job of a non-interactive shell inherits SIG_IGN, and Python then never
-    # installs its KeyboardInterrupt handler).
-    old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, on_term)
-    if hasattr(signal, "SIGUSR1"):
-        old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
+    def handlers(self) -> dict[int, Callable[[int, Any], None]]:
+        # Ctrl-C must stop the stream even when rtns was started with SIGINT ignored (a
+        # background job of a non-interactive shell inherits SIG_IGN, and Python then never
+        # installs its KeyboardInterrupt handler).
+        handlers = {signal.SIGTERM: self.on_term, signal.SIGINT: self.on_term}
+        if hasattr(signal, "SIGUSR1"):
+            handlers[signal.SIGUSR1] = self.on_usr1
+        return handlers
 
-    def restore() -> str | None:
-        set_thread_scheduling(0)
-        runner.close()
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
-        return vm.remove() if vm is not None else None
+    def finish(self, stream: _OpenStream, failure: str | None, dead: bool) -> None:
+        """Stop the stream after :func:`_run_stream`; leave at once (os._exit) when it is
+        dead or does not stop."""
+        self.stopping.set()
+        if dead:
+            # The host API stopped calling back: stopping or closing the stream may never
+            # return, and PortAudio's exit handler may abort. Try briefly, then leave.
+            stream.abort()
+            self.leave([*self.summary_lines(), f"rtns: error: {failure}"], 1)
+        if not stream.stop():
+            self.leave(
+                [
+                    *self.summary_lines(),
+                    f"rtns: error: the audio stream did not stop within {STOP_TIMEOUT_S:g} s "
+                    "(sound server gone?); left without closing it",
+                ],
+                1,
+            )
 
+
+def _serve_metrics(args: argparse.Namespace, live: _Live) -> Any:
+    """The metrics server of --metrics-port (None without it)."""
+    if args.metrics_port is None:
+        return None
+    from rtns.daemon.metrics import live_registry, serve_metrics
+
+    vm = live.vm
+    registry = live_registry(
+        live.runner, lambda: live.lat_ms[0] / 1e3, vm.writer if vm is not None else None
+    )
     try:
-        if vm is not None:
-            vm.publish(runner, rate, blocksize)
-            stream = sd.InputStream(
-                device=i,
-                samplerate=rate,
-                blocksize=blocksize,
-                channels=1,
-                dtype="float32",
-                latency=args.pa_latency,
-                callback=vm.mic.callback,
-            )
-        else:
-            stream = sd.Stream(
-                device=(i, o),
-                samplerate=rate,
-                blocksize=blocksize,
-                channels=(1, 1),
-                dtype="float32",
-                latency=args.pa_latency,
-                callback=runner.callback,
-            )
-    except RtnsError:
-        restore()
-        raise
-    except Exception as e:  # PortAudioError, ValueError
-        restore()
-        devs = f"device {i}" if o is None else f"devices {i} -> {o}"
-        raise RtnsError(f"cannot open the audio stream on {devs} at {rate} Hz: {e}") from None
+        return serve_metrics(args.metrics_port, args.metrics_addr, registry)
+    except OSError as e:
+        raise UserInputError(
+            f"--metrics-port {args.metrics_port}: cannot listen on "
+            f"{args.metrics_addr} ({e.strerror})"
+        ) from None
 
-    if args.metrics_port is not None:
-        from rtns.daemon.metrics import live_registry, serve_metrics
 
-        registry = live_registry(
-            runner, lambda: lat_ms[0] / 1e3, vm.writer if vm is not None else None
-        )
-        try:
-            metrics_server = serve_metrics(args.metrics_port, args.metrics_addr, registry)
-        except OSError as e:
-            _bounded(stream.close, STOP_TIMEOUT_S)
-            restore()
-            raise UserInputError(
-                f"--metrics-port {args.metrics_port}: cannot listen on "
-                f"{args.metrics_addr} ({e.strerror})"
-            ) from None
-    else:
-        metrics_server = None
-
+def _banner(args: argparse.Namespace, dev: _Devices, live: _Live, metrics: bool) -> None:
     from rtns.cli.files import model_label
 
+    i, o, rate = dev.input, dev.output, dev.rate
     where = (
-        f"to [{o}] {devices[o]['name']}"
-        if vm is None
-        else f"publishing microphone {name!r} ({rate / 1000:g} kHz mono)"
+        f"to [{o}] {dev.devices[o]['name']}"
+        if o is not None
+        else f"publishing microphone {args.virtual_mic!r} ({rate / 1000:g} kHz mono)"
     )
+    limit = options.limit_text(live.runner.stats().atten_lim_db)
     print(
-        f"rtns: {model_label(model)} from [{i}] {devices[i]['name']} {where} "
-        f"at {rate} Hz, attenuation limit {options.limit_text(runner.stats().atten_lim_db)}",
+        f"rtns: {model_label(live.runner.model)} from [{i}] {dev.devices[i]['name']} {where} "
+        f"at {rate} Hz, attenuation limit {limit}",
         file=sys.stderr,
         flush=True,
     )
-    if metrics_server is not None:
+    if metrics:
         print(
             f"rtns: metrics on http://{args.metrics_addr}:{args.metrics_port}/metrics",
             file=sys.stderr,
             flush=True,
         )
-    failure, dead = _run_stream(
-        args,
-        stream,
-        runner,
-        stop,
-        lat_ms,
-        extra_status=vm.status if vm is not None else None,
-        check=_writer_check(vm) if vm is not None else None,
-    )
 
-    stopping.set()
-    if dead:
-        # The host API stopped calling back: stopping or closing the stream may never
-        # return, and PortAudio's exit handler may abort. Try briefly, then leave.
-        _bounded(lambda: (stream.abort(), stream.close()), ABORT_TIMEOUT_S)
-        leave([*summary_lines(), f"rtns: error: {failure}"], 1)
-    if not _bounded(lambda: (stream.stop(), stream.close()), STOP_TIMEOUT_S):
-        leave(
-            [
-                *summary_lines(),
-                f"rtns: error: the audio stream did not stop within {STOP_TIMEOUT_S:g} s "
-                "(sound server gone?); left without closing it",
-            ],
-            1,
+
+def run_live(args: argparse.Namespace) -> int:
+    """``rtns run``. Everything it sets up (the worker, the virtual microphone, the signal
+    handlers, the stream, the metrics server) is undone by the ``with`` block on every way
+    out; only the leaps out of a dead or stuck stream (os._exit) skip it, and they remove
+    the virtual microphone themselves."""
+    from rtns.audio import LiveRunner, set_thread_scheduling
+    from rtns.config import EngineConfig
+    from rtns.engine import Model
+
+    name = getattr(args, "virtual_mic", None)
+    if name and args.output is not None:
+        raise UserInputError("--virtual-mic publishes the output as a microphone; leave out -o")
+    # The sound server first: without one there is nothing to publish to.
+    vm = _VirtualMicSetup(name) if name else None
+    dev = _pick_devices(args, vm)
+    model = Model(args.model, EngineConfig(threads=1))
+    rt = {} if args.rt_priority is None else {"rt_priority": args.rt_priority}
+    with contextlib.ExitStack() as stack:
+        runner = stack.enter_context(LiveRunner(model, dev.rate, margin_blocks=dev.margin, **rt))
+        stack.callback(set_thread_scheduling, 0)  # _run_stream raises this thread's priority
+        # Applied at once (the worker has not started), so the banner shows what is in force.
+        if args.atten_lim is not None:  # else the pack's default
+            runner.set_atten_lim_db(args.atten_lim)
+        if args.bypass:
+            runner.set_bypass(True)
+        live = _Live(runner, vm)
+        if vm is not None:
+            stack.enter_context(vm)  # removed after the handlers are restored
+        stack.enter_context(_signal_handlers(live.handlers()))
+        if vm is not None:
+            vm.publish(runner, dev.rate, dev.blocksize)
+        stream = stack.enter_context(
+            _open_stream(args, dev, vm.mic.callback if vm is not None else runner.callback)
         )
-    lines = summary_lines()
-    problem = restore()
-    if metrics_server is not None:
-        metrics_server.shutdown()
+        metrics_server = _serve_metrics(args, live)
+        if metrics_server is not None:
+            stack.callback(metrics_server.shutdown)
+        _banner(args, dev, live, metrics_server is not None)
+        failure, dead = _run_stream(
+            args,
+            stream.stream,
+            runner,
+            live.stop,
+            live.lat_ms,
+            extra_status=vm.status if vm is not None else None,
+            check=vm.check if vm is not None else None,
+        )
+        live.finish(stream, failure, dead)
+        lines = live.summary_lines()
     for line in lines:
         print(line, file=sys.stderr, flush=True)
+    problem = vm.problem if vm is not None else None
     if vm is not None and problem is None:
         print(f"rtns: virtual microphone {name} removed", file=sys.stderr, flush=True)
     if failure:
@@ -612,14 +710,6 @@ def run_live(args: argparse.Namespace) -> int:
     if problem:
         raise RtnsError(problem)
     return 0
-
-
-def _writer_check(vm: _VirtualMicSetup) -> Callable[[], str | None]:
-    def check() -> str | None:
-        err = vm.writer.stats().error
-        return f"{err} (sound server gone?)" if err else None
-
-    return check
 
 
 def _run_stream(
@@ -643,25 +733,14 @@ def _run_stream(
     """
     from rtns.audio import CONTROL_RT_PRIORITY, set_thread_scheduling
 
-    def active() -> bool:
-        try:
-            return bool(stream.active)
-        except Exception:  # PortAudioError: the stream is unusable
-            return False
-
     runner.start()
     control_rt = min(CONTROL_RT_PRIORITY, runner.rt_priority)
     set_thread_scheduling(control_rt)  # undone by run_live when the stream is stopped
     if not _bounded(stream.start, START_TIMEOUT_S):
         return f"the audio stream did not start within {START_TIMEOUT_S:g} s", True
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not runner.primed.wait(POLL_S):
-        if runner.failed.is_set():
-            return f"inference failed: {runner.error}", False
-        if stop.is_set():
-            return None, False
-        if not active() or time.monotonic() > deadline:
-            return f"the audio stream delivered no callback within {START_TIMEOUT_S:g} s", True
+    failed = _wait_primed(stream, runner, stop)
+    if failed is not None:
+        return failed
     pa_latency = stream.latency
     if not isinstance(pa_latency, (tuple, list)):  # an input-only stream: one number
         pa_latency = (pa_latency, 0.0)
@@ -673,18 +752,7 @@ def _run_stream(
         file=sys.stderr,
         flush=True,
     )
-    try:
-        fd = sys.stdin.fileno()
-    except (AttributeError, ValueError, OSError):  # no stdin, or not a real file
-        fd = -1
-    if fd >= 0 and stdin_controls_allowed(fd):
-        lines = _terminal_lines(fd, stop)
-
-        def controls() -> None:
-            set_thread_scheduling(control_rt)
-            _stdin_controls(runner, stop, lines)
-
-        threading.Thread(target=controls, name="rtns-controls", daemon=True).start()
+    _start_controls(runner, stop, control_rt)
     t_end = None if args.duration is None else time.monotonic() + args.duration
     next_status = time.monotonic() + 1.0
     prev = runner.stats()
@@ -692,7 +760,7 @@ def _run_stream(
         stop.wait(POLL_S)
         if runner.failed.is_set():
             return f"inference failed: {runner.error}", False
-        why = runner.dead(active())
+        why = runner.dead(_active(stream))
         if why:
             return why, True
         why = check() if check is not None else None
@@ -711,3 +779,44 @@ def _run_stream(
                 print(line, file=sys.stderr, flush=True)
                 prev = stats
     return None, False
+
+
+def _active(stream: Any) -> bool:
+    try:
+        return bool(stream.active)
+    except Exception:  # PortAudioError: the stream is unusable
+        return False
+
+
+def _wait_primed(stream: Any, runner: Any, stop: threading.Event) -> tuple[str | None, bool] | None:
+    """Wait for the first callbacks (the runner's plan): None once primed, else what
+    :func:`_run_stream` returns ((None, False) on ``stop``)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not runner.primed.wait(POLL_S):
+        if runner.failed.is_set():
+            return f"inference failed: {runner.error}", False
+        if stop.is_set():
+            return None, False
+        if not _active(stream) or time.monotonic() > deadline:
+            return f"the audio stream delivered no callback within {START_TIMEOUT_S:g} s", True
+    return None
+
+
+def _start_controls(runner: Any, stop: threading.Event, control_rt: int) -> None:
+    """Read controls from the terminal on a daemon thread, when rtns may
+    (:func:`stdin_controls_allowed`)."""
+    from rtns.audio import set_thread_scheduling
+
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):  # no stdin, or not a real file
+        return
+    if fd < 0 or not stdin_controls_allowed(fd):
+        return
+    lines = _terminal_lines(fd, stop)
+
+    def controls() -> None:
+        set_thread_scheduling(control_rt)
+        _stdin_controls(runner, stop, lines)
+
+    threading.Thread(target=controls, name="rtns-controls", daemon=True).start()
