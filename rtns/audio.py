@@ -412,7 +412,7 @@ class LiveRunner:
         """Bypass on/off (None toggles): the output becomes the input, same latency."""
         self._control("bypass", on)
 
-    def set_atten_lim_db(self, limit: AttenLimit | str | float | None) -> None:
+    def set_atten_lim(self, limit: AttenLimit | str | float | None) -> None:
         """At most this much noise reduction (None, ``math.inf`` or 'off': unlimited)."""
         try:
             value = OFF if limit is None else AttenLimit.parse(limit)

@@ -226,18 +226,18 @@ def test_callback_allocates_no_arrays(passthrough_model: Model) -> None:
 def test_controls_reach_the_engine_stream(passthrough_model: Model) -> None:
     with LiveRunner(passthrough_model, 16000) as runner:
         runner.set_bypass(True)
-        runner.set_atten_lim_db(12.0)
+        runner.set_atten_lim(12.0)
         runner.step()
         assert runner.cs.bypass and runner.bypass
         assert runner.cs.atten_lim.optional() == pytest.approx(12.0)
         runner.set_bypass(None)
-        runner.set_atten_lim_db(None)
+        runner.set_atten_lim(None)
         runner.step()
         assert not runner.cs.bypass
         assert runner.cs.atten_lim.optional() is None
         assert runner.stats().atten_lim_db is None
         with pytest.raises(UserInputError, match=r"0\.\.200 dB or 'off'"):
-            runner.set_atten_lim_db(-3.0)
+            runner.set_atten_lim(-3.0)
 
 
 def test_live_stream_starts_at_the_pack_default_limit(passthrough_pack: Path, tmp_path) -> None:
@@ -294,14 +294,14 @@ def test_controls_before_start_are_in_force_at_once(passthrough_pack: Path, tmp_
 
     model = Model(limited_copy(passthrough_pack, tmp_path / "limited", 18.0))
     with LiveRunner(model, 16000) as runner:
-        runner.set_atten_lim_db(math.inf)
+        runner.set_atten_lim(math.inf)
         runner.set_bypass(True)
         assert runner.stats().atten_lim_db is None and runner.cs.atten_lim.optional() is None
         assert runner.stats().bypass and runner.cs.bypass
-        runner.set_atten_lim_db(6.0)
+        runner.set_atten_lim(6.0)
         assert runner.stats().atten_lim_db == pytest.approx(6.0)
         runner.start()  # from here on controls go through the worker
-        runner.set_atten_lim_db(3.0)
+        runner.set_atten_lim(3.0)
         wait_until(lambda: runner.stats().atten_lim_db == pytest.approx(3.0), what="the worker")
         runner.stop()
 
@@ -474,7 +474,7 @@ def test_stdin_controls(capsys: pytest.CaptureFixture) -> None:
         def set_bypass(self, on: bool | None) -> None:
             calls.append(("bypass", on))
 
-        def set_atten_lim_db(self, limit: str) -> None:
+        def set_atten_lim(self, limit: str) -> None:
             try:
                 calls.append(("atten", AttenLimit.parse(limit)))
             except ValueError as e:

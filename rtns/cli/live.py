@@ -270,7 +270,7 @@ def _stdin_controls(runner: Any, stop: threading.Event, lines: Iterable[str]) ->
                 print("rtns: bypass toggled", file=sys.stderr, flush=True)
             elif cmd[0] == "a":
                 limit = " ".join(cmd[1:]) or "off"
-                runner.set_atten_lim_db(limit)
+                runner.set_atten_lim(limit)
                 print(
                     f"rtns: attenuation limit {options.limit_text(limit)}",
                     file=sys.stderr,
@@ -673,7 +673,7 @@ def run_live(args: argparse.Namespace) -> int:
         stack.callback(set_thread_scheduling, 0)  # _run_stream raises this thread's priority
         # Applied at once (the worker has not started), so the banner shows what is in force.
         if args.atten_lim is not None:  # else the pack's default
-            runner.set_atten_lim_db(args.atten_lim)
+            runner.set_atten_lim(args.atten_lim)
         if args.bypass:
             runner.set_bypass(True)
         live = _Live(runner, vm)
