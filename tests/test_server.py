@@ -391,7 +391,7 @@ def test_sigterm_flushes_open_sessions(passthrough_pack):
     endpoint = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", str(passthrough_pack)]
-        + ["--stats-every", "0.2"],
+        + ["--stats-every", "0.2", "--drain-seconds", "0"],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -31,7 +31,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             "Serve many concurrent client streams over ZeroMQ, batching their hops into one "
             "inference call per model. Plaintext on loopback; any other address needs CurveZMQ "
             "keys (--curve-secret, --allowed-clients; make them with `rtns keys`). SIGTERM "
-            "flushes every open session and exits."
+            "drains: no new sessions (`draining`), open ones run for up to --drain-seconds, "
+            "then are flushed, and the daemon exits 0; SIGINT flushes at once."
         ),
     )
     p.add_argument(
@@ -163,6 +164,14 @@ def _add_serve_operations(p: argparse.ArgumentParser) -> None:
         "(default: the cores this process may use)",
     )
     p.add_argument(
+        "--drain-seconds",
+        type=drain_seconds,
+        default=30.0,
+        metavar="S",
+        help="after SIGTERM, open sessions may run this long before they are flushed "
+        "(0..86400; 30); /readyz says 503 meanwhile",
+    )
+    p.add_argument(
         "--allow-stats-reset",
         action="store_true",
         help="let clients reset the stats counters (benchmarks)",
@@ -233,6 +242,7 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
 
 
 _ENDPOINT_HELP = "use tcp://HOST:PORT or ipc://PATH"
+drain_seconds = options.between(float, 0.0, 86_400.0)
 
 
 def _endpoint(text: str, *, bind: bool) -> str:
@@ -280,32 +290,35 @@ def _key_file(path: str, option: str, *, secret: bool) -> None:
         raise UserInputError(f"{option} {path}: not a {what}")
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from rtns.daemon.logs import setup_logging
-    from rtns.daemon.server import CurveConfig, Server, ServerConfig
+def _curve_config(args: argparse.Namespace):
+    """--curve-secret and --allowed-clients, checked (None: plaintext)."""
+    from rtns.daemon.server import CurveConfig, load_client_keys
 
-    setup_logging(args.log_format, args.log_level)
-    curve = None
     if args.curve_secret or args.allowed_clients:
         if not (args.curve_secret and args.allowed_clients):
             raise UserInputError("CURVE needs both --curve-secret and --allowed-clients")
         _key_file(args.curve_secret, "--curve-secret", secret=True)
-        from rtns.daemon.server import load_client_keys
-
         load_client_keys(Path(args.allowed_clients))
-        curve = CurveConfig(
+        return CurveConfig(
             server_secret=Path(args.curve_secret), allowed_clients=Path(args.allowed_clients)
         )
-    elif args.require_curve:
+    if args.require_curve:
         raise UserInputError("--require-curve: pass --curve-secret and --allowed-clients")
+    return None
+
+
+def server_config(args: argparse.Namespace):
+    """The daemon's ServerConfig from ``rtns serve``'s arguments."""
     from pydantic import ValidationError
 
     from rtns.config import EngineConfig
+    from rtns.daemon.server import ServerConfig
     from rtns.errors import first_validation_error
     from rtns.pack import DEFAULT_SERVE_PACK
 
+    curve = _curve_config(args)
     try:
-        config = ServerConfig(
+        return ServerConfig(
             bind=args.bind,
             models=args.model or [DEFAULT_SERVE_PACK],
             max_sessions=args.max_sessions,
@@ -317,6 +330,7 @@ def run_serve(args: argparse.Namespace) -> int:
             tick_ms=args.tick_ms,
             metrics=args.metrics_port is not None,
             stats_every=args.stats_every,
+            drain_seconds=args.drain_seconds,
             max_sessions_per_peer=args.max_sessions_per_peer,
             max_output_bytes=round(args.max_output_mb * 2**20),
             allow_stats_reset=args.allow_stats_reset,
@@ -326,6 +340,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as e:  # the options' types should have refused it already
         where, msg = first_validation_error(e)
         raise UserInputError(f"rtns serve: {where}: {msg}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from rtns.daemon.logs import setup_logging
+    from rtns.daemon.server import Server
+
+    setup_logging(args.log_format, args.log_level)
+    config = server_config(args)
     workers = args.workers or len(os.sched_getaffinity(0))
     if workers > 1:
         from rtns.daemon.workers import Supervisor
@@ -340,7 +362,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         registry = None if workers > 1 else server.metrics.registry
         try:
-            serve_metrics(args.metrics_port, args.metrics_addr, registry)
+            serve_metrics(
+                args.metrics_port, args.metrics_addr, registry, server.alive, server.readiness
+            )
         except OSError as e:
             if workers > 1:
                 server.remove_files()
@@ -350,8 +374,14 @@ def run_serve(args: argparse.Namespace) -> int:
             ) from None
 
     def on_signal(signum: int, _frame: object) -> None:
-        server.stop()
+        # SIGTERM (systemd, Kubernetes): drain; SIGINT (Ctrl-C), or a second SIGTERM: now.
+        if signum == signal.SIGTERM and not drained:
+            drained.append(signum)
+            server.drain()
+        else:
+            server.stop()
 
+    drained: list[int] = []
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.run()

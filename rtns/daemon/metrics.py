@@ -11,6 +11,8 @@ Metric names (all prefixed ``rtns_``) are listed in docs/operations.md with what
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 #: An answer later than this after its message arrived counts as late (the load benchmark's
@@ -91,6 +93,30 @@ class DaemonMetrics:
             **reg,
             **({"multiprocess_mode": "max"} if multiproc else {}),
         )
+        self.draining = Gauge(
+            "rtns_draining",
+            "1 while the daemon drains (SIGTERM): no new sessions",
+            **reg,
+            **({"multiprocess_mode": "max"} if multiproc else {}),
+        )
+        self.streams_open = Gauge(
+            "rtns_streams_open",
+            "Channel streams open (a session holds one per channel)",
+            **reg,
+            **live,
+        )
+        self.capacity = Gauge(
+            "rtns_capacity_streams",
+            "Channel streams the daemon admits: its measured capacity with headroom",
+            **reg,
+            **live,
+        )
+        self.hop_cost = Gauge(
+            "rtns_hop_cost_seconds",
+            "Measured loop time per hop (one channel stream, 8 ms of audio)",
+            **reg,
+            **({"multiprocess_mode": "max"} if multiproc else {}),
+        )
 
     def answered(self, latency_s: float) -> None:
         self.answer_latency.observe(latency_s)
@@ -98,16 +124,57 @@ class DaemonMetrics:
             self.late.inc()
 
 
-def serve_metrics(port: int, addr: str, registry: Any = None) -> Any:
-    """Start the /metrics HTTP endpoint on a daemon thread; returns the server."""
-    from prometheus_client import start_http_server
+def serve_metrics(
+    port: int,
+    addr: str,
+    registry: Any = None,
+    alive: Callable[[], bool] = lambda: True,
+    readiness: Callable[[], tuple[bool, str]] = lambda: (True, "ready"),
+) -> Any:
+    """Start the HTTP endpoint on a daemon thread; returns the server. ``GET /metrics``:
+    Prometheus text; ``GET /healthz``: 200 while ``alive()`` (the loop turns), else 503;
+    ``GET /readyz``: 200 while ``readiness()`` says ready (models loaded, taking
+    sessions), else 503; the body is the one-word reason."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     if registry is None:  # the supervisor: the sum of every worker's files
         from prometheus_client import CollectorRegistry, multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            path = self.path.split("?", 1)[0]
+            ctype = "text/plain; charset=utf-8"
+            if path == "/metrics":
+                code, body, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+            elif path == "/healthz":
+                ok = alive()
+                code, body = (200, b"alive\n") if ok else (503, b"stuck\n")
+            elif path == "/readyz":
+                ok, why = readiness()
+                code, body = 200 if ok else 503, f"{why}\n".encode()
+            else:
+                code, body = 404, b"not found: /metrics, /healthz, /readyz\n"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass  # probes every few seconds must not fill the log
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+    server = Server((addr, port), Handler)
+    threading.Thread(target=server.serve_forever, name="rtns-metrics", daemon=True).start()
     return server
 
 

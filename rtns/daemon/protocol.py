@@ -47,6 +47,8 @@ ERROR_CODES: dict[str, str] = {
     "bad_atten": f'the hello\'s attenuation limit is not a number of dB in 0..{MAX_DB:g} or "off"',
     "unknown_model": "the hello names a model this server does not serve",
     "server_full": "the server already has its maximum number of sessions",
+    "busy": "a new session would make the server's open sessions late (its measured capacity)",
+    "draining": "the server is shutting down and takes no new sessions",
     "already_open": "a hello arrived on a connection whose session is open",
     "no_session": "audio or close arrived before a hello (or after the session ended)",
     "bad_length": "the PCM frame is not a whole number of sample frames",

@@ -145,6 +145,8 @@ class ServerConfig(BaseModel):
     poll_ms: int = Field(50, ge=1, le=1000)
     #: Log a ``stats`` line every this many seconds (0: never).
     stats_every: float = Field(60.0, ge=0, le=86_400.0)
+    #: After drain() (SIGTERM): open sessions may run this long before they are flushed.
+    drain_seconds: float = Field(30.0, ge=0, le=86_400.0)
     curve: CurveConfig | None = None
     #: Refuse non-loopback binds without CURVE (always True outside tests of that check).
     require_curve_off_loopback: bool = True
@@ -345,6 +347,11 @@ class Server:
         #: Disconnects of the public socket's connections (None for a relay worker).
         self._watch: ConnectionWatch | None = None
         self._stop = threading.Event()
+        self._draining = threading.Event()
+        #: The drain's deadline (time.monotonic) once draining; None before.
+        self.drain_until: float | None = None
+        #: The loop's last turn (time.monotonic): /healthz says alive while it is recent.
+        self.heartbeat = time.monotonic()
         self._auth: Any = None
         self._peer_frame: Any = None
         self._relay_peer = "local"
@@ -366,6 +373,24 @@ class Server:
     def stop(self) -> None:
         """Ask the loop to flush every session and return (thread- and signal-safe)."""
         self._stop.set()
+
+    def drain(self) -> None:
+        """Stop taking sessions (``draining``), let the open ones run for up to
+        ``drain_seconds``, then flush them and return from :meth:`run` (thread- and
+        signal-safe; SIGTERM)."""
+        self._draining.set()
+
+    def alive(self) -> bool:
+        """The loop turned within the last 10 s (it waits at most ``poll_ms`` per turn)."""
+        return time.monotonic() - self.heartbeat < 10.0
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for /readyz: models loaded, bound, not draining."""
+        if self._draining.is_set() or self._stop.is_set():
+            return False, "draining"
+        if not self.bound.is_set():
+            return False, "starting"
+        return True, "ready"
 
     def _open(self) -> None:
         zmq = self._zmq
@@ -427,6 +452,7 @@ class Server:
         next_tick = time.monotonic()
         busy = work = False
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             if busy or work:
                 wait_ms = max(0.0, 1e3 * (next_tick - time.monotonic()))
                 events = self.poller.poll(math.ceil(wait_ms))
@@ -450,6 +476,8 @@ class Server:
             if now >= next_expiry:
                 self._expire(now)
                 next_expiry = now + 0.5
+                if self._drained(now):
+                    return
             if self.config.stats_every and now >= next_stats:
                 st = self.stats()
                 log_event(
@@ -462,6 +490,16 @@ class Server:
                     tick_p99_ms=st["tick_infer_ms"]["p99"],
                 )
                 next_stats = now + self.config.stats_every
+
+    def _drained(self, now: float) -> bool:
+        """Draining (after drain()): True once no session is open or the deadline passed."""
+        if not self._draining.is_set():
+            return False
+        if self.drain_until is None:
+            self.drain_until = now + self.config.drain_seconds
+            self.metrics.draining.set(1)
+            log_event("drain", sessions=len(self.sessions), seconds=self.config.drain_seconds)
+        return not self.sessions or now >= self.drain_until
 
     def _shutdown(self, deadline_s: float = 5.0) -> None:
         """Close every session, sending its tail and ``closed`` (reason ``shutdown``)."""
@@ -551,9 +589,16 @@ class Server:
         else:
             self._send(ident, P.Pong(time=time.time()))
 
-    def _hello(self, ident: bytes, msg: P.Hello) -> None:
+    def _admit(self, ident: bytes, msg: P.Hello) -> tuple[Served, str]:
+        """The model and client of a hello this server takes; else a ProtocolError
+        (``already_open``, ``draining``, ``bad_version``, ``unknown_model``, ``server_full``)."""
         if ident in self.sessions:
             raise P.ProtocolError("already_open", "this connection already has an open session")
+        if self._draining.is_set():
+            self.counters["refused_draining"] += 1
+            raise P.ProtocolError(
+                "draining", "this server is shutting down and takes no new sessions; use another"
+            )
         if msg.version != P.PROTOCOL_VERSION:
             raise P.ProtocolError(
                 "bad_version",
@@ -580,6 +625,11 @@ class Server:
             raise P.ProtocolError(
                 "server_full", f"the server is at its limit of {self.config.max_sessions} sessions"
             )
+        return served, peer
+
+    def _hello(self, ident: bytes, msg: P.Hello) -> None:
+        served, peer = self._admit(ident, msg)
+        name = served.model.name
         model = served.model
         cs = ChannelStream(model, msg.channels, msg.sample_rate, bank=served.bank)
         if msg.atten_lim_db is not None:  # None: the pack's default

@@ -141,6 +141,9 @@ class Supervisor:
         self._watch: ConnectionWatch | None = None
         self._stats_wait: dict[bytes, list[tuple[int, dict]]] = {}
         self._stop = threading.Event()
+        self._draining = threading.Event()
+        self.drain_until: float | None = None
+        self.heartbeat = time.monotonic()
         self.bound = threading.Event()
         self.endpoint: str | None = None
         self.restarts = 0
@@ -262,6 +265,11 @@ class Supervisor:
         if ident in self.key_of:
             return True  # already counted (a second hello gets already_open from its worker)
         self._reap()
+        if self._draining.is_set():
+            self.refused["refused_draining"] += 1
+            msg = "this server is shutting down and takes no new sessions; use another"
+            self._to_client([ident, P.encode(P.Error(code="draining", message=msg))])
+            return False
         if len(self.key_of) >= self.config.max_sessions:
             why = f"the server is at its limit of {self.config.max_sessions} sessions"
             self.refused["refused_full"] += 1
@@ -350,6 +358,29 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
 
+    def drain(self) -> None:
+        """As Server.drain: refuse new sessions (``draining``), let the open ones run for
+        up to ``drain_seconds``, then stop the workers (they flush what is left)."""
+        self._draining.set()
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.heartbeat < 10.0
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._draining.is_set() or self._stop.is_set():
+            return False, "draining"
+        if not self.bound.is_set():
+            return False, "starting"
+        return True, "ready"
+
+    def _drained(self, now: float) -> None:
+        """While draining: stop once no session is open or the deadline has passed."""
+        if self.drain_until is None:
+            self.drain_until = now + self.config.drain_seconds
+            log_event("drain", sessions=len(self.route), seconds=self.config.drain_seconds)
+        if not self.route or now >= self.drain_until:
+            self._stop.set()
+
     def remove_files(self) -> None:
         """Remove the folder of the workers' sockets and metrics files (at the end of
         :meth:`run`, or by the caller when run() never comes)."""
@@ -372,6 +403,9 @@ class Supervisor:
             next_check = time.monotonic() + 0.2
             stopping_since: float | None = None
             while True:
+                self.heartbeat = time.monotonic()
+                if self._draining.is_set() and stopping_since is None:
+                    self._drained(self.heartbeat)
                 if self._stop.is_set() and stopping_since is None:
                     stopping_since = time.monotonic()
                     for p in self.procs:
@@ -441,6 +475,8 @@ HELLO_REFUSALS = frozenset(
         "bad_atten",
         "unknown_model",
         "server_full",
+        "busy",
+        "draining",
     }
 )
 
