@@ -10,7 +10,7 @@ once into the audio cache (a process pool), and write each given config with its
 cache and run folder pointing at the packed copy, plus any ``--set key=value`` overrides.
 
     python -m rtns_export.remote pack --out .gpu/data
-    python -m rtns_export.remote prepare --data .gpu/data --runs /tmp/runs configs/gtcrn.json
+    python -m rtns_export.remote prepare --data .gpu/data --runs /tmp/runs configs/gtcrn_s10_b.json
 
 Opus changes the waveform (about 15-20 dB signal-to-error at these rates) but not the speech
 (PESQ-WB 4.45-4.56 against the original): the clean target and the noisy input are mixed from
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("pack", help="re-encode ../shared/data for a remote machine")
     a.add_argument("--data", default="../shared/data")
     a.add_argument("--out", default=".gpu/data")
-    a.add_argument("--config", default="configs/gtcrn.json", help="whose reverb bank to pack")
+    a.add_argument("--config", default="configs/gtcrn_s10_b.json", help="whose reverb bank to pack")
     a.add_argument("--speech-kbps", type=float, default=34.0)
     a.add_argument("--noise-kbps", type=float, default=26.0)
     a.add_argument("--check-files", type=int, default=8)
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=train)
     d = sub.add_parser("score", help="validate returned run folders here")
     d.add_argument("runs", nargs="+")
-    d.add_argument("--data-config", default="configs/gtcrn.json")
+    d.add_argument("--data-config", default="configs/gtcrn_s10_b.json")
     d.add_argument("--tmp", default="/tmp/rtns-score")
     d.add_argument("--json")
     d.add_argument("--threads", type=int, default=1)

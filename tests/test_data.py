@@ -282,14 +282,33 @@ def test_config_validation(tmp_path):
     assert cfg.data.snr_db == (-5, 25) and cfg.data.level_dbfs == (-35, -15)
 
 
-def test_shipped_configs_are_valid():
-    from pathlib import Path
+def _configs_named_by_shipped_packs(repo: Path) -> set[str]:
+    """The config files the shipped packs' manifests name: the run each was exported from
+    (``provenance.origin``: "run 'NAME'") and any ``configs/X.json`` they cite."""
+    import json
+    import re
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    names = sorted(p.name for p in root.glob("*.json"))
-    assert {"dtln_snr.json", "dtln_sisnr_lms.json", "dtln_snr_ft.json", "tiny.json"} <= set(names)
-    for n in names:
-        load_config(root / n)
+    names = set()
+    for manifest in sorted((repo / "models").glob("*/manifest.json")):
+        prov = json.loads(manifest.read_text())["provenance"]
+        names |= {f"{run}.json" for run in re.findall(r"run '([\w.-]+)'", prov["origin"])}
+        names |= set(re.findall(r"configs/([\w.-]+\.json)", json.dumps(prov)))
+    return names
+
+
+def test_shipped_configs_are_valid():
+    """Every config loads; the top of configs/ holds the shipped packs' configs (the ones
+    their manifests name) and the smoke run's, and every earlier stage is under history/."""
+    repo = Path(__file__).resolve().parents[1]
+    root = repo / "configs"
+    top = {p.name for p in root.glob("*.json")}
+    named = _configs_named_by_shipped_packs(repo)
+    assert len(named) >= 3, named
+    assert top == named | {"tiny.json"}, top ^ (named | {"tiny.json"})
+    history = sorted((root / "history").rglob("*.json"))
+    assert len(history) > 30
+    for p in sorted(root.glob("*.json")) + history:
+        load_config(p)
 
 
 # -- make-testset ----------------------------------------------------------------------

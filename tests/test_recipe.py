@@ -4,6 +4,8 @@ mixed-kind validation set. Every check asserts numbers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -290,6 +292,6 @@ def test_config_checks(tmp_path):
     p.write_text('{"name": "x", "valid": {"kinds": ["file", "office"]}}')
     with pytest.raises(ConfigError, match="kinds"):
         load_config(p)
-    cfg = load_config("configs/gtcrn.json")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/history/gtcrn.json")
     assert cfg.family == "gtcrn" and cfg.data.augment.reverb and cfg.data.augment.speed
     assert [t.name for t in cfg.losses] == ["cc_mse", "cmag_mse", "sisnr"]
