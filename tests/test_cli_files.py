@@ -220,6 +220,11 @@ def test_enhance_bad_option_values(passthrough_pack, tmp_path):
 
 
 # -- models ----------------------------------------------------------------------------------
+def _indented(lines: list[str]) -> int:
+    """How many of ``lines`` are indented (the details under a pack's row)."""
+    return next((i for i, ln in enumerate(lines) if not ln.startswith(" ")), len(lines))
+
+
 def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
     import shutil
 
@@ -231,7 +236,9 @@ def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
     text = text.replace('"name": "passthrough"', '"name": "scored"')
     text = text.replace('"atten_lim_db": null', '"atten_lim_db": 15.0')
     text = text.replace(
-        '"scores": {}', '"scores": {"vbdemand36": {"PESQ": 2.91, "STOI": 0.935, "SI-SDR": 17.2}}'
+        '"scores": {}',
+        '"scores": {"vbdemand36": {"pesq_wb": 2.91, "stoi": 0.935, "si_sdr": 17.2, "files": 36},'
+        ' "mine": {"custom": 1.5}}',
     )
     (scored / MANIFEST).write_text(text)
     (d / "broken").mkdir()
@@ -239,17 +246,65 @@ def test_models_lists_packs_scores_and_broken(passthrough_pack, tmp_path):
     corrupt = d / "corrupt"
     shutil.copytree(passthrough_pack, corrupt)
     (corrupt / "mask.onnx").write_bytes(b"changed")
-    r = rtns("models", cwd=tmp_path, env={PACK_PATH_ENV: str(d), "HOME": str(tmp_path)})
+    env = {PACK_PATH_ENV: str(d), "HOME": str(tmp_path)}
+    r = rtns("models", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]
-    rows = {Path(ln.split()[-1]).name: ln for ln in lines[1:]}  # keyed by pack folder
+    assert lines[0].split() == ["NAME", "FAMILY", "LATENCY", "LIMIT", "PATH"]
+    # Each pack's row ends with its folder (under HOME, written ~/...); a broken pack's
+    # reason is on the indented line below it.
+    rows = {ln.split()[-1].rsplit("/", 1)[-1]: i for i, ln in enumerate(lines) if ln[:1] != " "}
     assert set(rows) >= {"passthrough", "scored", "broken", "corrupt"}
-    assert rows["passthrough"].split()[:5] == ["passthrough", "passthrough", "24.0", "ms", "off"]
-    assert rows["scored"].startswith("scored ") and " 15 dB " in rows["scored"]
-    assert "vbdemand36: PESQ 2.91 STOI 0.935 SI-SDR 17.2" in rows["scored"]
-    assert "BROKEN" in rows["broken"] and "not readable JSON" in rows["broken"]
-    assert "BROKEN" in rows["corrupt"] and "sha256" in rows["corrupt"]
+    row = lines[rows["passthrough"]]
+    assert row.split()[:5] == ["passthrough", "passthrough", "24.0", "ms", "off"]
+    assert row.split()[-1] == "~/packs/passthrough"
+    assert lines[rows["scored"]].startswith("scored ") and " 15 dB " in lines[rows["scored"]]
+    assert "PESQ" not in r.stdout  # scores only with --scores or a NAME
+
+    def below(i: int) -> str:  # the indented lines under row i, joined
+        return " ".join(ln.strip() for ln in lines[i + 1 :][: _indented(lines[i + 1 :])])
+
+    assert "BROKEN" in lines[rows["broken"]] and "not readable JSON" in below(rows["broken"])
+    assert "BROKEN" in lines[rows["corrupt"]] and "sha256" in below(rows["corrupt"])
+
+    r = rtns("models", "--scores", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("scored "))
+    assert lines[i + 1 : i + 3] == [
+        "    mine: custom 1.5",
+        "    vbdemand36 (36 files): PESQ-WB 2.910  STOI 0.935  SI-SDR 17.20",
+    ]
+    r = rtns("models", "scored", cwd=tmp_path, env=env)  # one pack, with its scores
+    assert r.returncode == 0, r.stderr
+    one = r.stdout.splitlines()
+    assert len(one) == 4 and one[1].split() == lines[i].split() and one[2:] == lines[i + 1 : i + 3]
+    r = rtns("models", "nope", cwd=tmp_path, env=env)
+    assert_clean_error(r, "nope: no model pack of that name")
+
+
+@pytest.mark.parametrize("flags", [[], ["--scores"], [DEFAULT_PACK]])
+def test_models_fits_100_columns(tmp_path, flags):
+    """The shipped packs' listing, scores included, fits 100 columns; every shipped pack's
+    recorded test sets are shown with --scores."""
+    import json
+
+    r = rtns("models", *flags, cwd=tmp_path, env={PACK_PATH_ENV: str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 100, [ln for ln in lines if len(ln) > 100]
+    shipped = {p.parent.name: p for p in (REPO / "models").glob(f"*/{MANIFEST}")}
+    if flags:
+        for name, manifest in shipped.items():
+            if flags == [DEFAULT_PACK] and name != DEFAULT_PACK:
+                assert name not in r.stdout
+                continue
+            scores = json.loads(manifest.read_text())["scores"]
+            for test_set, metrics in scores.items():
+                want = f"{test_set} ({metrics['files']:g} files): PESQ-WB {metrics['pesq_wb']:.3f}"
+                assert any(ln.startswith(f"    {want}") for ln in lines), (name, want)
+    else:
+        assert "PESQ" not in r.stdout and all(name in r.stdout for name in shipped)
 
 
 def test_models_when_none_installed(tmp_path):

@@ -307,7 +307,7 @@ def test_help_and_listing_name_the_two_defaults(capsys):
         with pytest.raises(SystemExit):
             p.parse_args([*cmd, "--help"])
         assert f"default: {name}" in " ".join(capsys.readouterr().out.split()), cmd
-    names = [row[0] for row in models_table()[1:]]
+    names = [row.name for row in models_table()]
     listed = {n.split()[0] for n in names}
     assert {DEFAULT_PACK, DEFAULT_SERVE_PACK} <= listed, names  # both ship in models/
     want = {f"{DEFAULT_PACK} (default)", f"{DEFAULT_SERVE_PACK} (serve default)"}

@@ -377,8 +377,8 @@ def test_models_table_shows_what_model_accepts_and_24ms(passthrough_pack, tmp_pa
     shutil.copytree(passthrough_pack, d / "passthrough")  # the folder wins "passthrough"
     monkeypatch.setenv(PACK_PATH_ENV, str(d))
     monkeypatch.setenv("HOME", str(tmp_path))
-    rows = [r for r in models_table()[1:] if Path(r[-1]).parent == d]
-    names = {Path(r[-1]).name: r[0] for r in rows}
+    rows = [r for r in models_table() if Path(r.path).parent == d]
+    names = {Path(r.path).name: r.name for r in rows}
     assert names == {
         "folder-x": "my-model",
         "p1": "p1",
@@ -387,8 +387,8 @@ def test_models_table_shows_what_model_accepts_and_24ms(passthrough_pack, tmp_pa
         "passthrough": "passthrough",
     }
     for r in rows:
-        assert r[1:4] == ["passthrough", "24.0 ms", "off"]
-        assert resolve_pack(r[0]) == Path(r[-1])
+        assert (r.family, r.latency, r.limit) == ("passthrough", "24.0 ms", "off")
+        assert resolve_pack(r.name) == Path(r.path)
 
 
 def test_iter_packs_reports_broken(pack, passthrough_pack, tmp_path, monkeypatch):
@@ -421,9 +421,12 @@ def test_deeply_nested_manifest_is_one_sentence(pack, passthrough_pack, tmp_path
     assert str(bad / MANIFEST) in msg and "nested too deeply" in msg
     r = run_rtns("models", cwd=tmp_path, env={PACK_PATH_ENV: str(tmp_path)}, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
-    assert "BROKEN" in rows["deep"] and "nested too deeply" in rows["deep"]
-    assert "passthrough" in rows and "BROKEN" not in rows["passthrough"]
+    lines = r.stdout.splitlines()
+    rows = {ln.split()[0]: i for i, ln in enumerate(lines) if not ln.startswith(" ")}
+    i = rows["deep"]
+    under = " ".join(ln.strip() for ln in lines[i + 1 :] if ln.startswith(" "))  # the reason
+    assert "BROKEN" in lines[i] and "nested too deeply" in under
+    assert "passthrough" in rows and "BROKEN" not in lines[rows["passthrough"]]
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo"])

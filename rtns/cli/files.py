@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,8 +60,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "models",
         help="list installed model packs",
         description="List the model packs on the search path ($RTNS_MODEL_PATH, "
-        "~/.local/share/rtns/models, shipped packs) with their scores.",
+        "~/.local/share/rtns/models, shipped packs): name, family, latency, default "
+        "attenuation limit and folder; --scores or a NAME adds the scores of their manifests.",
     )
+    p.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME",
+        help="one pack (a name --model takes, or a pack folder), with its scores",
+    )
+    p.add_argument("--scores", action="store_true", help="each pack's test-set scores under it")
     options.one_line_errors(p)
     p.set_defaults(func=run_models)
 
@@ -293,62 +302,155 @@ def run_enhance(args: argparse.Namespace) -> int:
 
 
 # -- models ---------------------------------------------------------------------------------
-def _score_text(scores: dict[str, dict[str, float]]) -> str:
-    parts = []
+#: The width ``rtns models`` fits its lines to (a path longer than a line gets its own).
+MODELS_WIDTH = 100
+#: Short labels for the metrics benchmarks/quality.py writes, with their formats.
+_METRICS = {
+    "pesq_wb": ("PESQ-WB", "{:.3f}"),
+    "stoi": ("STOI", "{:.3f}"),
+    "si_sdr": ("SI-SDR", "{:.2f}"),  # dB
+    "dnsmos_sig": ("SIG", "{:.3f}"),
+    "dnsmos_bak": ("BAK", "{:.3f}"),
+    "dnsmos_ovrl": ("OVRL", "{:.3f}"),
+}
+
+
+class PackListing(NamedTuple):
+    """One pack as ``rtns models`` lists it. ``name`` is what ``--model`` takes to reach it
+    (its manifest name, else its folder name, else its path); ``details``: one line per test
+    set's scores, or the error of a broken pack (family 'BROKEN')."""
+
+    name: str
+    family: str
+    latency: str
+    limit: str
+    path: str
+    details: list[str]
+
+    @property
+    def broken(self) -> bool:
+        return self.family == "BROKEN"
+
+
+def score_lines(scores: dict[str, dict[str, float]]) -> list[str]:
+    """One line per test set: ``vbdemand36 (36 files): PESQ-WB 1.994  STOI 0.880 ...``
+    (SI-SDR in dB; SIG, BAK, OVRL: DNSMOS), its items separated by two spaces."""
+    lines = []
     for test_set, metrics in sorted(scores.items()):
-        vals = " ".join(f"{k} {v:.3g}" for k, v in metrics.items())
-        parts.append(f"{test_set}: {vals}")
-    return "; ".join(parts) or "-"
+        files = metrics.get("files")
+        head = test_set if files is None else f"{test_set} ({files:g} files)"
+        vals = []
+        for k, v in metrics.items():
+            if k == "files":
+                continue
+            label, fmt = _METRICS.get(k, (k, "{:.4g}"))
+            vals.append(f"{label} {fmt.format(v)}")
+        lines.append(f"{head}: {'  '.join(vals)}")
+    return lines
 
 
-def models_table() -> list[list[str]]:
-    """Rows [name, family, latency ms, default attenuation limit, scores, path] (the header
-    first) for every pack on the search path. The name is what ``--model`` takes to reach
-    that pack (its manifest name, else its folder name, else its path); a broken pack has
-    family 'BROKEN' and its error in the scores column."""
-    from rtns.pack import (
-        DEFAULT_PACK,
-        DEFAULT_SERVE_PACK,
-        PackError,
-        iter_packs,
-        model_arg,
-        verify_files,
+def _wrap(text: str, width: int, indent: str = "    ", more: str = "      ") -> list[str]:
+    """``text`` in lines of at most ``width``, broken only between items separated by two
+    spaces (a label stays with its value), else between words."""
+    import textwrap
+
+    lines: list[str] = []
+    line = indent
+    for item in text.split("  "):
+        sep = "" if line.strip() == "" else "  "
+        if line.strip() and len(line) + len(sep) + len(item) > width:
+            lines.append(line)
+            line, sep = more, ""
+        line += sep + item
+    lines.append(line)
+    out = []
+    for ln in lines:  # an item longer than a line (an error message): words
+        if len(ln) <= width:
+            out.append(ln)
+        else:
+            lead = ln[: len(ln) - len(ln.lstrip())]
+            out += textwrap.wrap(ln.strip(), width, initial_indent=lead, subsequent_indent=more)
+    return out
+
+
+def _listing(path: Path, man, packs) -> PackListing:
+    from rtns.pack import DEFAULT_PACK, DEFAULT_SERVE_PACK, PackError, model_arg, verify_files
+
+    if isinstance(man, PackError):
+        return PackListing(model_arg(path, None, packs), "BROKEN", "-", "-", str(path), [str(man)])
+    try:
+        verify_files(path, man)
+    except PackError as e:
+        return PackListing(model_arg(path, man, packs), "BROKEN", "-", "-", str(path), [str(e)])
+    # Algorithmic latency, as everywhere else: output sample n estimates input sample
+    # n - latency_samples (24.0 ms for 512/128 at 16 kHz).
+    ms = 1000.0 * man.latency_samples / man.frames.sample_rate
+    arg = model_arg(path, man, packs)
+    default = {DEFAULT_PACK: " (default)", DEFAULT_SERVE_PACK: " (serve default)"}
+    return PackListing(
+        arg + default.get(arg, ""),
+        man.family,
+        f"{ms:.1f} ms",
+        options.limit_text(man.atten_lim_db),
+        str(path),
+        score_lines(man.scores),
     )
 
-    rows = [["NAME", "FAMILY", "LATENCY", "LIMIT", "SCORES", "PATH"]]
-    default = {DEFAULT_PACK: " (default)", DEFAULT_SERVE_PACK: " (serve default)"}
+
+def models_table() -> list[PackListing]:
+    """Every pack on the search path, in search order (broken ones included)."""
+    from rtns.pack import iter_packs
+
     packs = list(iter_packs())
-    for path, man in packs:
-        if isinstance(man, PackError):
-            rows.append([model_arg(path, None, packs), "BROKEN", "-", "-", str(man), str(path)])
-            continue
-        try:
-            verify_files(path, man)
-        except PackError as e:
-            rows.append([model_arg(path, man, packs), "BROKEN", "-", "-", str(e), str(path)])
-            continue
-        # Algorithmic latency, as everywhere else: output sample n estimates input sample
-        # n - latency_samples (24.0 ms for 512/128 at 16 kHz).
-        ms = 1000.0 * man.latency_samples / man.frames.sample_rate
-        arg = model_arg(path, man, packs)
-        name = arg + default.get(arg, "")
-        limit = options.limit_text(man.atten_lim_db)
-        rows.append([name, man.family, f"{ms:.1f} ms", limit, _score_text(man.scores), str(path)])
-    return rows
+    return [_listing(path, man, packs) for path, man in packs]
+
+
+def _home_short(path: str) -> str:
+    home = str(Path.home())
+    return "~" + path[len(home) :] if home != "/" and path.startswith(home + os.sep) else path
+
+
+def format_models(
+    listings: list[PackListing], scores: bool = False, width: int = MODELS_WIDTH
+) -> list[str]:
+    """The table: NAME FAMILY LATENCY LIMIT PATH, each pack's scores under it (``scores``)
+    and a broken pack's error under it, wrapped to ``width``. A path that would push its row
+    past ``width`` goes on the next line, whole (it is for copying)."""
+    rows = [("NAME", "FAMILY", "LATENCY", "LIMIT")]
+    rows += [(p.name, p.family, p.latency, p.limit) for p in listings]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+
+    def cells(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+
+    out = [f"{cells(rows[0])}  PATH"]
+    for row, pack in zip(rows[1:], listings, strict=True):
+        path = _home_short(pack.path)
+        line = f"{cells(row)}  {path}"
+        if len(line) <= width:
+            out.append(line)
+        else:
+            out += [cells(row).rstrip(), f"    {path}"]
+        if scores or pack.broken:
+            for detail in pack.details or ["no scores"]:
+                out += _wrap(detail, width)
+    return out
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from rtns.pack import search_path
+    from rtns.pack import iter_packs, read_manifest, resolve_pack, search_path
 
-    rows = models_table()
-    if len(rows) == 1:
+    listings = models_table()
+    if args.name is not None:  # one pack, with its scores
+        found = resolve_pack(args.name).resolve()
+        mine = [p for p in listings if Path(p.path).resolve() == found]
+        listings = mine or [_listing(found, read_manifest(found), list(iter_packs()))]
+    elif not listings:
         where = ", ".join(str(d) for d in search_path())
         print(f"no model packs found (searched: {where})")
         return 0
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)] + [r[-1]]
-        print("  ".join(cells).rstrip())
+    for line in format_models(listings, scores=args.scores or args.name is not None):
+        print(line)
     return 0
 
 
