@@ -18,6 +18,11 @@ TRAIN_EXTRA = "rtns train needs PyTorch and the training extras: pip install 'rt
 
 
 def add_parsers(sub: Any) -> None:
+    _add_train(sub)
+    _add_make_testset(sub)
+
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a model from a JSON config (resumes from runs/<name>/last.pt)",
@@ -73,6 +78,8 @@ def add_parsers(sub: Any) -> None:
     options.add_quiet(p, "no progress bar")
     p.set_defaults(func=run_train)
 
+
+def _add_make_testset(sub: Any) -> None:
     m = sub.add_parser(
         "make-testset",
         help="build a fixed paired test set (clean/ and noisy/) from clean and noise folders",
