@@ -76,6 +76,8 @@ def start_server(
     cmd += ["--max-sessions", str(max_sessions), "--log-level", "warning"]
     cmd += ["--max-sessions-per-peer", str(max_sessions), "--allow-stats-reset"]
     cmd += ["--workers", str(workers), *(extra or [])]
+    if not any(a.startswith("--capacity") for a in extra or []):
+        cmd += ["--capacity", "off"]  # the raw loop: admission control measured on request
     if not batch:
         cmd.append("--no-batch")
 
@@ -141,12 +143,21 @@ def run_clients(
         s.send(P.encode(P.Hello(version=1, sample_rate=16_000, format="f32le")))
         socks.append(s)
         poller.register(s, zmq.POLLIN)
+    refused: dict[str, int] = {}
+    admitted = []
     for s in socks:
         if not s.poll(20_000):
             raise RuntimeError("no ready within 20 s")
         msg = json.loads(s.recv_multipart()[0])
-        if msg["type"] != "ready":
+        if msg["type"] == "error" and msg["code"] in ("busy", "server_full"):
+            refused[msg["code"]] = refused.get(msg["code"], 0) + 1  # admission control
+            poller.unregister(s)
+            s.close()
+        elif msg["type"] != "ready":
             raise RuntimeError(f"hello refused: {msg}")
+        else:
+            admitted.append(s)
+    socks, n = admitted, len(admitted)
     index = {s: i for i, s in enumerate(socks)}
     t0 = time.monotonic() + 0.05
     due_heap = [(t0 + i * period / n, i) for i in range(n)]
@@ -220,6 +231,8 @@ def run_clients(
     late = int((lat_ms > deadline_ms).sum())
     dropped = sent_measured - answered_measured
     return {
+        "admitted": n,
+        "refused": refused,
         "sent": sent_measured,
         "answered": answered_measured,
         "errors": errors,

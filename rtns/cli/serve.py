@@ -164,6 +164,22 @@ def _add_serve_operations(p: argparse.ArgumentParser) -> None:
         "(default: the cores this process may use)",
     )
     p.add_argument(
+        "--capacity",
+        type=capacity_arg,
+        default="auto",
+        metavar="auto|off|N",
+        help="admission control: refuse a session with `busy` when its channels would "
+        "take the open streams past the measured capacity (auto), N channel streams, or "
+        "off (only --max-sessions); see docs/operations.md",
+    )
+    p.add_argument(
+        "--capacity-headroom",
+        type=headroom_share,
+        default=0.7,
+        metavar="F",
+        help="share of the loop's time the measured capacity may fill (0..1; 0.7)",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=drain_seconds,
         default=30.0,
@@ -196,8 +212,9 @@ def _add_stream(sub: argparse._SubParsersAction) -> None:
         "--endpoint",
         "-e",
         type=connect_endpoint,
-        default=DEFAULT_ENDPOINT,
-        help=f"the daemon: tcp://HOST:PORT or ipc://PATH ({DEFAULT_ENDPOINT})",
+        action="append",
+        help=f"the daemon: tcp://HOST:PORT or ipc://PATH ({DEFAULT_ENDPOINT}); repeat for "
+        "fallbacks, tried in order when one is busy, draining, full or silent",
     )
     p.add_argument("--model", "-m", metavar="NAME", help="model name on the server")
     p.add_argument("--fast", action="store_true", help="as fast as the server allows")
@@ -243,6 +260,18 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
 
 _ENDPOINT_HELP = "use tcp://HOST:PORT or ipc://PATH"
 drain_seconds = options.between(float, 0.0, 86_400.0)
+headroom_share = options.between(float, 0.0, 1.0, low_open=True)
+_capacity_streams = options.between(int, 1, 1_000_000)
+
+
+def capacity_arg(text: str) -> str | int:
+    """``auto``, ``off`` or a number of channel streams (1..1000000)."""
+    if text.strip().lower() in ("auto", "off"):
+        return text.strip().lower()
+    try:
+        return _capacity_streams(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"use auto, off or a number of streams: {e}") from None
 
 
 def _endpoint(text: str, *, bind: bool) -> str:
@@ -331,6 +360,8 @@ def server_config(args: argparse.Namespace):
             metrics=args.metrics_port is not None,
             stats_every=args.stats_every,
             drain_seconds=args.drain_seconds,
+            capacity=args.capacity,
+            headroom=args.capacity_headroom,
             max_sessions_per_peer=args.max_sessions_per_peer,
             max_output_bytes=round(args.max_output_mb * 2**20),
             allow_stats_reset=args.allow_stats_reset,
@@ -400,7 +431,7 @@ def _start(make, endpoint: str):
 
 def run_stream(args: argparse.Namespace) -> int:
     from rtns import audio_io
-    from rtns.daemon.client import Client
+    from rtns.daemon.client import connect
     from rtns.daemon.protocol import MAX_CHANNELS
 
     t0 = time.perf_counter()
@@ -423,24 +454,23 @@ def run_stream(args: argparse.Namespace) -> int:
     # The session resamples and splits bands exactly as `rtns enhance` does (one
     # ChannelStream), so the file goes at its own rate and the samples match.
     x = audio.samples
+    endpoints = args.endpoint or [DEFAULT_ENDPOINT]
+    keys = {"server_key": args.server_key, "client_key": args.client_key}
     client = _start(
-        lambda: Client(
-            args.endpoint,
-            timeout=args.timeout,
-            server_key=args.server_key,
-            client_key=args.client_key,
-        ),
-        args.endpoint,
-    )
-    with client:
-        y = client.enhance(
-            x,
-            audio.sample_rate,
-            chunk=max(1, args.chunk * audio.sample_rate // SAMPLE_RATE),
-            realtime=not args.fast,
+        lambda: connect(
+            endpoints,
+            sample_rate=audio.sample_rate,
+            channels=audio.channels,
             model=args.model,
             atten_lim_db=args.atten_lim,
-        )
+            timeout=args.timeout,
+            **keys,
+        ),
+        ", ".join(endpoints),
+    )
+    with client:
+        chunk = max(1, args.chunk * audio.sample_rate // SAMPLE_RATE)
+        y = client.stream(x, chunk=chunk, realtime=not args.fast)
         model = client.ready.model if client.ready else "?"
     report = audio_io.write_audio(plan, y)
     if report.clipped:
@@ -453,7 +483,7 @@ def run_stream(args: argparse.Namespace) -> int:
         took = time.perf_counter() - t0
         print(
             f"rtns: {plan.path}: {audio.duration:.2f} s, {audio.sample_rate} Hz, "
-            f"{audio.channels} ch, model {model} via {args.endpoint}, {took:.2f} s",
+            f"{audio.channels} ch, model {model} via {client.endpoint}, {took:.2f} s",
             file=sys.stderr,
         )
     return 0

@@ -43,6 +43,15 @@ class NoReply(RtnsError):
     """No answer within the timeout."""
 
 
+class NoServer(RtnsError):
+    """No endpoint of the list took the session (each was busy, draining, full or silent)."""
+
+
+#: Refusals after which :func:`connect` tries the next endpoint: the server is at its
+#: capacity or its session limit, or shutting down. Others (a bad hello) would repeat.
+RETRY_CODES = frozenset({"busy", "draining", "server_full"})
+
+
 class Client:
     """A DEALER connection to a daemon.
 
@@ -306,3 +315,41 @@ class _Pump:
                 c.seq = self.k
                 continue
             self.handle(*c.recv())
+
+
+def connect(
+    endpoints: str | list[str],
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    format: str = "f32le",
+    channels: int = 1,
+    model: str | None = None,
+    atten_lim_db: AttenLimit | str | float | None = None,
+    **client: Any,
+) -> Client:
+    """A :class:`Client` with a session open on the first of ``endpoints`` that takes it.
+
+    An endpoint that refuses with ``busy``, ``draining`` or ``server_full``, or does not
+    answer the hello within ``timeout`` (no daemon there: ZeroMQ reconnects silently), is
+    skipped for the next; any other refusal is raised as it is (it would repeat). Raises
+    :class:`NoServer`, naming each endpoint and why, when none takes it. ``client``: the
+    keyword arguments of :class:`Client` (timeout, keys, context)."""
+    endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    why = []
+    for endpoint in endpoints:
+        c = Client(endpoint, **client)
+        try:
+            c.hello(sample_rate, format, channels, model, atten_lim_db)
+            return c
+        except ServerError as e:
+            c.close()
+            if e.code not in RETRY_CODES:
+                raise
+            why.append(f"{endpoint}: {e.code}")
+        except NoReply:
+            c.close()
+            why.append(f"{endpoint}: no answer")
+        except BaseException:
+            c.close()
+            raise
+    raise NoServer("no daemon took the session (" + "; ".join(why) + ")")

@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,9 +45,10 @@ from rtns.atten import AttenLimit
 from rtns.bank import StreamBank, batch_invariant
 from rtns.config import EngineConfig
 from rtns.daemon import protocol as P
+from rtns.daemon.capacity import Capacity, probe_hop_s
 from rtns.daemon.clients import ConnectionWatch, client_key, describe
 from rtns.daemon.logs import log, log_event
-from rtns.daemon.metrics import DaemonMetrics, NoMetrics
+from rtns.daemon.metrics import LATE_S, DaemonMetrics, NoMetrics
 from rtns.daemon.session import Served, Session
 from rtns.engine import Model
 from rtns.errors import UserInputError
@@ -147,6 +148,13 @@ class ServerConfig(BaseModel):
     stats_every: float = Field(60.0, ge=0, le=86_400.0)
     #: After drain() (SIGTERM): open sessions may run this long before they are flushed.
     drain_seconds: float = Field(30.0, ge=0, le=86_400.0)
+    #: Admission control (rtns.daemon.capacity): "auto" refuses a hello with ``busy`` when
+    #: its channels would take the open streams past the measured capacity; a number fixes
+    #: the capacity in channel streams; "off" admits up to max_sessions (the estimate is
+    #: still measured and shown). `rtns serve` defaults to "auto".
+    capacity: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=1_000_000)] = "off"
+    #: The share of the loop's time the capacity may fill (the rest is slack).
+    headroom: float = Field(0.7, gt=0.0, le=1.0)
     curve: CurveConfig | None = None
     #: Refuse non-loopback binds without CURVE (always True outside tests of that check).
     require_curve_off_loopback: bool = True
@@ -338,6 +346,10 @@ class Server:
             self.models[model.name] = Served(model, batched, why, bank)
             self.metrics.batching.labels(model.name, why).set(1 if batched else 0)
         self.default_model = next(iter(self.models))
+        prior = max(probe_hop_s(s.model, min(64, s.bank.max_batch)) for s in self.models.values())
+        self.capacity = Capacity(config.capacity, config.headroom, prior)
+        #: Channel streams of the open sessions (what the capacity counts).
+        self.open_streams = 0
         self.sessions: dict[bytes, Session] = {}
         #: Sessions with work (input queued, answers owed, closing), by client id.
         self._active: dict[bytes, Session] = {}
@@ -420,6 +432,8 @@ class Server:
                 batched=s.batched,
                 why=s.why,
             )
+        self.capacity.log()
+        self._measure(time.monotonic())
         log_event("listening", endpoint=self.endpoint, max_sessions=self.config.max_sessions)
         self.bound.set()
 
@@ -458,6 +472,7 @@ class Server:
                 events = self.poller.poll(math.ceil(wait_ms))
             else:
                 events = self.poller.poll(self.config.poll_ms)
+            t_work = time.perf_counter()
             if events:
                 self._reap()
                 self._drain()
@@ -475,6 +490,7 @@ class Server:
                 busy = bool(self._active)
             if now >= next_expiry:
                 self._expire(now)
+                self._measure(now)
                 next_expiry = now + 0.5
                 if self._drained(now):
                     return
@@ -490,6 +506,15 @@ class Server:
                     tick_p99_ms=st["tick_infer_ms"]["p99"],
                 )
                 next_stats = now + self.config.stats_every
+            self.capacity.work(time.perf_counter() - t_work, 0)
+
+    def _measure(self, now: float) -> None:
+        """Close the capacity's measuring window (about once a second) and show it."""
+        cap = self.capacity
+        cap.update(now, self.open_streams)
+        self.metrics.capacity.set(cap.streams if cap.streams is not None else -1)
+        self.metrics.hop_cost.set(cap.hop_s)
+        self.metrics.streams_open.set(self.open_streams)
 
     def _drained(self, now: float) -> bool:
         """Draining (after drain()): True once no session is open or the deadline passed."""
@@ -625,6 +650,13 @@ class Server:
             raise P.ProtocolError(
                 "server_full", f"the server is at its limit of {self.config.max_sessions} sessions"
             )
+        if not self.capacity.admits(self.open_streams, msg.channels):
+            self.counters["refused_busy"] += 1
+            raise P.ProtocolError(
+                "busy",
+                f"{self.open_streams} channel streams are open and this server's measured "
+                f"capacity is {self.capacity.streams}; try another server",
+            )
         return served, peer
 
     def _hello(self, ident: bytes, msg: P.Hello) -> None:
@@ -649,6 +681,7 @@ class Server:
             served.owner[slot] = sess
         self.per_peer[peer] += 1
         self.sessions[ident] = sess
+        self.open_streams += cs.channels
         self.counters["sessions_opened"] += 1
         self.metrics.sessions.inc()
         self.metrics.sessions_open.set(len(self.sessions))
@@ -817,6 +850,7 @@ class Server:
                 self.counters["infer_calls"] += bank.calls - calls
                 self.counters["blocks"] += k
                 self.metrics.hops.inc(k)
+                self.capacity.work(0.0, k)
                 self.metrics.rows.observe(k)
                 self.infer_ms.append(took * 1e3)
                 self.metrics.inference.observe(took)
@@ -839,6 +873,7 @@ class Server:
         if sess.released:
             return
         sess.released = True
+        self.open_streams -= sess.cs.channels
         for slot in sess.cs.slots.tolist():
             sess.served.owner.pop(slot, None)
         sess.cs.close()
@@ -884,7 +919,10 @@ class Server:
             n = y.shape[0]
             ledger.sent += n
             self.metrics.audio_out.inc(n / cs.rate)
-            self.metrics.answered(time.monotonic() - arrived)
+            waited = time.monotonic() - arrived
+            self.metrics.answered(waited)
+            if waited > LATE_S:
+                self.capacity.late()
             self._send_raw(s.ident, [P.encode_audio_out(seq, n, queued), P.encode_pcm(y, s.fmt)])
         if s.closing and not queued and not hop_waiting and not ledger.owed:
             self._end(s, s.closing)
@@ -939,6 +977,7 @@ class Server:
             #: CPU seconds of the server process since the counters were (re)set.
             "cpu_s": round(time.process_time() - self._cpu0, 4),
             "sessions": len(self.sessions),
+            "capacity": self.capacity.stats(self.open_streams),
             "models": {
                 n: {"batched": s.batched, "why": s.why, "latency": s.model.latency}
                 for n, s in self.models.items()

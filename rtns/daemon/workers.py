@@ -166,6 +166,10 @@ class Supervisor:
                 # sessions only bounds its bank.
                 "max_sessions": -(-c.max_sessions // self.n),
                 "max_sessions_per_peer": self.peer_limit,
+                # A fixed capacity is the daemon's: each worker holds its share.
+                "capacity": c.capacity
+                if isinstance(c.capacity, str)
+                else -(-c.capacity // self.n),
             }
         )
         proc = self._mp.Process(
@@ -518,6 +522,14 @@ def merge_stats(parts: list[dict], sup: Supervisor) -> dict:
     if refused:
         out["dropped"]["server_full"] = out["dropped"].get("server_full", 0) + refused
     out["models"] = parts[0].get("models", {})
+    caps = [p.get("capacity") or {} for p in parts]
+    out["capacity"] = {
+        "streams": None
+        if any(c.get("streams") is None for c in caps)
+        else sum(c["streams"] for c in caps),
+        "open_streams": sum(c.get("open_streams", 0) for c in caps),
+        "per_worker": caps,
+    }
     out["queue_depths"] = {k: v for p in parts for k, v in p.get("queue_depths", {}).items()}
     ticks = [p["tick_infer_ms"] for p in parts if p.get("tick_infer_ms", {}).get("n")]
     out["tick_infer_ms"] = {
