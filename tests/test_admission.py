@@ -55,8 +55,9 @@ def test_one_and_a_half_capacity_admitted_stay_real_time(tmp_path: Path):
         assert "event=capacity" in log.read_text() and "start-up probe" in cap["source"]
         assert scrape(mport)["rtns_capacity_streams"] == cap["streams"]
         n = math.ceil(1.5 * cap["streams"])
-        r = _load_bench().run_clients(endpoint, n, seconds=3.0, warmup=1.0, chunk=320,
-                                      deadline_ms=60.0)
+        r = _load_bench().run_clients(
+            endpoint, n, seconds=3.0, warmup=1.0, chunk=320, deadline_ms=60.0
+        )
         m = scrape(mport)
         print(f"\ncapacity {cap}; {n} clients: {r}")
         assert r["admitted"] >= 1 and r["admitted"] + r["refused"].get("busy", 0) == n, r

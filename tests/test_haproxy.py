@@ -32,7 +32,9 @@ HAPROXY = shutil.which("haproxy") or (
 )
 if HAPROXY is None:
     if os.environ.get("CI") == "true":
-        raise RuntimeError("haproxy is missing in CI (.ci/run installs it: apt-get install haproxy)")
+        raise RuntimeError(
+            "haproxy is missing in CI (.ci/run installs it: apt-get install haproxy)"
+        )
     pytest.skip("haproxy is not installed (apt-get install haproxy)", allow_module_level=True)
 
 CONFIG = """global

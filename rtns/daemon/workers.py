@@ -167,9 +167,7 @@ class Supervisor:
                 "max_sessions": -(-c.max_sessions // self.n),
                 "max_sessions_per_peer": self.peer_limit,
                 # A fixed capacity is the daemon's: each worker holds its share.
-                "capacity": c.capacity
-                if isinstance(c.capacity, str)
-                else -(-c.capacity // self.n),
+                "capacity": c.capacity if isinstance(c.capacity, str) else -(-c.capacity // self.n),
             }
         )
         proc = self._mp.Process(
