@@ -11,6 +11,7 @@ the manifest's recorded numbers must then be those numbers. About 15 s on an idl
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from rtns.pack import DEFAULT_PACK, DEFAULT_SERVE_PACK, read_manifest, resolve_p
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "models" / DEFAULT_PACK
 SERVE_PACK = REPO / "models" / DEFAULT_SERVE_PACK
+#: Every pack shipped in models/.
+SHIPPED = sorted(p.parent for p in (REPO / "models").glob("*/manifest.json"))
 TEST_SET = "vbdemand36"
 #: The metrics scored for every pair (DNSMOS, the slowest, runs on two pairs only).
 METRICS = ("pesq_wb", "stoi", "si_sdr")
@@ -99,15 +102,49 @@ def test_default_packs_are_shipped_and_resolve(pack, family):
     assert read_manifest(resolve_pack(None)).name == DEFAULT_PACK
 
 
-@pytest.mark.parametrize("pack", [PACK, SERVE_PACK])
-def test_default_packs_provenance(pack):
-    """Trained here from scratch (not imported), with the recipe recorded."""
-    prov = read_manifest(pack).provenance.model_dump()
-    assert "from scratch" in prov["origin"]
-    assert prov["steps"] and prov["steps"] > 0
-    assert prov["losses"]
-    if pack == SERVE_PACK:
-        assert "loss_comparison" in prov
+def _onnx_inputs(path: Path) -> dict[str, tuple[int, ...]]:
+    """Input name -> shape without the batch axis, read from the ONNX file itself."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim[1:]) for i in graph.input
+    }
+
+
+@pytest.mark.parametrize("pack", SHIPPED, ids=lambda p: p.name)
+def test_shipped_packs_config_describes_their_graphs(pack):
+    """Trained here from scratch (not imported), from a config in the repository that
+    describes the shipped graphs: the run the manifest names is ``configs/<run>.json``, of
+    the manifest's family, exporting under the pack's name, with the losses the manifest
+    records; and the model that config builds has the inputs of the shipped ONNX graphs
+    (signal and every recurrent state, names and shapes; a width, depth or band count
+    other than the trained one changes them)."""
+    pytest.importorskip("torch", reason="building the model needs PyTorch (train extra)")
+    from rtns_export.dtln import dtln_graphs
+    from rtns_export.exporter import complex_mask_graph
+    from rtns_export.families import build_model
+    from rtns_export.train_config import load_config
+
+    m = read_manifest(pack)
+    assert "from scratch" in m.provenance.origin
+    runs = re.findall(r"run '([\w.-]+)'", m.provenance.origin)
+    assert len(runs) == 1, m.provenance.origin
+    cfg = load_config(REPO / "configs" / f"{runs[0]}.json")
+    assert (cfg.family, cfg.export.name) == (m.family, m.name)
+    recorded = re.findall(r"([0-9.e+-]+)\*(\w+)", m.provenance.losses)  # "30*cc_mse + ..."
+    assert [(t.weight, t.name) for t in cfg.losses] == [(float(w), n) for w, n in recorded]
+    model = build_model(cfg.family, cfg.model)
+    files = {g.role: pack / g.file for g in m.graphs}
+    if cfg.family == "dtln":
+        graphs = dtln_graphs(model)
+    else:
+        graphs = [complex_mask_graph(model, files["mask"].name)]
+    assert sorted(g.role for g in graphs) == sorted(files)
+    for g in graphs:
+        want = {g.signal_in[0]: tuple(g.signal_in[1])}
+        want |= {s.input: tuple(s.inner_shape) for s in g.states}
+        assert _onnx_inputs(files[g.role]) == want, g.role
 
 
 def test_default_pack_beats_input_on_every_metric(scored):
