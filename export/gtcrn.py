@@ -514,8 +514,8 @@ class GTCRN(MaskModel):
             else:
                 total[0] += out[0].numel() * w.shape[1] * w.shape[2] * w.shape[3]
 
-        def lin(mod, inp, out):
-            total[0] += inp[0][0].numel() // inp[0].shape[-1] * mod.in_features * mod.out_features
+        def lin(mod, inp, out):  # every row of the one stream (the bands, for inter_fc)
+            total[0] += inp[0].numel() // mod.in_features * mod.in_features * mod.out_features
 
         def gru(mod, inp, out):
             x = inp[0]  # [N, L, in] batch_first

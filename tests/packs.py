@@ -179,3 +179,54 @@ def voiced(seconds: float, f0: float, rng: np.random.Generator, sr: int = 16_000
     x = sum(np.sin(k * ph) / k for k in range(1, 20))
     env = np.clip(np.sin(2 * np.pi * rng.uniform(2, 4) * t + rng.uniform(0, 6)), 0, None) ** 2
     return (0.1 * x * env).astype(np.float32)
+
+
+def parameters_in_graph(model, path: Path) -> int:
+    """How many parameter elements of ``model`` (a complex-mask model) its exported graph
+    holds, counted in the graph: a copy with every parameter outside batch norms set to an
+    id of its own (2**22 + k, exact in float32; the export may negate one, as for a complex
+    weight's -W_i) and every batch norm the identity is exported to ``path``, and the
+    distinct ids found in the graph's float tensors (initializers and Constant nodes) are
+    counted. The batch norms' weight and bias, which the export folds into the convolution
+    before them (no tensor of their own), are added from the model."""
+    import copy
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from rtns_export.exporter import complex_mask_graph, export_graph
+
+    id0 = 2**22
+    probe = copy.deepcopy(model).eval()
+    norms = [m for m in probe.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    in_norms = {id(p) for m in norms for p in m.parameters()}
+    k = 0
+    with torch.no_grad():
+        for m in norms:
+            m.eps = 0.0
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0)
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+        for p in probe.parameters():
+            if id(p) not in in_norms:
+                p.copy_(torch.arange(k, k + p.numel(), dtype=torch.float64).reshape(p.shape) + id0)
+                k += p.numel()
+    assert k < id0
+    export_graph(complex_mask_graph(probe, path.name), path)
+    graph = onnx.load(str(path)).graph
+    tensors = [numpy_helper.to_array(t) for t in graph.initializer]
+    tensors += [
+        numpy_helper.to_array(a.t)
+        for n in graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
+    found: set[int] = set()
+    for a in tensors:
+        if a.dtype == np.float32:
+            v = np.abs(a.astype(np.float64).reshape(-1)) - id0
+            found.update(v[(v >= 0) & (v < k) & (v == np.round(v))].astype(np.int64).tolist())
+    return len(found) + sum(p.numel() for m in norms for p in m.parameters())

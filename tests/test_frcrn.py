@@ -11,6 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from packs import parameters_in_graph  # noqa: E402
+
 from rtns.engine import Model, Stream, enhance_array  # noqa: E402
 from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
@@ -129,6 +131,9 @@ def test_exported_pack_matches_forward_through_the_engine(model, signal10, tmp_p
     states = manifest.graphs[0].states
     assert [s.input for s in states] == [s.name for s in model.state_defs]
     assert sum(int(np.prod(s.shape[1:])) for s in states) == model.state_floats()
+    # the recorded parameter count is the graph's (counted in it, not by the same function)
+    recorded = manifest.provenance.model_extra["parameters"]
+    assert recorded == parameters_in_graph(model, tmp_path / "probe.onnx")
     # batched inference: two streams in one call equal the two streams run alone
     eng = Model(tmp_path / "pack")
     rng = np.random.default_rng(1)

@@ -12,14 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from packs import perturbed  # noqa: E402
+from packs import parameters_in_graph, perturbed  # noqa: E402
 
 from rtns.engine import Model, Stream, enhance_array, session_options  # noqa: E402
 from rtns.framing import BLOCK_LEN, BLOCK_SHIFT, N_BINS  # noqa: E402
 from rtns.pack import Provenance, read_manifest  # noqa: E402
 from rtns_export.cmask import (  # noqa: E402
     analysis_window,
-    count_params,
     overlap_add,
     synthesis_window,
 )
@@ -66,6 +65,50 @@ def pack(model, tmp_path_factory):
         parity_input=parity_signal(4.0, seed=2),
     )
     return out, manifest, report
+
+
+def _bands(c: GTCRNConfig) -> tuple[int, int, int]:
+    """Bands after the ERB compression and after each band-stride-2 convolution (129, 65, 33)."""
+    b0 = c.erb_low + c.erb_bands
+    return b0, (b0 + 1) // 2, ((b0 + 1) // 2 + 1) // 2
+
+
+def macs_from_layer_plan(c: GTCRNConfig) -> int:
+    """MACs of one hop of one stream, from the layer plan (docs/training-log.md, "Layer
+    plan"), not from the modules: each convolution is output positions x input channels per
+    group x taps (a transposed one: input positions x output channels per group x taps), a
+    linear layer rows x in x out, a GRU step 3 x hidden x (input + hidden) per group and
+    direction; plus the model's stated conventions: the dense part of the ERB matrices and
+    the TRA energy (one product per channel and band)."""
+    _, b1, b2 = _bands(c)
+    h = c.channels // 2  # a GTConv's half
+    tra = h * c.tra_expand  # the TRA GRU's width
+    enc = c.channels * b1 * 9 * 5 + c.channels * b2 * h * 5  # SFE: 3 features x 3 taps
+    gtconv = (
+        c.channels * b2 * h * 3  # SFE + 1x1 conv of the first half, as one 1x3 conv
+        + c.channels * b2 * 9  # depthwise 3x3
+        + h * b2 * c.channels  # 1x1 conv back to the half
+        + 3 * tra * (h + tra)  # TRA GRU
+        + tra * h  # TRA FC
+        + h * b2  # TRA energy
+    )
+    gi, per = c.channels // c.rnn_groups, c.rnn_hidden // c.rnn_groups
+    intra = b2 * 2 * c.rnn_groups * 3 * (per // 2) * (gi + per // 2)  # over bands, both ways
+    inter = b2 * c.rnn_groups * 3 * per * (gi + per)  # one frame, every band
+    dp = intra + inter + 2 * b2 * c.rnn_hidden * c.channels  # + the two FCs, every band
+    dec = b2 * c.channels * h * 5 + b1 * c.channels * 2 * 5
+    erb = 3 * N_BINS * c.erb_bands + 2 * c.erb_bands * (N_BINS - c.erb_low)
+    return enc + 2 * len(c.dilations) * gtconv + c.dp_blocks * dp + dec + erb
+
+
+def state_floats_from_layer_plan(c: GTCRNConfig) -> int:
+    """Floats of one stream's state: each GTConv's depthwise-conv input over its last 2d
+    frames (encoder and decoder), each TRA GRU's state, each dual-path block's inter-frame
+    GRU state per band."""
+    _, _, b2 = _bands(c)
+    caches = 2 * sum(c.channels * 2 * d * b2 for d in c.dilations)
+    tra = 2 * len(c.dilations) * (c.channels // 2) * c.tra_expand
+    return caches + tra + c.dp_blocks * b2 * c.rnn_hidden
 
 
 def spectra(x: np.ndarray) -> torch.Tensor:
@@ -235,7 +278,7 @@ def test_state_inventory(model):
     assert all(float(t.abs().max()) > 0 for t in new)
 
 
-def test_exported_pack_matches_forward_and_manifest(model, pack):
+def test_exported_pack_matches_forward_and_manifest(model, pack, tmp_path):
     out, manifest, report = pack
     assert report.max_abs_err <= 1e-4 and report.n_samples >= 60_000
     assert manifest.family == "gtcrn"  # its own family, on the complex-mask pack layout
@@ -245,11 +288,14 @@ def test_exported_pack_matches_forward_and_manifest(model, pack):
     states = manifest.graphs[0].states
     assert [s.input for s in states] == [s.name for s in model.state_defs]
     assert [tuple(s.shape[1:]) for s in states] == [s.shape for s in model.state_defs]
-    assert sum(int(np.prod(s.shape[1:])) for s in states) == model.state_floats()
+    floats = sum(int(np.prod(s.shape[1:])) for s in states)
     raw = json.loads((out / "manifest.json").read_text())["provenance"]
     assert raw["architecture"] == "gtcrn"
-    assert raw["parameters"] == count_params(model)
-    assert raw["macs_per_hop"] == model.macs_per_frame()
+    # the recorded sizes, counted independently: parameters in the exported graph, MACs
+    # and state floats from the layer plan
+    assert raw["parameters"] == parameters_in_graph(model, tmp_path / "probe.onnx")
+    assert raw["macs_per_hop"] == macs_from_layer_plan(model.cfg)
+    assert raw["state_floats"] == floats == state_floats_from_layer_plan(model.cfg)
 
 
 def test_streaming_is_causal_in_the_engine(pack):
@@ -285,11 +331,21 @@ def test_exported_graph_is_batch_invariant(pack):
                 assert np.array_equal(o, r[start : start + b]), (b, start, spec.name)
 
 
-def test_default_size_and_cost():
+@pytest.mark.parametrize("cfg", [GTCRNConfig(), SMALL, GTCRNConfig(channels=32, rnn_hidden=32)])
+def test_size_and_cost_are_the_layer_plans(cfg):
+    """The model's own counts (written into every manifest) equal the layer plan's."""
+    m = GTCRN(cfg)
+    assert m.macs_per_frame() == macs_from_layer_plan(cfg)
+    assert m.state_floats() == state_floats_from_layer_plan(cfg)
+
+
+def test_default_size_and_cost(tmp_path):
+    """The default model is GTCRN's size class: 20-60 k parameters (counted in the exported
+    graph), under 1 MMAC per hop (125 MMAC/s), under 100 KB of state per stream."""
     m = GTCRN()
-    assert 20_000 <= count_params(m) <= 60_000
-    assert 2e5 < m.macs_per_frame() < 1e6  # < 125 MMAC/s at 8 ms hops
-    assert m.state_floats() == 18_048
+    assert 20_000 <= parameters_in_graph(m, tmp_path / "probe.onnx") <= 60_000
+    assert 2e5 < macs_from_layer_plan(m.cfg) < 1e6
+    assert 4 * state_floats_from_layer_plan(m.cfg) < 100_000
 
 
 @pytest.mark.parametrize(
