@@ -219,22 +219,38 @@ def test_bad_names(name):
 
 
 def test_live_collector_reads_the_runner(passthrough_model: Model):
+    """The metrics rtns run publishes (its registry, its latency wiring) read the running
+    stream: the callbacks, the under-runs of a worker that fell behind, and the delay the
+    status line reports once the stream is primed (NaN before)."""
+    import math
+
     from prometheus_client import generate_latest
 
-    from rtns.daemon.metrics import live_registry
+    from rtns.cli.live import _Live, _metrics_registry, _note_latency
+
+    def scrape(live: _Live) -> dict[str, str]:
+        text = generate_latest(_metrics_registry(live)).decode()
+        return dict(ln.rsplit(" ", 1) for ln in text.splitlines() if not ln.startswith("#"))
+
+    class Stream:  # what _note_latency reads: PortAudio's (input, output) latency
+        latency = (0.012, 0.020)
 
     with LiveRunner(passthrough_model, 16000) as runner:
+        live = _Live(runner, None)
+        assert math.isnan(float(scrape(live)["rtns_live_latency_seconds"]))
         block = 128
         inbuf = np.ones((block, 1), np.float32)
         outbuf = np.zeros((block, 1), np.float32)
-        for _ in range(10):
+        runner.callback(inbuf, outbuf, block, None, None)  # the first block primes
+        runner.step()
+        for _ in range(40):  # the worker never runs: the prefill drains, then under-runs
             runner.callback(inbuf, outbuf, block, None, None)
-            while runner.step():
-                pass
-        text = generate_latest(live_registry(runner, lambda: 0.032)).decode()
-    lines = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if not ln.startswith("#"))
-    assert float(lines["rtns_live_callbacks_total"]) == 10
-    assert float(lines["rtns_live_latency_seconds"]) == 0.032
+        lat = _note_latency(Stream(), runner, live.lat_ms)
+        lines = scrape(live)
+    assert float(lines["rtns_live_callbacks_total"]) == 41
+    assert runner.underruns > 0
     assert float(lines["rtns_live_underruns_total"]) == runner.underruns
+    assert float(lines["rtns_live_latency_seconds"]) == pytest.approx(lat.total_s)
+    assert lat.total_s > 0.032  # PortAudio's 32 ms are part of it
     assert 'rtns_live_xruns_total{kind="input_overflow"}' in lines
     assert "rtns_live_vmic_overruns_total" not in lines  # no virtual microphone here

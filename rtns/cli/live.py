@@ -608,18 +608,25 @@ class _Live:
             )
 
 
+def _metrics_registry(live: _Live) -> Any:
+    """The live path's metrics as ``rtns run`` publishes them: the runner's counters, the
+    latency once the stream is primed, the virtual microphone's writer (if any)."""
+    from rtns.daemon.metrics import live_registry
+
+    vm = live.vm
+    return live_registry(
+        live.runner, lambda: live.lat_ms[0] / 1e3, vm.writer if vm is not None else None
+    )
+
+
 def _serve_metrics(args: argparse.Namespace, live: _Live) -> Any:
     """The metrics server of --metrics-port (None without it)."""
     if args.metrics_port is None:
         return None
-    from rtns.daemon.metrics import live_registry, serve_metrics
+    from rtns.daemon.metrics import serve_metrics
 
-    vm = live.vm
-    registry = live_registry(
-        live.runner, lambda: live.lat_ms[0] / 1e3, vm.writer if vm is not None else None
-    )
     try:
-        return serve_metrics(args.metrics_port, args.metrics_addr, registry)
+        return serve_metrics(args.metrics_port, args.metrics_addr, _metrics_registry(live))
     except OSError as e:
         raise UserInputError(
             f"--metrics-port {args.metrics_port}: cannot listen on "
@@ -741,11 +748,7 @@ def _run_stream(
     failed = _wait_primed(stream, runner, stop)
     if failed is not None:
         return failed
-    pa_latency = stream.latency
-    if not isinstance(pa_latency, (tuple, list)):  # an input-only stream: one number
-        pa_latency = (pa_latency, 0.0)
-    lat = runner.latency(pa_latency)
-    lat_ms[0] = lat.total_s * 1e3
+    lat = _note_latency(stream, runner, lat_ms)
     print(f"rtns: {lat.describe()}", file=sys.stderr, flush=True)
     print(
         f"rtns: inference thread scheduling: {runner.worker_scheduling}",
@@ -779,6 +782,17 @@ def _run_stream(
                 print(line, file=sys.stderr, flush=True)
                 prev = stats
     return None, False
+
+
+def _note_latency(stream: Any, runner: Any, lat_ms: list) -> Any:
+    """The primed stream's delay (the runner's buffering plus PortAudio's), kept in
+    ``lat_ms[0]`` for the status lines, the summary and the metrics; returns it."""
+    pa_latency = stream.latency
+    if not isinstance(pa_latency, (tuple, list)):  # an input-only stream: one number
+        pa_latency = (pa_latency, 0.0)
+    lat = runner.latency(pa_latency)
+    lat_ms[0] = lat.total_s * 1e3
+    return lat
 
 
 def _active(stream: Any) -> bool:
