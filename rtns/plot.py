@@ -17,6 +17,11 @@ WINDOW_S = 0.032
 HOP_S = 0.008
 #: Spectrogram colour range below the loudest bin.
 RANGE_DB = 80.0
+#: At most this many rows (frequency) and columns (time) per spectrogram panel: fewer than
+#: the panel's pixels (about 190 x 800), so the picture never skips a row or a column (a
+#: pure tone one bin wide, or a click one frame long, would vanish between two pixels).
+MAX_ROWS = 160
+MAX_COLUMNS = 720
 
 
 def _pyplot():
@@ -49,6 +54,23 @@ def power_spectrogram(x: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray,
     times = (np.arange(power.shape[0]) * hop + n / 2) / rate
     freqs = np.fft.rfftfreq(n, 1 / rate)
     return power, times, freqs
+
+
+def pooled(
+    power: np.ndarray, max_frames: int = MAX_COLUMNS, max_bins: int = MAX_ROWS
+) -> np.ndarray:
+    """``power`` [frames, bins] averaged over groups of adjacent frames and of adjacent bins
+    (mean power: a group's energy per bin) so that it has at most ``max_frames`` x
+    ``max_bins`` cells; the last group of an axis may be shorter."""
+    for axis, most in ((0, max_frames), (1, max_bins)):
+        n = power.shape[axis]
+        k = -(-n // most)  # ceil
+        if k > 1:
+            starts = np.arange(0, n, k)
+            sizes = np.diff(np.append(starts, n)).astype(np.float64)
+            sums = np.add.reduceat(power, starts, axis=axis)
+            power = sums / (sizes[:, None] if axis == 0 else sizes[None, :])
+    return power
 
 
 def band_levels(
@@ -96,6 +118,7 @@ def plot_enhancement(
     out = Path(out)
     px, t, f = power_spectrogram(x, rate)
     py, _, _ = power_spectrogram(y, rate)
+    px, py = pooled(px), pooled(py)
     top = 10 * np.log10(max(px.max(), py.max(), 1e-30))
     fig = plt.figure(figsize=(10, 7.5), dpi=100)
     grid = fig.add_gridspec(3, 2, width_ratios=[40, 1], height_ratios=[1, 1, 0.8])
