@@ -603,6 +603,7 @@ class Stream:
         if MODE != "ok":
             say("stop called")
             time.sleep(3600)  # like Pa_StopStream with the JACK server gone
+            say("stop returned")
         self.go, self.active = False, False
 
     abort = stop
@@ -610,6 +611,7 @@ class Stream:
     def close(self):
         if MODE != "ok":
             time.sleep(3600)
+            say("close returned")
 
 
 if MODE == "die":  # like PortAudio's exit handler with JACK gone (pa_jack.c assertion)
@@ -658,17 +660,20 @@ class StubRun:
         assert ok and hits, f"no {prefix!r} line:\n" + "\n".join(self.lines)
         return hits[0]
 
-    def exit_time(self, timeout: float = 10.0) -> tuple[int, float]:
-        """(exit status, time.monotonic() when it was seen to exit, within 10 ms)."""
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError("rtns run did not exit:\n" + "\n".join(self.lines))
-            time.sleep(0.01)
-        t = time.monotonic()
-        self._reader.join(10)  # every line is in
-        return self.proc.returncode, t
+    def exit_status(self, timeout: float = 120.0) -> int:
+        """The exit status, once every line is in. ``timeout`` only catches a hang: the stub's
+        stop and close block for an hour, so an rtns that waits on them never exits."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("rtns run did not exit:\n" + "\n".join(self.lines)) from None
+        self._reader.join(timeout)  # every line is in
+        return self.proc.returncode
+
+    def never_returned(self) -> None:
+        """rtns left while the stub's stop/close were still blocked (it did not wait)."""
+        assert not [x for x in self.lines if "returned" in x], self.lines
 
 
 @pytest.fixture
@@ -686,54 +691,55 @@ def stub_run(tmp_path: Path, passthrough_pack: Path):
             r.proc.wait()
 
 
-def stub_time(line: str) -> float:
-    return float(line.rsplit(" at ", 1)[1])
-
-
 def test_run_exits_when_callbacks_stop(stub_run) -> None:
     """Callbacks stop (stream.active stays True) and stop/close would block for an hour and
-    exit would abort: rtns leaves by itself within 2 s, status 1, one error line."""
+    exit would abort: rtns leaves by itself, without waiting on them, status 1, one error
+    line naming the silence."""
     run = stub_run("die")
-    stopped = stub_time(run.wait_for("stub: callbacks stopped"))
-    rc, t = run.exit_time()
-    assert rc == 1, run.lines
-    assert t - stopped < 2.0, t - stopped
+    run.wait_for("stub: callbacks stopped")
+    assert run.exit_status() == 1, run.lines
+    run.never_returned()
     run.wait_for("rtns: stopped after")
     errors = [x for x in run.lines if "error" in x or "Traceback" in x or "Assert" in x]
     assert len(errors) == 1 and errors[0].startswith("rtns: error: no audio callback for 0.5 s")
 
 
 def test_run_exits_when_stop_hangs(stub_run) -> None:
-    """Ctrl-C with a stream that never stops: the summary, one line, status 1, in ~1 s."""
+    """Ctrl-C with a stream that never stops: the summary, one line saying it gave up after
+    the stop timeout, status 1, while the stub's stop is still blocked."""
     run = stub_run("hang-stop")
     run.wait_for("rtns: latency")
     run.proc.send_signal(signal.SIGINT)
-    called = stub_time(run.wait_for("stub: stop called"))
-    rc, t = run.exit_time()
-    assert rc == 1, run.lines
-    assert t - called < 2.0
+    run.wait_for("stub: stop called")
+    assert run.exit_status() == 1, run.lines
+    run.never_returned()
     run.wait_for("rtns: stopped after")
     line = run.wait_for("rtns: error:")
     assert "did not stop within 1 s" in line
 
 
 def test_sigterm_while_stuck_stopping_exits_at_once(stub_run) -> None:
-    run = stub_run("hang-stop")
-    run.wait_for("rtns: latency")
-    run.proc.send_signal(signal.SIGINT)
-    called = stub_time(run.wait_for("stub: stop called"))
-    run.proc.send_signal(signal.SIGTERM)
-    rc, t = run.exit_time()
-    assert rc == 128 + signal.SIGTERM, run.lines
-    assert t - called < 1.0  # before the 1 s stop timeout
+    """SIGTERM while stop is stuck leaves through the signal handler (status 128 + SIGTERM,
+    its own line), not through the stop timeout (status 1, "did not stop")."""
+    for _ in range(3):  # the SIGTERM must land within the 1 s stop timeout: on a busy box
+        run = stub_run("hang-stop")  # it may land later, and the run is repeated
+        run.wait_for("rtns: latency")
+        run.proc.send_signal(signal.SIGINT)
+        run.wait_for("stub: stop called")
+        run.proc.send_signal(signal.SIGTERM)
+        status = run.exit_status()
+        if not (status == 1 and any("did not stop" in x for x in run.lines)):
+            break
+    assert status == 128 + signal.SIGTERM, run.lines
+    run.never_returned()
     assert "SIGTERM while stopping" in run.wait_for("rtns: error:")
+    assert not [x for x in run.lines if "did not stop" in x], run.lines
 
 
 def test_run_stops_cleanly(stub_run) -> None:
     run = stub_run("ok")
     run.wait_for("rtns: latency")
     run.proc.send_signal(signal.SIGTERM)
-    rc, _ = run.exit_time()
-    assert rc == 0, run.lines
+    assert run.exit_status() == 0, run.lines
     run.wait_for("rtns: stopped after")
     assert not [x for x in run.lines if "error" in x]
