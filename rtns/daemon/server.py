@@ -33,7 +33,6 @@ import math
 import os
 import secrets
 import struct
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,6 +46,7 @@ from rtns.config import EngineConfig
 from rtns.daemon import protocol as P
 from rtns.daemon.capacity import Capacity, probe_hop_s
 from rtns.daemon.clients import ConnectionWatch, client_key, describe
+from rtns.daemon.lifecycle import Lifecycle
 from rtns.daemon.logs import log, log_event
 from rtns.daemon.metrics import LATE_S, DaemonMetrics, NoMetrics
 from rtns.daemon.session import Served, Session
@@ -289,7 +289,7 @@ def open_front_socket(ctx: Any, config: ServerConfig) -> tuple[Any, Any, str]:
     return sock, auth, sock.getsockopt_string(zmq.LAST_ENDPOINT) or config.bind
 
 
-class Server:
+class Server(Lifecycle):
     """The daemon. ``run()`` blocks until ``stop()``; everything else is internal."""
 
     def __init__(self, config: ServerConfig, context: Any = None) -> None:
@@ -358,17 +358,13 @@ class Server:
         self.peer_limit = config.max_sessions_per_peer or max(1, config.max_sessions // 2)
         #: Disconnects of the public socket's connections (None for a relay worker).
         self._watch: ConnectionWatch | None = None
-        self._stop = threading.Event()
-        self._draining = threading.Event()
+        Lifecycle.__init__(self)  # stop/drain events, bound, heartbeat (/healthz, /readyz)
         #: The drain's deadline (time.monotonic) once draining; None before.
         self.drain_until: float | None = None
-        #: The loop's last turn (time.monotonic): /healthz says alive while it is recent.
-        self.heartbeat = time.monotonic()
         self._auth: Any = None
         self._peer_frame: Any = None
         self._relay_peer = "local"
         self.sock: Any = None
-        self.bound = threading.Event()
         self.endpoint: str | None = None
         self._reset_counters()
 
@@ -382,28 +378,6 @@ class Server:
         self._cpu0 = time.process_time()
 
     # -- life cycle -----------------------------------------------------------------------
-    def stop(self) -> None:
-        """Ask the loop to flush every session and return (thread- and signal-safe)."""
-        self._stop.set()
-
-    def drain(self) -> None:
-        """Stop taking sessions (``draining``), let the open ones run for up to
-        ``drain_seconds``, then flush them and return from :meth:`run` (thread- and
-        signal-safe; SIGTERM)."""
-        self._draining.set()
-
-    def alive(self) -> bool:
-        """The loop turned within the last 10 s (it waits at most ``poll_ms`` per turn)."""
-        return time.monotonic() - self.heartbeat < 10.0
-
-    def readiness(self) -> tuple[bool, str]:
-        """(ready, why) for /readyz: models loaded, bound, not draining."""
-        if self._draining.is_set() or self._stop.is_set():
-            return False, "draining"
-        if not self.bound.is_set():
-            return False, "starting"
-        return True, "ready"
-
     def _open(self) -> None:
         zmq = self._zmq
         if self.config.relay:

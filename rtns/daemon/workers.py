@@ -43,6 +43,7 @@ from typing import Any
 
 from rtns.daemon import protocol as P
 from rtns.daemon.clients import ConnectionWatch, client_key, describe
+from rtns.daemon.lifecycle import Lifecycle
 from rtns.daemon.logs import log, log_event
 from rtns.daemon.server import (
     VANISHED,
@@ -92,7 +93,7 @@ def _stop_with_parent(server: Server) -> None:
     threading.Thread(target=watch, name="rtns-parent-watch", daemon=True).start()
 
 
-class Supervisor:
+class Supervisor(Lifecycle):
     """The relay in front of ``workers`` worker processes. ``run()`` until ``stop()``."""
 
     def __init__(
@@ -140,11 +141,8 @@ class Supervisor:
         self.refused: collections.Counter[str] = collections.Counter()
         self._watch: ConnectionWatch | None = None
         self._stats_wait: dict[bytes, list[tuple[int, dict]]] = {}
-        self._stop = threading.Event()
-        self._draining = threading.Event()
+        Lifecycle.__init__(self)  # stop/drain events, bound, heartbeat (/healthz, /readyz)
         self.drain_until: float | None = None
-        self.heartbeat = time.monotonic()
-        self.bound = threading.Event()
         self.endpoint: str | None = None
         self.restarts = 0
         self._started = [0.0] * workers
@@ -357,24 +355,6 @@ class Supervisor:
         self._to_client(frames)
 
     # -- life cycle ---------------------------------------------------------------------------
-    def stop(self) -> None:
-        self._stop.set()
-
-    def drain(self) -> None:
-        """As Server.drain: refuse new sessions (``draining``), let the open ones run for
-        up to ``drain_seconds``, then stop the workers (they flush what is left)."""
-        self._draining.set()
-
-    def alive(self) -> bool:
-        return time.monotonic() - self.heartbeat < 10.0
-
-    def readiness(self) -> tuple[bool, str]:
-        if self._draining.is_set() or self._stop.is_set():
-            return False, "draining"
-        if not self.bound.is_set():
-            return False, "starting"
-        return True, "ready"
-
     def _drained(self, now: float) -> None:
         """While draining: stop once no session is open or the deadline has passed."""
         if self.drain_until is None:
