@@ -335,7 +335,12 @@ def main() -> int:
         f"({1e3 * args.chunk / 16000:.0f} ms), {args.seconds:g} s measured per run, "
         f"deadline {deadline:g} ms, {os.cpu_count()} CPUs, loadavg {load[0]:.2f} at start, "
         f"server CPUs {args.server_cpus or 'any'}, client CPUs {args.client_cpus or 'any'}, "
-        f"workers {args.workers}",
+        f"workers {args.workers}, admission "
+        + (
+            "as --serve-args says"
+            if "--capacity" in (args.serve_args or "")
+            else "off (--capacity off: the raw loop)"
+        ),
         file=sys.stderr,
     )
     results = []
@@ -413,6 +418,11 @@ def main() -> int:
             f"| {f(None if r['server_cpu'] is None else 100 * r['server_cpu'], 0)} % "
             f"| {f(r['client_lag_p99_ms'])} | {'yes' if r['realtime'] else 'no'} |"
         )
+    for r in results:
+        if r.get("refused"):
+            print(
+                f"admission ({r['mode']}, N = {r['n']}): {r['admitted']} admitted, refused {r['refused']}"
+            )
     for mode, n in best.items():
         first_fail = min(
             (r["n"] for r in results if r["mode"] == mode and not r["realtime"]), default=None
