@@ -87,7 +87,7 @@ class Ledger:
         """Pop and yield the messages whose answer is due now, in order."""
         if hop_waiting:
             return
-        fed, owed = self.put16 - queued, self.owed
+        fed, owed = self.fed16(queued), self.owed
         while owed and owed[0].upto16 <= fed:
             yield owed.popleft()
 
