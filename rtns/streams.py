@@ -132,6 +132,8 @@ class ChannelStream:
         #: The first slot as an int, read on every message and tick. All slots of a stream
         #: are fed and stepped together: their rings always hold the same count.
         self._first = int(self.slots[0])
+        #: The slots as Python ints (the per-message paths index with them).
+        self._slot_ints: tuple[int, ...] = tuple(self.slots.tolist())
         self._open = True
         self._bypass = False
         self._atten_lim = bank.atten_lim(self._first)
@@ -240,6 +242,7 @@ class ChannelStream:
         for slot in self.slots:
             self.bank.close(int(slot))
         self.slots = np.zeros(0, np.int64)
+        self._slot_ints = ()
         self._open = False
 
     # -- input side -----------------------------------------------------------------------
@@ -262,9 +265,9 @@ class ChannelStream:
         """Queue input frames [n, channels] (or [n] for mono); returns the 16 kHz frames it
         added to the queue. Raises ValueError (nothing queued) for NaN/Inf or a bad shape.
 
-        ``owned``: x is a fresh float32 [n, channels] array of finite samples within
-        +-dsp.CLIP_LEVEL that the caller hands over (the daemon's decoded PCM): no check,
-        no copy."""
+        ``owned``: x is a float32 [n, channels] array of finite samples within
+        +-dsp.CLIP_LEVEL that nobody will change (the daemon's decoded PCM, possibly a
+        read-only view of the received message): no check, no copy."""
         if owned and x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == self.channels:
             pass  # the caller checked: finite and within +-CLIP_LEVEL (decode_pcm does)
         else:
@@ -296,8 +299,9 @@ class ChannelStream:
             return 0
         take = min(self.bank.room(self._first), x16.shape[0])
         if take:
-            for c, slot in enumerate(self.slots):
-                self.bank.feed(int(slot), x16[:take, c])
+            feed = self.bank.feed
+            for c, slot in enumerate(self._slot_ints):
+                feed(slot, x16[:take, c])
         return take
 
     def _in_rings(self) -> int:
@@ -340,8 +344,9 @@ class ChannelStream:
         if not m:
             return
         y = np.empty((m, self.channels), np.float32)
-        for c, slot in enumerate(self.slots):
-            y[:, c] = self.bank.take(int(slot))
+        take = self.bank.take
+        for c, slot in enumerate(self._slot_ints):
+            y[:, c] = take(slot)
         self._y16.append(y)
         self.hops += m // self.model.block_shift
 

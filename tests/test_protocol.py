@@ -102,6 +102,27 @@ def test_pcm_rejects_partial_frames_and_non_finite():
         assert e.value.code == "bad_samples"
 
 
+def test_pcm_decode_without_a_copy_only_where_it_is_safe():
+    """The daemon's f32le path (writable=False) reads the message's bytes in place; every
+    other caller gets its own writable array; out-of-range samples are clipped in a copy."""
+    from rtns.dsp import CLIP_LEVEL
+
+    raw = np.array([[0.25], [-0.5]], "<f4").tobytes()
+    view = P.decode_pcm(raw, "f32le", 1, writable=False)
+    assert view.dtype == np.float32 and view.shape == (2, 1) and not view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(raw, np.uint8))
+    own = P.decode_pcm(raw, "f32le", 1)
+    assert own.flags.writeable and not np.shares_memory(own, np.frombuffer(raw, np.uint8))
+    loud = np.array([[2 * CLIP_LEVEL], [-0.5]], "<f4").tobytes()
+    x = P.decode_pcm(loud, "f32le", 1, writable=False)
+    np.testing.assert_array_equal(x[:, 0], [CLIP_LEVEL, -0.5])
+    for bad in (np.nan, np.inf):
+        with pytest.raises(P.ProtocolError):
+            P.decode_pcm(np.array([0, bad], "<f4").tobytes(), "f32le", 1, writable=False)
+    s16 = P.decode_pcm(np.array([16384, -32768], "<i2").tobytes(), "s16le", 1, writable=False)
+    assert s16.dtype == np.float32 and s16[:, 0].tolist() == [0.5, -1.0]
+
+
 def test_server_messages_round_trip():
     r = P.Ready(
         session="ab",

@@ -27,6 +27,7 @@ from rtns.errors import RtnsError
 PROTOCOL_VERSION = 1
 #: Sample formats: little-endian signed 16-bit integers or IEEE float32, interleaved.
 FORMATS: dict[str, np.dtype] = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
+_S16_SCALE = np.float32(1.0 / 32768.0)
 #: Client sample rates the server accepts (it resamples to 16 kHz and back per session).
 MIN_RATE, MAX_RATE = 8_000, 192_000
 #: Channels of one session; each channel is enhanced as its own stream.
@@ -306,9 +307,13 @@ def parse_server(frames: list[bytes]) -> Ready | AudioOut | Closed | Error | Pon
 
 
 # -- PCM ------------------------------------------------------------------------------------
-def decode_pcm(payload: bytes | memoryview, fmt: str, channels: int) -> np.ndarray:
+def decode_pcm(
+    payload: bytes | memoryview, fmt: str, channels: int, writable: bool = True
+) -> np.ndarray:
     """Raw interleaved PCM -> float32 [frames, channels] in [-1, 1) for s16le.
 
+    ``writable=False`` (the daemon's hot path): f32le comes back as a read-only view of
+    ``payload`` where no conversion or clipping is needed (one copy fewer per message).
     Raises ProtocolError ``bad_length`` for a partial sample frame and ``bad_samples`` for
     NaN/Inf (f32le).
     """
@@ -322,15 +327,16 @@ def decode_pcm(payload: bytes | memoryview, fmt: str, channels: int) -> np.ndarr
             f"({channels} channel(s) of {fmt})",
         )
     raw = np.frombuffer(payload, dtype=dtype).reshape(-1, channels)
-    if fmt == "s16le":
-        return raw.astype(np.float32) * np.float32(1.0 / 32768.0)
-    x = raw.astype(np.float32)  # native order, a copy (the zmq buffer is not ours)
+    if fmt == "s16le":  # one pass: int16 -> scaled float32
+        return np.multiply(raw, _S16_SCALE, dtype=np.float32)
+    # f32le on a little-endian host: ``raw`` already is float32, a view of the received
+    # bytes; copied for callers that may write to it, and where it must be clipped.
+    x = raw if not writable and raw.dtype == np.float32 else raw.astype(np.float32)
     # One pass: the peak is NaN when any sample is, inf when any is.
-    peak = float(np.abs(x).max()) if x.size else 0.0
-    if not peak <= CLIP_LEVEL:
+    if x.size and not np.abs(x).max() <= CLIP_LEVEL:
         if not np.isfinite(x).all():
             raise ProtocolError("bad_samples", "PCM frame holds NaN or infinite samples")
-        np.clip(x, -CLIP_LEVEL, CLIP_LEVEL, out=x)  # far beyond full scale (rtns.dsp)
+        x = np.clip(x, -CLIP_LEVEL, CLIP_LEVEL)  # far beyond full scale (rtns.dsp)
     return x
 
 

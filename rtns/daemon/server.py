@@ -48,7 +48,7 @@ from rtns.daemon.capacity import Capacity, probe_hop_s
 from rtns.daemon.clients import ConnectionWatch, client_key, describe
 from rtns.daemon.lifecycle import Lifecycle
 from rtns.daemon.logs import log, log_event
-from rtns.daemon.metrics import LATE_S, DaemonMetrics, NoMetrics
+from rtns.daemon.metrics import LATE_S, DaemonMetrics, NoMetrics, PendingMetrics
 from rtns.daemon.session import Served, Session
 from rtns.engine import Model
 from rtns.errors import UserInputError
@@ -366,6 +366,8 @@ class Server(Lifecycle):
         self._relay_peer = "local"
         self.sock: Any = None
         self.endpoint: str | None = None
+        #: Per-message metric updates, handed to the recorder once a tick.
+        self._pending = PendingMetrics()
         self._reset_counters()
 
     # -- counters -------------------------------------------------------------------------
@@ -704,7 +706,7 @@ class Server(Lifecycle):
             )
         cs = sess.cs
         try:
-            x = P.decode_pcm(payload, sess.fmt, cs.channels)
+            x = P.decode_pcm(payload, sess.fmt, cs.channels, writable=False)
         except P.ProtocolError as e:
             e.seq = seq
             raise
@@ -725,7 +727,7 @@ class Server(Lifecycle):
             raise P.ProtocolError("bad_samples", str(e), seq) from None
         ledger.accept(seq, added, time.monotonic())
         self.counters["audio_messages"] += 1
-        self.metrics.audio_in.inc(x.shape[0] / cs.rate)
+        self._pending.audio_in += x.shape[0] / cs.rate
         self._active[sess.ident] = sess
 
     # -- closing --------------------------------------------------------------------------
@@ -739,6 +741,7 @@ class Server(Lifecycle):
 
     def _end(self, sess: Session, reason: str, send: bool = True) -> None:
         """Send the tail and ``closed``; forget the session."""
+        self._pending.flush(self.metrics)  # a client that saw ``closed`` sees its figures
         self.sessions.pop(sess.ident, None)
         self.counters[f"closed_{reason}"] += 1
         self._release(sess)
@@ -830,12 +833,14 @@ class Server(Lifecycle):
                 self.metrics.inference.observe(took)
                 self.rows_per_tick.append(k)
                 self.counters["ticks"] += 1
+        now = time.monotonic()
         for s in active:
             try:
-                self._answer(s)
+                self._answer(s, now)
             except Exception:
                 log.exception("answer failed", extra={"fields": {"session": s.sid}})
                 self._fail(s)
+        self._pending.flush(self.metrics)
         self._active = {
             s.ident: s
             for s in active
@@ -879,22 +884,24 @@ class Server(Lifecycle):
         msg = "the server failed processing this session; it has been ended"
         self._send(s.ident, P.Error(code="internal", message=msg, fatal=True))
 
-    def _answer(self, s: Session) -> None:
+    def _answer(self, s: Session, now: float) -> None:
+        """Send every answer of ``s`` that is due (``now``: this tick's time.monotonic)."""
         if self.sessions.get(s.ident) is not s:
             return  # ended during this tick (its client vanished)
         cs, ledger = s.cs, s.ledger
         hop_waiting = cs.hop_ready
         cs.collect()  # keep the bank's output buffers drained (they hold 32 hops)
         queued = cs.queued  # nothing below changes it, nor what has been fed
+        pending = self._pending
         for seq, _, arrived in ledger.due(queued, hop_waiting):
             y = cs.take()
             if s.closing is not None:
                 y = y[: max(s.owed, 0)]  # never past input + latency
             n = y.shape[0]
             ledger.sent += n
-            self.metrics.audio_out.inc(n / cs.rate)
-            waited = time.monotonic() - arrived
-            self.metrics.answered(waited)
+            pending.audio_out += n / cs.rate
+            waited = now - arrived
+            pending.waits.append(waited)
             if waited > LATE_S:
                 self.capacity.late()
             self._send_raw(s.ident, [P.encode_audio_out(seq, n, queued), P.encode_pcm(y, s.fmt)])
