@@ -37,6 +37,7 @@ import heapq
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -70,8 +71,13 @@ def start_server(
     cpus: set[int] | None = None,
     workers: int = 1,
     extra: list[str] | None = None,
+    server_cmd: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
+    if server_cmd:  # a stand-in server (benchmarks/echo/): the messaging floor
+        cmd = shlex.split(server_cmd.format(endpoint=endpoint))
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, preexec_fn=lambda: _pin(cpus))
+        return proc, endpoint
     cmd = [sys.executable, "-m", "rtns", "serve", "--bind", endpoint, "-m", model]
     cmd += ["--max-sessions", str(max_sessions), "--log-level", "warning"]
     cmd += ["--max-sessions-per-peer", str(max_sessions), "--allow-stats-reset"]
@@ -80,13 +86,15 @@ def start_server(
         cmd += ["--capacity", "off"]  # the raw loop: admission control measured on request
     if not batch:
         cmd.append("--no-batch")
-
-    def pin() -> None:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, text=True, preexec_fn=pin)
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.DEVNULL, text=True, preexec_fn=lambda: _pin(cpus)
+    )
     return proc, endpoint
+
+
+def _pin(cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def process_tree_cpu(pid: int) -> float:
@@ -319,6 +327,12 @@ def main() -> int:
     ap.add_argument(
         "--serve-args", default="", help="more rtns serve options, e.g. '--max-batch 128'"
     )
+    ap.add_argument(
+        "--server-cmd",
+        default=None,
+        help="run this server instead of rtns serve ({endpoint} is replaced): the echo "
+        "servers of benchmarks/echo/ measure the messaging floor",
+    )
     args = ap.parse_args()
 
     def cpu_set(text: str | None) -> set[int] | None:
@@ -331,7 +345,8 @@ def main() -> int:
     deadline = args.deadline_ms
     load = os.getloadavg()
     print(
-        f"# rtns serve load: model {args.model}, chunk {args.chunk} samples "
+        f"# {'rtns serve' if not args.server_cmd else repr(args.server_cmd)} load: "
+        f"model {args.model if not args.server_cmd else 'none (echo)'}, chunk {args.chunk} samples "
         f"({1e3 * args.chunk / 16000:.0f} ms), {args.seconds:g} s measured per run, "
         f"deadline {deadline:g} ms, {os.cpu_count()} CPUs, loadavg {load[0]:.2f} at start, "
         f"server CPUs {args.server_cpus or 'any'}, client CPUs {args.client_cpus or 'any'}, "
@@ -355,6 +370,7 @@ def main() -> int:
             server_cpus,
             args.workers,
             args.serve_args.split(),
+            args.server_cmd,
         )
         try:
             st0 = request_stats(ctx, endpoint)  # waits until the server is up
@@ -364,14 +380,18 @@ def main() -> int:
             cpu_s = process_tree_cpu(proc.pid)
         finally:
             stop_server(proc)
-        tick = st["tick_infer_ms"]
+        tick = st.get("tick_infer_ms", {"p50": None, "p99": None})  # an echo has no ticks
         blocks = max(1, st["blocks_processed"])
         span = max(1e-9, st["uptime_s"])
         # What the server says about batching, e.g. "batched (rows bit-identical ...)".
         models = st0.get("models", {})
-        mode_text = "; ".join(
-            f"{'batched' if m['batched'] else 'one row per call'} ({m['why']})"
-            for m in models.values()
+        mode_text = (
+            f"echo ({args.server_cmd})"
+            if args.server_cmd
+            else "; ".join(
+                f"{'batched' if m['batched'] else 'one row per call'} ({m['why']})"
+                for m in models.values()
+            )
         )
         r |= {
             "mode": mode,
@@ -379,7 +399,7 @@ def main() -> int:
             "n": n,
             "tick_p50_ms": tick["p50"],
             "tick_p99_ms": tick["p99"],
-            "rows_per_tick": st["rows_per_tick"]["mean"],
+            "rows_per_tick": st.get("rows_per_tick", {}).get("mean"),
             "server_cpu": st.get("cpu_s", 0.0) / span if "cpu_s" in st else None,
             "server_cpu_total_s": cpu_s,
             "server_us_per_hop": 1e6 * st["cpu_s"] / blocks if "cpu_s" in st else None,
