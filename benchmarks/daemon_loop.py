@@ -48,8 +48,17 @@ class _Frame:
         raise RuntimeError(key)
 
 
-def run(model: str, clients: int, seconds: float, chunk: int, metrics: bool) -> dict:
+def run(
+    model: str,
+    clients: int,
+    seconds: float,
+    chunk: int,
+    metrics: bool,
+    **config: object,
+) -> dict:
+    """One round; ``config``: more ServerConfig fields (``hops_per_tick``, ``tick_ms``)."""
     cfg = ServerConfig(
+        **config,  # type: ignore[arg-type]
         models=[model],
         probe=False,
         stats_every=0,
@@ -102,6 +111,7 @@ def run(model: str, clients: int, seconds: float, chunk: int, metrics: bool) -> 
         "step_us_per_hop": 1e6 * in_step[0] / hops,
         "rest_us_per_hop": 1e6 * (cpu - in_step[0]) / hops,
         "parts_sent": srv.sock.parts,
+        "rows_per_call": float(np.mean(srv.rows_per_tick)),
     }
 
 
@@ -114,7 +124,12 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=320, help="samples per message (320 = 20 ms)")
     ap.add_argument("--metrics", action="store_true", help="with the Prometheus recorder on")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one round")
+    ap.add_argument("--tick-ms", type=float, default=4.0, help="rtns serve --tick-ms")
+    ap.add_argument("--hops-per-tick", type=int, default=None, help="rtns serve --hops-per-tick")
     args = ap.parse_args()
+    extra: dict[str, object] = {"tick_ms": args.tick_ms}
+    if args.hops_per_tick is not None:
+        extra["hops_per_tick"] = args.hops_per_tick
     print(
         f"# daemon loop in process: {args.model}, {args.clients} clients, {args.chunk}-sample "
         f"messages, {args.rounds} rounds of {args.seconds:g} s, metrics "
@@ -124,12 +139,12 @@ def main() -> int:
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-        run(args.model, args.clients, args.seconds, args.chunk, args.metrics)
+        run(args.model, args.clients, args.seconds, args.chunk, args.metrics, **extra)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return 0
     rounds = [
-        run(args.model, args.clients, args.seconds, args.chunk, args.metrics)
+        run(args.model, args.clients, args.seconds, args.chunk, args.metrics, **extra)
         for _ in range(args.rounds)
     ]
     print("| per hop (us) | median | min | max |")
@@ -138,6 +153,7 @@ def main() -> int:
         ("cpu_us_per_hop", "server CPU"),
         ("step_us_per_hop", "bank step"),
         ("rest_us_per_hop", "the rest (Python around the model)"),
+        ("rows_per_call", "rows per model call"),
     ):
         v = [r[key] for r in rounds]
         print(f"| {label} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} |")

@@ -55,12 +55,13 @@ def _serve_through_load(cmd: str) -> tuple[dict, dict]:
     return r, st
 
 
+@pytest.mark.parametrize("tick_ms", [0, 4])  # each answer at once; a tick's together
 @pytest.mark.parametrize("kind", ["python", "compiled"])
-def test_echo_servers_answer_every_message(kind: str, tmp_path: Path):
+def test_echo_servers_answer_every_message(kind: str, tick_ms: int, tmp_path: Path):
     if kind == "python":
-        cmd = f"{sys.executable} {ECHO / 'echo_server.py'} {{endpoint}}"
+        cmd = f"{sys.executable} {ECHO / 'echo_server.py'} {{endpoint}} {tick_ms}"
     else:
-        cmd = f"{_compiled_echo(tmp_path)} {{endpoint}}"
+        cmd = f"{_compiled_echo(tmp_path)} {{endpoint}} {tick_ms}"
     r, st = _serve_through_load(cmd)
     assert r["admitted"] == 6 and r["sent"] > 0, r
     assert r["answered"] == r["sent"] and r["dropped"] == 0 and r["errors"] == 0, r

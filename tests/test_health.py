@@ -47,6 +47,15 @@ def wait_probe(port: int, path: str, status: int, timeout: float = 20.0) -> str:
         time.sleep(0.05)
 
 
+def _draining_gauge(port: int) -> float:
+    """The ``rtns_draining`` line of /metrics (there must be exactly one)."""
+    status, body = probe(port, "/metrics")
+    assert status == 200
+    values = [float(ln.split()[-1]) for ln in body.splitlines() if ln.startswith("rtns_draining")]
+    assert len(values) == 1, values
+    return values[0]
+
+
 def noise(n: int) -> np.ndarray:
     return (0.1 * np.random.default_rng(3).standard_normal(n)).astype(np.float32)
 
@@ -75,9 +84,15 @@ def test_sigterm_drains_open_sessions_intact(passthrough_pack, tmp_path: Path, w
             for i in range(0, 8000, 800):  # half the signal before SIGTERM
                 a.send_audio(x[i : i + 800])
                 outs.append(a.recv()[1])
+            assert _draining_gauge(mport) == 0
             proc.send_signal(signal.SIGTERM)
             assert wait_probe(mport, "/readyz", 503) == "draining"
             assert probe(mport, "/healthz")[0] == 200
+            # The one process sets it at its next half-second check; the supervisor's at once.
+            deadline = time.monotonic() + 20
+            while _draining_gauge(mport) != 1:
+                assert time.monotonic() < deadline, "rtns_draining never became 1"
+                time.sleep(0.05)
             with pytest.raises(ServerError) as refused:
                 b.hello()
             assert refused.value.code == "draining"

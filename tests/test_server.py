@@ -596,3 +596,50 @@ def test_probe_failure_at_the_largest_batch_caps_the_batches(random_dtln_pack, m
     assert asked == [100, 64, 32, 16]
     assert st["models"]["random-dtln"]["batched"] and "capped" in st["models"]["random-dtln"]["why"]
     np.testing.assert_array_equal(y, enhance_array(Model(random_dtln_pack), x))
+
+
+def test_capacity_coalesces_under_load_with_hysteresis():
+    from rtns.daemon.capacity import COALESCE_OFF, COALESCE_ON, Capacity
+
+    cap = Capacity("off", 0.7, 1e-5)
+    seen = []
+    for busy in (0.2, COALESCE_ON, 0.4, COALESCE_OFF, 0.29, 0.45, 0.9):
+        cap.work(busy * 1.0, 100)
+        cap.update(cap._window + 1.0, 10)
+        seen.append(cap.coalescing)
+        assert (
+            cap.stats(10)["busy"] == pytest.approx(busy) and cap.stats(10)["coalescing"] is seen[-1]
+        )
+    # on at COALESCE_ON; stays on down to COALESCE_OFF (the hops it makes cheaper do not
+    # switch it off again); off below; 0.45 is not enough to come back on.
+    assert seen == [False, True, True, True, False, False, True]
+
+
+@pytest.mark.parametrize("coalescing", [False, True])
+def test_coalescing_runs_one_hop_per_session_per_tick_and_changes_no_bit(
+    random_dtln_pack, coalescing, monkeypatch
+):
+    """Coalescing (the loop busy) runs a session's hops one tick each, never two in a tick,
+    and the output is the same to the bit; off, a 1000-sample message runs in one tick."""
+    from rtns.daemon.capacity import Capacity
+
+    monkeypatch.setattr(Capacity, "_coalesce", lambda self, busy: None)  # held as set
+    x = noise(16_000, seed=11)
+    with running_server([random_dtln_pack], probe=False) as srv:
+        srv.capacity.coalescing = coalescing
+        bank = srv.models[srv.default_model].bank
+        most = [0]
+        plain_tick = srv._tick
+
+        def tick() -> None:
+            before = bank.rows
+            plain_tick()
+            most[0] = max(most[0], bank.rows - before)
+
+        srv._tick = tick
+        with Client(srv.endpoint) as c:
+            y = c.enhance(x, chunk=1000)  # ~7.8 hops a message
+    ref = enhance_array(Model(random_dtln_pack), x)
+    np.testing.assert_array_equal(y, ref)
+    # One session: coalescing runs at most one hop (row) per tick; off, up to a message's.
+    assert (most[0] == 1) if coalescing else (most[0] >= 7), most

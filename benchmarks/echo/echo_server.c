@@ -4,7 +4,10 @@
  * what libzmq and the kernel cost the daemon for the same messages, with no Python at all.
  *
  *   gcc -O2 -o /tmp/rtns-echo benchmarks/echo/echo_server.c -lzmq   (Debian: libzmq3-dev)
- *   python benchmarks/load.py --server-cmd '/tmp/rtns-echo {endpoint}' ...
+ *   python benchmarks/load.py --server-cmd '/tmp/rtns-echo {endpoint} [TICK_MS]' ...
+ *
+ * TICK_MS (default 4, the daemon's --tick-ms): answers are held and sent together every
+ * TICK_MS, as the daemon sends a tick's answers (0: each answer at once).
  *
  * Not part of rtns: a measuring instrument for issue 28 ("what a compiled path would buy").
  */
@@ -20,6 +23,29 @@
 #include <zmq.h>
 
 #define HOP 128 /* samples per hop at 16 kHz: the daemon's unit of work */
+
+/* An audio answer held until the tick: the client's id, the header, the PCM to echo. */
+typedef struct {
+    zmq_msg_t id, pcm;
+    int head_len;
+    char head[96];
+} answer_t;
+
+#define MAX_PENDING 65536
+static answer_t pending[MAX_PENDING];
+static int n_pending = 0;
+
+static void flush_answers(void *sock) {
+    for (int i = 0; i < n_pending; i++) {
+        answer_t *a = &pending[i];
+        zmq_msg_send(&a->id, sock, ZMQ_SNDMORE | ZMQ_DONTWAIT);
+        zmq_send(sock, a->head, (size_t)a->head_len, ZMQ_SNDMORE | ZMQ_DONTWAIT);
+        zmq_msg_send(&a->pcm, sock, ZMQ_DONTWAIT);
+        zmq_msg_close(&a->id); /* no-ops after a successful send */
+        zmq_msg_close(&a->pcm);
+    }
+    n_pending = 0;
+}
 
 static volatile sig_atomic_t stop = 0;
 static void on_term(int sig) { (void)sig; stop = 1; }
@@ -38,9 +64,9 @@ static double cpu_s(void) { /* every thread of the process: libzmq's I/O thread 
 }
 
 /* Receive one part; 0 on success. */
-static int recv_part(void *sock, zmq_msg_t *m) {
+static int recv_part(void *sock, zmq_msg_t *m, int flags) {
     zmq_msg_init(m);
-    if (zmq_msg_recv(m, sock, 0) < 0) {
+    if (zmq_msg_recv(m, sock, flags) < 0) {
         zmq_msg_close(m);
         return -1;
     }
@@ -52,10 +78,11 @@ static void send_bytes(void *sock, const void *data, size_t n, int more) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s ENDPOINT\n", argv[0]);
+    if (argc != 2 && argc != 3) {
+        fprintf(stderr, "usage: %s ENDPOINT [TICK_MS]\n", argv[0]);
         return 2;
     }
+    double tick_s = (argc == 3 ? atof(argv[2]) : 4.0) / 1e3;
     signal(SIGTERM, on_term);
     signal(SIGINT, on_term);
     void *ctx = zmq_ctx_new();
@@ -81,21 +108,34 @@ int main(int argc, char **argv) {
         "{\"type\":\"ready\",\"session\":\"echo\",\"model\":\"echo\",\"latency\":0,"
         "\"latency_16k\":0,\"block_shift\":128,\"sample_rate\":16000,\"format\":\"f32le\","
         "\"channels\":1}";
+    double next_tick = now_s();
     while (!stop) {
         zmq_msg_t id, parts[3];
         int n = 0, more = 1;
-        if (recv_part(sock, &id) != 0) {
+        double t = now_s();
+        if (tick_s > 0 && n_pending && t >= next_tick) {
+            flush_answers(sock);
+            next_tick = t + tick_s;
+        }
+        if (tick_s > 0 && n_pending) { /* wait for a message, at most until the tick */
+            zmq_pollitem_t item = {sock, 0, ZMQ_POLLIN, 0};
+            long wait_ms = (long)(1e3 * (next_tick - t) + 0.999);
+            if (zmq_poll(&item, 1, wait_ms < 0 ? 0 : wait_ms) <= 0) continue;
+        } else if (tick_s > 0) {
+            next_tick = t + tick_s; /* idle: the first answer waits at most one tick */
+        }
+        if (recv_part(sock, &id, 0) != 0) {
             if (errno == EINTR || errno == EAGAIN) continue;
             break;
         }
         while (more && n < 3) { /* header, then PCM (anything beyond is dropped) */
-            if (recv_part(sock, &parts[n]) != 0) break;
+            if (recv_part(sock, &parts[n], 0) != 0) break;
             more = zmq_msg_more(&parts[n]);
             n++;
         }
         while (more) { /* a message of more parts than we read: discard the rest */
             zmq_msg_t extra;
-            if (recv_part(sock, &extra) != 0) break;
+            if (recv_part(sock, &extra, 0) != 0) break;
             more = zmq_msg_more(&extra);
             zmq_msg_close(&extra);
         }
@@ -105,8 +145,9 @@ int main(int argc, char **argv) {
         }
         const char *h = zmq_msg_data(&parts[0]);
         size_t hn = zmq_msg_size(&parts[0]);
-        send_bytes(sock, zmq_msg_data(&id), zmq_msg_size(&id), 1);
-        if (hn > 15 && memcmp(h, "{\"type\":\"audio\"", 15) == 0 && n == 2) {
+        int is_audio = hn > 15 && memcmp(h, "{\"type\":\"audio\"", 15) == 0 && n == 2;
+        if (!(is_audio && tick_s > 0)) send_bytes(sock, zmq_msg_data(&id), zmq_msg_size(&id), 1);
+        if (is_audio) {
             long long seq = 0;
             for (size_t i = 0; i < hn; i++) { /* the digits after "seq": */
                 if (h[i] == 'q' && i + 3 < hn && h[i + 1] == '"' && h[i + 2] == ':') {
@@ -117,14 +158,30 @@ int main(int argc, char **argv) {
             }
             size_t pcm = zmq_msg_size(&parts[1]);
             long long samples = (long long)(pcm / 4);
+            messages++;
+            hops += samples / HOP;
+            if (tick_s > 0) { /* held until the tick: keep the id and the PCM */
+                if (n_pending == MAX_PENDING) flush_answers(sock);
+                answer_t *a = &pending[n_pending++];
+                a->head_len = snprintf(a->head, sizeof a->head,
+                                       "{\"type\":\"audio\",\"seq\":%lld,\"samples\":%lld,"
+                                       "\"queued\":0}",
+                                       seq, samples);
+                zmq_msg_init(&a->id);
+                zmq_msg_move(&a->id, &id);
+                zmq_msg_init(&a->pcm);
+                zmq_msg_move(&a->pcm, &parts[1]);
+                zmq_msg_close(&parts[0]);
+                zmq_msg_close(&parts[1]);
+                zmq_msg_close(&id);
+                continue;
+            }
             int k = snprintf(head, sizeof head,
                              "{\"type\":\"audio\",\"seq\":%lld,\"samples\":%lld,\"queued\":0}",
                              seq, samples);
             send_bytes(sock, head, (size_t)k, 1);
             zmq_msg_send(&parts[1], sock, ZMQ_DONTWAIT); /* the same bytes back, no copy */
             n = 1;                                     /* parts[1] was handed to libzmq */
-            messages++;
-            hops += samples / HOP;
         } else if (hn > 15 && memcmp(h, "{\"type\":\"hello\"", 15) == 0) {
             send_bytes(sock, ready, sizeof ready - 1, 0);
         } else if (hn > 15 && memcmp(h, "{\"type\":\"stats\"", 15) == 0) {

@@ -7,13 +7,17 @@ Its CPU per hop, next to the C echo's and ``rtns serve``'s under the same load, 
 daemon's cost into the kernel and libzmq (C echo), pyzmq's calls and the interpreter
 (Python echo minus C echo), and the server's own work (rtns serve minus Python echo)::
 
-    python benchmarks/load.py --server-cmd 'python benchmarks/echo/echo_server.py {endpoint}' ...
+    python benchmarks/load.py --server-cmd 'python benchmarks/echo/echo_server.py {endpoint} [TICK_MS]' ...
+
+TICK_MS (default 4, the daemon's ``--tick-ms``): answers are held and sent together every
+TICK_MS, as the daemon sends a tick's answers (0: each answer at once).
 
 A measuring instrument for issue 28, not part of rtns.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -26,7 +30,7 @@ from rtns.daemon.server import io_context
 HOP = 128
 
 
-def main(endpoint: str) -> int:
+def main(endpoint: str, tick_ms: float = 4.0) -> int:
     ctx = io_context()  # the daemon's: its I/O thread at SCHED_BATCH
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, 10_000)
@@ -58,8 +62,23 @@ def main(endpoint: str) -> int:
     poller.register(sock, zmq.POLLIN)
     hops = messages = 0
     t0, c0 = time.monotonic(), time.process_time()
+    tick_s = tick_ms / 1e3
+    held: list[tuple[bytes, bytes, bytes]] = []  # answers waiting for the tick
+    next_tick = time.monotonic()
     while not stopping:
-        if not poller.poll(50):
+        now = time.monotonic()
+        if held and now >= next_tick:
+            for ident, head, pcm in held:
+                send(ident, more_nb)
+                send(head, more_nb)
+                send(pcm, nb)
+            held.clear()
+            next_tick = now + tick_s
+        if held:
+            wait_ms = max(0, math.ceil(1e3 * (next_tick - now)))
+        else:
+            wait_ms, next_tick = 50, now + tick_s
+        if not poller.poll(wait_ms):
             continue
         for _ in range(512):  # drain what is there, as the daemon does
             try:
@@ -73,11 +92,15 @@ def main(endpoint: str) -> int:
             seq = P.audio_seq(body)
             if seq is not None:
                 samples = len(body[1]) // 4
-                send(ident, more_nb)
-                send(P.encode_audio_out(seq, samples, 0), more_nb)
-                send(body[1], nb)
                 hops += samples // HOP
                 messages += 1
+                head = P.encode_audio_out(seq, samples, 0)
+                if tick_s > 0:
+                    held.append((ident, head, body[1]))
+                else:
+                    send(ident, more_nb)
+                    send(head, more_nb)
+                    send(body[1], nb)
                 continue
             head = body[0] if body else b"{}"
             send(ident, more_nb)
@@ -104,4 +127,4 @@ def main(endpoint: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], *(float(a) for a in sys.argv[2:3])))

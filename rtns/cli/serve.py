@@ -394,7 +394,12 @@ def run_serve(args: argparse.Namespace) -> int:
         registry = None if workers > 1 else server.metrics.registry
         try:
             serve_metrics(
-                args.metrics_port, args.metrics_addr, registry, server.alive, server.readiness
+                args.metrics_port,
+                args.metrics_addr,
+                registry,
+                server.alive,
+                server.readiness,
+                server.draining,
             )
         except OSError as e:
             if workers > 1:

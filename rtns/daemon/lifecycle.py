@@ -33,6 +33,10 @@ class Lifecycle:
         ``drain_seconds``, then flush them and return (thread- and signal-safe; SIGTERM)."""
         self._draining.set()
 
+    def draining(self) -> bool:
+        """A drain was asked for (the ``rtns_draining`` gauge)."""
+        return self._draining.is_set()
+
     def alive(self) -> bool:
         """The loop turned within the last :data:`ALIVE_S` seconds."""
         return time.monotonic() - self.heartbeat < ALIVE_S

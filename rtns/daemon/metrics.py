@@ -158,21 +158,23 @@ def serve_metrics(
     registry: Any = None,
     alive: Callable[[], bool] = lambda: True,
     readiness: Callable[[], tuple[bool, str]] = lambda: (True, "ready"),
+    draining: Callable[[], bool] = lambda: False,
 ) -> Any:
     """Start the HTTP endpoint on a daemon thread; returns the server. ``GET /metrics``:
     Prometheus text; ``GET /healthz``: 200 while ``alive()`` (the loop turns), else 503;
     ``GET /readyz``: 200 while ``readiness()`` says ready (models loaded, taking
-    sessions), else 503; the body is the one-word reason."""
+    sessions), else 503; the body is the one-word reason. ``draining``: the supervisor's
+    own drain, shown in ``rtns_draining`` (its workers keep serving while it drains)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     if registry is None:  # the supervisor: the sum of every worker's files
-        from prometheus_client import CollectorRegistry, multiprocess
+        from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(SupervisorCollector(draining))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -204,6 +206,37 @@ def serve_metrics(
     server = Server((addr, port), Handler)
     threading.Thread(target=server.serve_forever, name="rtns-metrics", daemon=True).start()
     return server
+
+
+class SupervisorCollector:
+    """What ``rtns serve --workers N`` shows: the workers' files summed (prometheus-client's
+    multiprocess collector), with ``rtns_draining`` at 1 while the supervisor drains. (Its
+    workers go on serving the open sessions and never drain themselves, so their own
+    gauge stays 0.)"""
+
+    def __init__(self, draining: Callable[[], bool]) -> None:
+        from prometheus_client import multiprocess
+
+        self._files = multiprocess.MultiProcessCollector(None)
+        self._draining = draining
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        draining = 1.0 if self._draining() else 0.0
+        seen = False
+        for family in self._files.collect():
+            if family.name == "rtns_draining":
+                seen = True
+                family.samples = [s._replace(value=max(s.value, draining)) for s in family.samples]
+            yield family
+        if not seen:
+            yield GaugeMetricFamily(
+                "rtns_draining", "1 while the daemon drains (SIGTERM): no new sessions", draining
+            )
 
 
 class LiveCollector:
