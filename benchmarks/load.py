@@ -404,9 +404,6 @@ def main() -> int:
             "server_cpu_total_s": cpu_s,
             "server_us_per_hop": 1e6 * st["cpu_s"] / blocks if "cpu_s" in st else None,
             "server_overruns": st["overruns"],
-            # Under load the daemon runs one hop per session a tick (rtns.daemon.capacity):
-            # whether it did when the run ended.
-            "coalescing": st.get("capacity", {}).get("coalescing"),
         }
         r["realtime"] = r["late"] == 0 and r["dropped"] == 0 and r["client_lag_p99_ms"] < chunk_ms
         results.append(r)
@@ -424,7 +421,7 @@ def main() -> int:
         print(f"server batching: {m}")
     cols = (
         "| mode | N | tick infer p50 / p99 ms | rows/tick | server CPU us/hop | answer p50 / p99 ms "
-        "| late | dropped | server CPU | client lag p99 ms | coalescing | real time |"
+        "| late | dropped | server CPU | client lag p99 ms | real time |"
     )
     print(cols)
     print("|---" * (cols.count("|") - 1) + "|")
@@ -439,9 +436,7 @@ def main() -> int:
             f"| {f(r['lat_p50_ms'])} / {f(r['lat_p99_ms'])} "
             f"| {r['late']} ({r['late_pct']:.2f} %) | {r['dropped']} "
             f"| {f(None if r['server_cpu'] is None else 100 * r['server_cpu'], 0)} % "
-            f"| {f(r['client_lag_p99_ms'])} "
-            f"| {'-' if r['coalescing'] is None else ('on' if r['coalescing'] else 'off')} "
-            f"| {'yes' if r['realtime'] else 'no'} |"
+            f"| {f(r['client_lag_p99_ms'])} | {'yes' if r['realtime'] else 'no'} |"
         )
     for r in results:
         if r.get("refused"):

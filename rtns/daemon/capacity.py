@@ -35,11 +35,6 @@ HOP_PERIOD_S = 0.008
 PRIOR_OVERHEAD = 2.6
 #: A window updates the estimate only when the loop was busy this much of it.
 MIN_BUSY = 0.25
-#: Coalescing (see :meth:`Capacity.coalescing`) starts when a window was busy this much of
-#: its time, and stops below ``COALESCE_OFF`` (apart, so the cheaper hops it buys do not
-#: switch it straight off again).
-COALESCE_ON = 0.5
-COALESCE_OFF = 0.3
 
 
 def probe_hop_s(model, rows: int = 64, repeats: int = 12) -> float:
@@ -77,9 +72,6 @@ class Capacity:
         self._late = 0
         self._window = time.monotonic()
         self._logged = 0
-        #: The share of the last window the loop was busy.
-        self.busy_fraction = 0.0
-        self.coalescing = False
 
     @property
     def estimate(self) -> int:
@@ -112,8 +104,6 @@ class Capacity:
             return
         busy, rows, late = self._busy, self._rows, self._late
         self._busy, self._rows, self._late, self._window = 0.0, 0, 0, now
-        self.busy_fraction = busy / span
-        self._coalesce(self.busy_fraction)
         if rows and busy >= MIN_BUSY * span:
             measured = busy / rows
             self.hop_s = 0.5 * self.hop_s + 0.5 * measured
@@ -121,20 +111,6 @@ class Capacity:
         self.late_cap = open_streams if late else None
         if late or abs(self.estimate - self._logged) > 0.1 * max(1, self._logged):
             self.log(late=late)
-
-    def _coalesce(self, busy: float) -> None:
-        """Coalescing: under load, a tick runs one hop per session (one round: every
-        session with a hop is one row of one call) instead of every hop a message
-        brought. A 20 ms message brings 2-3 hops, and its second and third hops are
-        rows of later, smaller calls when they run in the same tick (28 rows a call at
-        140 clients instead of 70, 27 % more per row). Each hop then waits for its
-        session's previous one by a tick (4 ms): an answer comes up to two ticks later.
-        Switched on when a window was busy ``COALESCE_ON`` of its time, off below
-        ``COALESCE_OFF``; loud (a ``coalescing`` event, and in stats)."""
-        on = busy >= COALESCE_ON or (self.coalescing and busy >= COALESCE_OFF)
-        if on != self.coalescing:
-            self.coalescing = on
-            log_event("coalescing", on=on, busy=round(busy, 3))
 
     def log(self, **extra: object) -> None:
         """The estimate as a log event (loud: at start and whenever it moves > 10 %)."""
@@ -160,6 +136,4 @@ class Capacity:
             "headroom": self.headroom,
             "source": self.source,
             "late_cap": self.late_cap,
-            "busy": round(self.busy_fraction, 3),
-            "coalescing": self.coalescing,
         }

@@ -7,9 +7,8 @@ the decoded input straight into their input rings). A tick round is ``bank.ready
 one ``bank.step(collect=True)``: every slot with a complete 128-sample hop is one row, run
 in chunks of at most ``max_batch`` rows per :meth:`rtns.engine.Model.infer` call (states
 gathered from and scattered back into the bank's rows). Rounds repeat while hops are
-ready, at most ``hops_per_tick`` (one while the loop is busy: coalescing, see
-:meth:`rtns.daemon.capacity.Capacity._coalesce`), so one client sending a long chunk cannot
-starve the others; left-over input stays in the session's bounded queue and the loop polls with a
+ready, at most ``hops_per_tick``, so one client sending a long chunk cannot starve the
+others; left-over input stays in the session's bounded queue and the loop polls with a
 zero timeout until it is processed. Each audio message is answered once all its samples
 have been fed and every completed hop run, with all output produced since the previous
 answer.
@@ -804,10 +803,9 @@ class Server(Lifecycle):
         # since they were last idle (kept up to date instead of scanning every session).
         active = [s for s in self._active.values() if self.sessions.get(s.ident) is s]
         backlogged = [s for s in active if s.cs.backlog]
-        rounds = 1 if self.capacity.coalescing else self.config.hops_per_tick
         for served in self.models.values():
             bank = served.bank
-            for _ in range(rounds):
+            for _ in range(self.config.hops_per_tick):
                 for s in backlogged:
                     s.cs.fill()
                 slots = bank.ready()
