@@ -10,6 +10,13 @@ the ledger, answering: the Python around the model), over ``--rounds`` interleav
 
 The socket work itself (pyzmq, libzmq, the kernel) is measured by ``benchmarks/load.py``
 with the echo servers of ``benchmarks/echo/``.
+
+Its ticks fall on a strict grid and every message arrives exactly on time, so its model
+calls are smaller than the real loop's (28 rows a call at 140 clients, against 66 in
+``load.py``, whose ticks stretch with the work and whose messages bunch): it judges the
+Python around the model well and the bank step's batching badly. A change to how ticks
+batch must be judged with ``load.py`` (a one-hop-per-tick policy looked 13 % cheaper here
+and was not cheaper there: docs/operations.md).
 """
 
 from __future__ import annotations

@@ -596,3 +596,21 @@ def test_probe_failure_at_the_largest_batch_caps_the_batches(random_dtln_pack, m
     assert asked == [100, 64, 32, 16]
     assert st["models"]["random-dtln"]["batched"] and "capped" in st["models"]["random-dtln"]["why"]
     np.testing.assert_array_equal(y, enhance_array(Model(random_dtln_pack), x))
+
+
+def test_gc_frozen_only_in_the_daemons_own_process(passthrough_pack, monkeypatch):
+    """`rtns serve` (its own process) freezes the collector once loaded; a Server embedded
+    in another program (the default) leaves the process's collector alone."""
+    import gc
+
+    from rtns.cli import build_parser
+    from rtns.cli.serve import server_config
+
+    args = build_parser().parse_args(["serve", "-m", str(passthrough_pack)])
+    assert server_config(args).freeze_gc is True
+    froze = []
+    monkeypatch.setattr(gc, "freeze", lambda: froze.append(True))
+    for freeze in (False, True):
+        with running_server([passthrough_pack], freeze_gc=freeze) as srv, Client(srv.endpoint) as c:
+            c.stats()  # the loop runs
+        assert froze == ([True] if freeze else []), (freeze, froze)

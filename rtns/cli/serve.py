@@ -348,6 +348,7 @@ def server_config(args: argparse.Namespace):
     curve = _curve_config(args)
     try:
         return ServerConfig(
+            freeze_gc=True,  # this process is the daemon's own
             bind=args.bind,
             models=args.model or [DEFAULT_SERVE_PACK],
             max_sessions=args.max_sessions,

@@ -27,6 +27,7 @@ stats and `ready` say which and why. See docs/protocol.md, "Batching".
 from __future__ import annotations
 
 import collections
+import gc
 import ipaddress
 import logging
 import math
@@ -176,6 +177,11 @@ class ServerConfig(BaseModel):
     metrics: bool = False
     #: Worker processes of the whole daemon (the ``rtns_workers`` metric).
     workers_total: int = Field(1, ge=1)
+    #: Once loaded, move every object out of the garbage collector's sight (``gc.freeze``:
+    #: no multi-millisecond collections in the loop). Process-wide, so only for a process
+    #: that is the daemon (`rtns serve` and its workers), never for a Server embedded in
+    #: another program.
+    freeze_gc: bool = False
     engine: EngineConfig = EngineConfig()
 
 
@@ -417,6 +423,13 @@ class Server(Lifecycle):
         """Serve until :meth:`stop`; then flush every open session and close the socket."""
         try:
             self._open()
+            if self.config.freeze_gc:
+                # Everything loaded so far (models, buffers) lives as long as the loop:
+                # out of the collector's sight, a collection of the objects the hot path
+                # makes scans only those (a generation-1 pass over everything took 4-5 ms,
+                # every answer of that tick later by as much; benchmarks/daemon_loop.py).
+                gc.collect()
+                gc.freeze()
             # Client data (huge or odd samples) must not print numpy warnings into the log.
             with np.errstate(all="ignore"):
                 self._loop()
