@@ -9,8 +9,8 @@ hop or two of its message.
 
 ``hop_s`` starts from a start-up probe (:func:`probe_hop_s`: a scratch bank of the model
 steps ``rows`` rows at a time; that costs per row the inference, FFTs and overlap-add, and
-the daemon's messaging and Python work per hop was measured at 1.6 times that again, so the
-prior is 2.6 times the probe) and is then measured from the loop itself, in windows of a
+the daemon's messaging and Python work per hop was measured at 0.6-0.9 times that again, so
+the prior is 1.9 times the probe) and is then measured from the loop itself, in windows of a
 second that carry enough work (busy at least a quarter of the time: below that the fixed
 cost per tick and the small batches make the figure pessimistic). A window with a late
 answer also stops admission at the streams open until the next window says otherwise.
@@ -30,9 +30,10 @@ from rtns.daemon.logs import log_event
 
 #: Seconds of audio per hop at 16 kHz (128 samples).
 HOP_PERIOD_S = 0.008
-#: Messaging and Python per hop over the bank step alone (measured: 72.6 µs per hop in
-#: the load benchmark against about 28 µs for the bank step at 64 rows: 2.6 times).
-PRIOR_OVERHEAD = 2.6
+#: The loop's cost per hop over the bank step alone (measured 2026-12-05: 39-45 µs per hop
+#: in the load benchmark at 140-200 clients, against 24.3 µs for the bank step at 64 rows:
+#: 1.6-1.9 times; the first build measured 72.6 against 28, 2.6 times).
+PRIOR_OVERHEAD = 1.9
 #: A window updates the estimate only when the loop was busy this much of it.
 MIN_BUSY = 0.25
 
