@@ -14,9 +14,10 @@ the same unseen speakers (valid/speech). Steps, from the repository root::
     python benchmarks/loss_study.py configs --calibration out/loss_study/calibration.json \\
         --ratio 4 --minutes 30 --out configs/loss_study
     # 3. train each for the same time; score the *last* checkpoint of each (no selection)
-    for c in configs/loss_study/*.json; do
-        rtns train --config $c --threads 1 --no-export
-        rtns train --config $c --export-only --checkpoint last --out out/loss_study/packs/$(basename $c .json)
+    for n in mse sisnr lms pmsqe mse_lms mse_pmsqe sisnr_lms sisnr_pmsqe; do
+        rtns train --config configs/loss_study/$n.json --threads 1 --no-export
+        rtns train --config configs/loss_study/$n.json --export-only --checkpoint last \\
+            --out out/loss_study/packs/$n
     done
     # 4. the per-SNR sets, then the table and the plot
     python benchmarks/loss_study.py sets --out out/loss_study/sets --count 20

@@ -49,6 +49,7 @@ from rtns_export.data import (
 )
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss
+from rtns_export.metric_disc import MetricStage
 from rtns_export.train_config import ConfigError, ScheduleConfig, TrainConfig
 
 if TYPE_CHECKING:  # onnx is imported only when a run starts from a pack
@@ -193,6 +194,30 @@ class RunState:
     init: dict[str, Any] | None = None
 
 
+#: A step that takes this many times the typical step (and at least STALL_MIN_S) was not
+#: training: the process was stopped (SIGSTOP, a paused job) or the machine suspended.
+STALL_FACTOR = 20.0
+STALL_MIN_S = 30.0
+
+
+class StepClock:
+    """The training time a step adds to ``elapsed_s`` (the time budget and the cosine-time
+    schedule run on it): its wall time, except that a stalled step counts as a typical one
+    (an exponential mean of the steps before), so a job paused for minutes does not spend
+    its budget or its schedule while it sleeps. Each stall is returned for the log."""
+
+    def __init__(self) -> None:
+        self.typical: float | None = None
+
+    def count(self, wall_s: float) -> tuple[float, float | None]:
+        """(seconds to count, or the stalled wall time when the step stalled else None)."""
+        t = self.typical
+        if t is not None and wall_s > max(STALL_FACTOR * t, STALL_MIN_S):
+            return t, wall_s
+        self.typical = wall_s if t is None else 0.9 * t + 0.1 * wall_s
+        return wall_s, None
+
+
 class _CsvLog:
     """Append-only CSV. A log that already exists keeps its own header (a run resumed by a
     newer trainer that logs more columns writes only the columns the file has)."""
@@ -249,6 +274,10 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = build_model(cfg.family, cfg.model).to(self.device)
         self.loss_fn = CombinedLoss([(t.name, t.weight) for t in cfg.losses])
+        self.metric: MetricStage | None = None
+        if cfg.metric_disc is not None:
+            m = cfg.metric_disc
+            self.metric = MetricStage(m.weight, m.lr, m.channels, m.noisy, self.device)
         o = cfg.optim
         self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         self.sched = LRSchedule(
@@ -312,6 +341,7 @@ class Trainer:
                 "python": random.getstate(),
             },
             "config": self.cfg.model_dump(mode="json"),
+            **({"metric": self.metric.state_dict()} if self.metric is not None else {}),
         }
 
     def save(self) -> None:
@@ -411,6 +441,11 @@ class Trainer:
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["schedule"])
+        if self.metric is not None:
+            if "metric" in ck:
+                self.metric.load_state_dict(ck["metric"])
+            else:
+                self._log("resumed a run without a discriminator: it starts untrained")
         self.state = RunState(**ck["run"])
         torch.set_rng_state(ck["rng"]["torch"])
         if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -526,7 +561,12 @@ class Trainer:
         x = torch.from_numpy(noisy).to(self.device)
         s = torch.from_numpy(clean).to(self.device)
         y = self.model(x)
-        loss, parts = self.loss_fn(y, s[:, : y.shape[1]])
+        ref = s[:, : y.shape[1]]
+        loss, parts = self.loss_fn(y, ref)
+        if self.metric is not None:
+            adv = self.metric.generator_term(y, ref)
+            parts["metric_adv"] = float(adv.detach())
+            loss = loss + adv
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.optim.clipnorm
@@ -534,6 +574,8 @@ class Trainer:
             self.model.parameters(), clip if clip else float("inf")
         )
         self.opt.step()
+        if self.metric is not None:  # then the discriminator, on this step's output
+            parts.update(self.metric.step(y, ref, x))
         return float(loss.detach()), parts, float(gnorm)
 
     def validate(self) -> dict[str, float]:
@@ -588,6 +630,8 @@ class Trainer:
                 )
         assert self.mixer is not None
         part_names = [t.name for t in cfg.losses]
+        if self.metric is not None:
+            part_names += ["metric_adv", "disc_loss", "batch_pesq"]
         tlog = _CsvLog(
             self.run_dir / "train.csv",
             ["step", "elapsed_s", "lr", "loss", *part_names, "grad_norm", "audio_s_per_s"],
@@ -608,6 +652,7 @@ class Trainer:
         )
         t_last = time.time()
         audio_since = 0.0
+        clock = StepClock()
         feeder = None
         if cfg.data.workers:
             feeder = BatchFeeder(
@@ -637,7 +682,13 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.state.step}")
                 self.state.step += 1
-                self.state.elapsed_s += time.time() - t0
+                counted, stalled = clock.count(time.time() - t0)
+                self.state.elapsed_s += counted
+                if stalled is not None:
+                    self._log(
+                        f"step {self.state.step} took {stalled:.0f} s (the process was "
+                        f"stopped or the machine suspended?): counted as {counted:.2f} s"
+                    )
                 audio_since += o.batch * seg_s
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}", refresh=False)

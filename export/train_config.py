@@ -203,6 +203,18 @@ class ExportConfig(_Strict):
     atten_lim_grid: list[Annotated[float, Field(ge=0, le=MAX_DB)]] = [30, 24, 18, 15, 12]
 
 
+class MetricDiscConfig(_Strict):
+    """A metric discriminator trained beside the generator (:mod:`rtns_export.metric_disc`,
+    MetricGAN+ style): it learns the batch's true PESQ-WB; the generator's loss gains
+    ``weight * (D(enhanced, clean) - 1)^2``."""
+
+    weight: float = Field(1.0, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    channels: int = Field(16, ge=4, le=64)
+    #: Also train it on (noisy, clean) -> the input's PESQ (MetricGAN+).
+    noisy: bool = True
+
+
 class TrainConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     family: str = "dtln"
@@ -210,6 +222,8 @@ class TrainConfig(_Strict):
     model: dict[str, Any] = {}
     data: DataConfig = DataConfig()
     losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="sisnr")], min_length=1)
+    #: A metric-discriminator stage (None: none).
+    metric_disc: MetricDiscConfig | None = None
     optim: OptimConfig = OptimConfig()
     valid: ValidConfig = ValidConfig()
     export: ExportConfig = ExportConfig()

@@ -8,7 +8,6 @@ default (docs/operations.md has the figures)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import signal
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import load_benchmark
 
 pytest.importorskip("zmq")
 pytest.importorskip("prometheus_client")
@@ -28,10 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("load_bench", REPO / "benchmarks/load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("load")
 
 
 def scrape(port: int) -> dict[str, float]:

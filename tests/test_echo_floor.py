@@ -6,13 +6,13 @@ path in process: every message is answered (three parts each) and its hops are c
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 
 pytest.importorskip("zmq")
 
@@ -21,10 +21,7 @@ ECHO = REPO / "benchmarks" / "echo"
 
 
 def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / f"benchmarks/{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 def _compiled_echo(tmp_path: Path) -> Path:

@@ -3,11 +3,11 @@ and its floor adds up from the parts it prints."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,10 +16,7 @@ onnx = pytest.importorskip("onnx")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("graph_cost", REPO / "benchmarks/graph_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("graph_cost")
 
 
 def test_random_dtln_costs(bench, random_dtln_pack, tmp_path, capsys):

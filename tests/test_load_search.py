@@ -3,20 +3,17 @@ load test that passes up to a capacity)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def largest_realtime():
-    spec = importlib.util.spec_from_file_location("load_bench", REPO / "benchmarks/load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.largest_realtime
+    return load_benchmark("load").largest_realtime
 
 
 def _fake(capacity: int):

@@ -5,11 +5,11 @@ unseen noise at the exact SNR asked), and the table of a scored study."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -17,10 +17,7 @@ DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("loss_study", REPO / "benchmarks/loss_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("loss_study")
 
 
 SIZES = {"mse": 0.0012, "sisnr": 6.4, "lms": 2.2, "pmsqe": 2.75}

@@ -3,12 +3,12 @@ to the engine's own path at beta 0."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,12 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def probe():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location(
-            "mask_postfilter", REPO / "benchmarks/mask_postfilter.py"
-        )
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
+        yield load_benchmark("mask_postfilter")
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
 

@@ -6,7 +6,6 @@ equal those of the unprocessed input: any misalignment, gain or pairing error sh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import load_benchmark
 
 from rtns.pack import read_manifest, verify_files
 
@@ -35,11 +35,7 @@ pytest.importorskip("soxr")
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks/quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quality_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality", register=True)
 
 
 def _speechlike(n: int, rng: np.random.Generator) -> np.ndarray:

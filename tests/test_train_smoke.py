@@ -432,3 +432,18 @@ def test_average_of_two_runs_keeps_the_longer_lineage(synth_data, tmp_path, caps
     assert prov.total_train_minutes == pytest.approx(
         (a["elapsed_s"] + b["elapsed_s"]) / 60, abs=0.1
     )
+
+
+def test_a_stalled_step_counts_as_a_typical_one():
+    """A step during which the job was paused (SIGSTOP) must not spend the time budget."""
+    from rtns_export.train import STALL_MIN_S, StepClock
+
+    clock = StepClock()
+    assert clock.count(1.0) == (1.0, None)
+    for _ in range(20):
+        clock.count(1.0)
+    assert clock.count(3.0) == (3.0, None)  # slower, not stalled
+    typical = clock.typical
+    counted, stalled = clock.count(300.0)  # paused for five minutes
+    assert stalled == 300.0 and counted == typical and 1.0 <= typical < 1.3
+    assert clock.count(STALL_MIN_S - 1) == (STALL_MIN_S - 1, None)  # under the floor: real
