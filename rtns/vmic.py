@@ -311,6 +311,7 @@ class PipeWriter:
         self._trimming = False
         self._counted = False  # this episode counted as an over-run
         self._mark = 0  # written_frames when this episode began
+        self._mark_fill: int | None = None  # bytes in the FIFO then (None: unknown)
         self.error: str | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -339,7 +340,8 @@ class PipeWriter:
             return
         if not self._trimming:
             self._trimming, self._counted, self._mark = True, False, self.written_frames
-        unread = self.written_frames == self._mark
+            self._mark_fill = self._queued_bytes()
+        unread = not self._server_read()
         if not unread and not self._counted:
             self.overruns += 1
             self._counted = True
@@ -353,6 +355,27 @@ class PipeWriter:
             self.unread_frames += dropped
         else:
             self.overrun_frames += dropped
+
+    def _server_read(self) -> bool:
+        """Whether the server has read from the FIFO since this episode began: what the FIFO
+        held then, plus what was written since, less what it holds now. (That something
+        was written is no proof: a short write into a full FIFO still lands in its last,
+        partly filled page, and a write after a trim is short. Only where the FIFO's fill
+        cannot be read does a write count as a read.)"""
+        written = (self.written_frames - self._mark) * 4
+        now = self._queued_bytes() if self._mark_fill is not None else None
+        if self._mark_fill is None or now is None:
+            return written > 0
+        return self._mark_fill + written - now > 0
+
+    def _queued_bytes(self) -> int | None:
+        """Bytes in the FIFO not read yet (FIONREAD), None if it cannot tell."""
+        buf = bytearray(4)
+        try:
+            fcntl.ioctl(self.fd, termios.FIONREAD, buf)
+        except OSError:
+            return None
+        return int.from_bytes(buf, sys.byteorder)
 
     def step(self) -> bool:
         """One round of the writer thread: write what the FIFO takes, trim the rest to the
@@ -384,12 +407,9 @@ class PipeWriter:
             self._pending = self._pending[done:]
 
     def _fill(self) -> None:
-        buf = bytearray(4)
-        try:
-            fcntl.ioctl(self.fd, termios.FIONREAD, buf)
-            self.fill_bytes = int.from_bytes(buf, sys.byteorder)
-        except OSError:
-            pass
+        fill = self._queued_bytes()
+        if fill is not None:
+            self.fill_bytes = fill
 
     def _run(self) -> None:
         try:

@@ -3,6 +3,7 @@ the jitter margin of the buffering plan, names, and the live metrics collector."
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import time
@@ -90,6 +91,32 @@ def test_unread_fifo_drops_the_oldest_beyond_the_backlog_as_unread():
         assert np.all(np.diff(in_pipe) >= 0) and in_pipe[-1] <= newest[0]
     finally:
         writer.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_short_write_into_a_full_fifo_is_not_a_read():
+    """Nobody reads, the FIFO is full but for part of its last page: after a trim, the
+    short write that lands in that page is no sign of a reader, so what is dropped next is
+    unread, not an over-run. (CI on a loaded machine reported "1 over-run" here: the writer
+    thread, late, met the FIFO in this state. Reproduced step by step, no thread.)"""
+    if os.sysconf("SC_PAGE_SIZE") != 4096:
+        pytest.skip("the FIFO layout below assumes 4 KiB pages")
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 16 * 4096)  # 16 page slots
+        os.write(w, bytes(15 * 4096 + 100))  # every slot taken, the last one at 100 bytes
+        writer = PipeWriter(w, RATE)
+        writer.max_backlog = 1040  # 4160 bytes: a page and 64 bytes
+        writer.push(np.zeros(2048, np.float32))  # two pages: no room, nothing written
+        assert writer.step() is False
+        # The trim dropped 1008 frames; of the rest, 64 bytes fitted in the last page.
+        assert writer.written_frames == 16 and writer.unread_frames == 1008
+        writer.push(np.zeros(480, np.float32))
+        assert writer.step() is False
+        s = writer.stats()
+        assert (s.overruns, s.overrun_frames, s.unread_frames) == (0, 0, 1008 + 464), s
+    finally:
         os.close(r)
         os.close(w)
 
