@@ -154,9 +154,13 @@ def offline_reference(model: nn.Module, x: np.ndarray, latency: int) -> np.ndarr
 def check_parity(
     model: nn.Module, pack_dir: Path, x: np.ndarray, tol: float = 1e-4
 ) -> ParityReport:
-    """Run the pack through the engine block by block and compare with the forward pass."""
+    """Run the pack through the engine block by block and compare with the forward pass. The
+    graph is compared: the stream runs without the pack's default attenuation limit (a
+    shipped pack has one, and a limited output is not the model's forward)."""
     engine = Model(pack_dir)
-    streamed = Stream(engine).push(x).astype(np.float64)
+    stream = Stream(engine)
+    stream.atten_lim = "off"
+    streamed = stream.push(x).astype(np.float64)
     ref = offline_reference(model, x, engine.latency)
     n = min(streamed.shape[0], ref.shape[0])
     err = float(np.max(np.abs(streamed[:n] - ref[:n])))
