@@ -333,3 +333,53 @@ def best_lag(y, ref, max_lag: int) -> tuple[int, float]:
     a, b = y[d : d + n], ref[:n]
     corr = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
     return d, corr
+
+
+def piecewise_match(y, ref, lag: int, seg: int, search: int):
+    """How well each speech-active piece of ``ref`` (``seg`` samples, RMS within 20 dB of the
+    loudest piece) is found in ``y`` near ``lag``: the best normalised correlation of the
+    piece with ``y[lag + start + e:]`` over ``e`` in -search..search, and that ``e``. A piece
+    a seam cuts (its halves found at different shifts) scores the worse of its halves where
+    that is better than the whole.
+
+    A glitch in a sound server (a few ms of silence inserted, or a few ms lost) shifts
+    everything after it; one lag for the whole recording then correlates poorly though every
+    piece is intact. Pieces aligned one by one tell an intact signal with a few seams from a
+    different one. Returns (corr [k], shift [k]), k active pieces."""
+    import numpy as np
+
+    y = np.asarray(y, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    starts = range(0, len(ref) - seg + 1, seg)
+    rms = np.array([np.sqrt(np.mean(ref[s : s + seg] ** 2)) for s in starts])
+    corr, shift = [], []
+    for s, r in zip(starts, rms, strict=True):
+        if r < 0.1 * rms.max():
+            continue
+        whole, e = _match(y, ref[s : s + seg], lag + s, search)
+        h = seg // 2
+        halves = min(
+            _match(y, ref[s : s + h], lag + s, search)[0],
+            _match(y, ref[s + h : s + seg], lag + s + h, search)[0],
+        )
+        corr.append(max(whole, halves))
+        shift.append(e)
+    return np.array(corr), np.array(shift, dtype=np.int64)
+
+
+def _match(y, p, at: int, search: int) -> tuple[float, int]:
+    """The best normalised correlation of ``p`` with ``y[at + e:]``, e in -search..search,
+    and that e (0.0, 0 where y does not reach)."""
+    import numpy as np
+    from scipy.signal import fftconvolve
+
+    n = len(p)
+    lo, hi = max(0, at - search), min(len(y), at + n + search)
+    w = y[lo:hi]
+    if len(w) < n:
+        return 0.0, 0
+    c = fftconvolve(w, p[::-1], mode="valid")  # c[j] = sum_k w[j + k] p[k]
+    e2 = np.cumsum(np.concatenate([[0.0], w**2]))
+    rho = c / (np.sqrt((e2[n:] - e2[:-n]) * np.dot(p, p)) + 1e-12)
+    j = int(np.argmax(rho))
+    return float(rho[j]), lo + j - at

@@ -22,6 +22,7 @@ from pulse_harness import (
     Recorder,
     Rtns,
     best_lag,
+    piecewise_match,
     skip_reason,
     wait_until,
 )
@@ -97,17 +98,33 @@ def test_virtual_mic_carries_the_enhanced_speech(pulse, speech, tmp_path):
     y = rec.samples()
     assert np.isfinite(y).all() and len(y) > len(x)
     lag, corr = best_lag(y, ref, len(y) - len(ref) // 2)
-    _, corr_noisy = best_lag(y, x, len(y) - len(x) // 2)
+    lag_noisy, corr_noisy = best_lag(y, x, len(y) - len(x) // 2)
+    # Piece by piece (a quarter second each, aligned within 0.1 s of the whole's lag): a few
+    # ms the sound server inserts or loses once shifts all that follows, and one lag for the
+    # whole recording then correlates poorly (seen in CI: 0.62) though every piece is the
+    # enhanced speech.
+    pieces, shifts = piecewise_match(y, ref, lag, RATE // 4, RATE // 10)
+    pieces_noisy, _ = piecewise_match(y, x, lag_noisy, RATE // 4, RATE // 10)
+    seams = int(np.count_nonzero(np.abs(np.diff(shifts)) > 2))
     print(
         f"\nvirtual mic: correlation with rtns enhance {corr:.3f}, with the noisy input "
-        f"{corr_noisy:.3f}, at lag {lag} samples into the recording"
+        f"{corr_noisy:.3f}, at lag {lag} samples into the recording; {len(pieces)} pieces: "
+        f"median {np.median(pieces):.3f} (noisy input {np.median(pieces_noisy):.3f}), "
+        f"{np.mean(pieces > 0.95):.0%} above 0.95 (noisy input {np.mean(pieces_noisy > 0.95):.0%}), "
+        f"{seams} seams (shifts {sorted(set(shifts.tolist()))})\n{out}"
     )
     # The recording is the enhanced speech (the same model, the same 48 kHz plumbing), not
-    # the noisy input: under-runs or resampling in the server would cost a little.
-    # Residual energy after the best scaling is 1 - corr**2 of the recording's: far less
-    # against the enhanced reference than against the noisy input (measured: 0.012, 0.104).
-    assert corr > 0.95, (corr, out)
-    assert 1 - corr**2 < 0.5 * (1 - corr_noisy**2), (corr, corr_noisy)
+    # the noisy input. Measured on an idle machine: whole 1.000, all 26 pieces above 0.95;
+    # against the noisy input the pieces' median is 0.91, 41 % above 0.95. Offline: 5 ms of
+    # silence inserted mid-way, whole 0.43, 25 of 26 pieces above 0.95; 8 seams of +-256
+    # samples, whole 0.62, 96 %; the noisy input or half of it played instead, 42 % and 65 %.
+    # Under PipeWire 0.3.65 some runs had 1 to 8 such seams in 9 s (multiples of 256 samples)
+    # while rtns reported every block processed and every sample written into the FIFO:
+    # 77-100 % of the pieces whole, more with halves (parecord of fake_mic.monitor alone: none).
+    # And a residual (1 - corr**2) under half the noisy input's.
+    assert np.mean(pieces > 0.95) >= 0.75, (pieces.round(3), shifts)
+    med, med_noisy = np.median(pieces), np.median(pieces_noisy)
+    assert 1 - med**2 < 0.5 * (1 - med_noisy**2), (med, med_noisy)
     seg = y[lag : lag + len(ref)]
     np.testing.assert_allclose(np.sqrt(np.mean(seg**2)), np.sqrt(np.mean(ref**2)), rtol=0.2)
 
