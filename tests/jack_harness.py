@@ -532,6 +532,81 @@ def underrun_gaps(y: np.ndarray, expected: np.ndarray, min_len: int = 64) -> np.
     return mask
 
 
+class PieceMatch:
+    """Where each piece of a played signal came back in a recording.
+
+    When the host misses the dummy driver's deadlines, JACK skips whole cycles: the player
+    and the recorder index their buffers by frame time and skip them too, but the audio in
+    flight inside rtns (one latency's worth) was taken before the skip and comes out after
+    it, so for about one latency the output is the input shifted by whole periods. PortAudio
+    reports such a skip to rtns as an input overflow and an output underflow. Comparing the
+    whole recording at the measured delay would blame rtns for it; so the signal is cut
+    into pieces, each compared at the measured delay first and else at the delay moved by
+    whole periods (up to ``max_shift`` frames).
+
+    ``at_delay``, ``shifted``, ``unmatched``: bool [pieces] (pieces with nothing to compare
+    count as at the delay). ``samples``: bool [n], the samples of the pieces at the delay.
+    """
+
+    def __init__(
+        self,
+        recording: np.ndarray,
+        ref: np.ndarray,
+        keep: np.ndarray,
+        delay: int,
+        period: int,
+        close: Callable[[np.ndarray, np.ndarray], bool],
+        piece: int = 256,
+        max_shift: int = 4800,
+    ) -> None:
+        n = ref.shape[0] // piece
+        self.piece, self.delay = piece, delay
+        self.at_delay = np.zeros(n, dtype=bool)
+        self.shifted = np.zeros(n, dtype=bool)
+        shifts = [s * period for k in range(1, max_shift // period + 1) for s in (k, -k)]
+        for i in range(n):
+            lo = i * piece
+            m = keep[lo : lo + piece]
+            if not m.any() or close(
+                recording[delay + lo : delay + lo + piece][m], ref[lo : lo + piece][m]
+            ):
+                self.at_delay[i] = True
+                continue
+            for s in shifts:
+                a = delay + lo + s
+                if 0 <= a and a + piece <= recording.shape[0]:
+                    if close(recording[a : a + piece][m], ref[lo : lo + piece][m]):
+                        self.shifted[i] = True
+                        break
+        self.unmatched = ~(self.at_delay | self.shifted)
+        self.samples = np.zeros(ref.shape[0], dtype=bool)
+        self.samples[: n * piece] = np.repeat(self.at_delay, piece)
+
+    def check(self, host_events: int) -> None:
+        """Pieces off the delay only where the host skipped cycles (``host_events``: jackd's
+        xruns plus the overflows and underflows PortAudio reported to rtns), at most one
+        latency and a few pieces around it per event, and at least half the signal at the
+        delay; a recording off the delay with no host event is rtns's fault."""
+        off = int((~self.at_delay).sum())
+        what = (
+            f"{off} of {self.at_delay.shape[0]} pieces off the delay ({int(self.shifted.sum())}"
+            f" shifted by whole periods, {int(self.unmatched.sum())} unmatched);"
+            f" {host_events} host events"
+        )
+        print(f"\npieces: {what}", flush=True)
+        if off:
+            assert host_events > 0, what
+            assert off <= host_events * (self.delay // self.piece + 8), what
+            assert self.at_delay.mean() >= 0.5, what
+
+
+def host_events(res: dict) -> int:
+    """jackd's xruns during a measurement plus the input overflows and output underflows
+    PortAudio reported to rtns (each a skipped cycle)."""
+    s = res["summary"]
+    return int(res["host_xruns"]) + int(s["in_over"]) + int(s["out_under"])
+
+
 def measure_delay(signal: np.ndarray, recording: np.ndarray, max_delay: int) -> int:
     """The lag (samples, 0..max_delay) at which ``recording`` best matches ``signal``
     (peak of their cross-correlation, computed with FFTs)."""

@@ -19,10 +19,12 @@ from jack_harness import (
     JackServer,
     Lateness,
     Loopback,
+    PieceMatch,
     RtnsProcess,
     UnderrunAudit,
     band_limited_noise,
     click_train,
+    host_events,
     retry_on_host_xruns,
     run_click_measurement,
     skip_reason,
@@ -79,13 +81,15 @@ def check_underruns(audit: UnderrunAudit) -> None:
 
 
 def gaps(y: np.ndarray, x: np.ndarray, summary: dict, host_xruns: int, period: int) -> np.ndarray:
-    """The silence under-runs and jackd xruns left in ``y`` (output aligned with input
+    """The silence under-runs and skipped cycles left in ``y`` (output aligned with input
     ``x``): no more than the under-run frames rtns counted plus one period per xrun jackd
-    logged meanwhile, and at most 5% of the signal."""
+    logged and per overflow or underflow PortAudio reported to rtns meanwhile, and at most
+    15% of the signal (the rest is still compared sample by sample)."""
     g = underrun_gaps(y, x)
-    allowed = int(summary["uframes"]) + host_xruns * period
+    events = host_xruns + int(summary["in_over"]) + int(summary["out_under"])
+    allowed = int(summary["uframes"]) + events * period
     assert g.sum() <= allowed, (g.sum(), allowed, summary)
-    assert g.mean() < 0.05, g.mean()
+    assert g.mean() < 0.15, g.mean()
     return g
 
 
@@ -133,13 +137,17 @@ def test_run_reports_device_errors(server16: JackServer, passthrough_pack: Path)
 
 
 def test_passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) -> None:
-    """Clicks come out exactly as they went in, delayed by the reported in-process latency;
-    the reported total (which adds PortAudio's output latency) is within one block."""
+    """Noise and clicks come out exactly as they went in, delayed by the reported in-process
+    latency; the reported total (which adds PortAudio's output latency) is within one block."""
     retry_on_host_xruns(server16, lambda: _passthrough_delay_at_16k(server16, passthrough_pack))
 
 
 def _passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) -> None:
-    res = run_click_measurement(server16, ["-m", str(passthrough_pack), *DEVICE_ARGS])
+    # Noise under the clicks: silence an under-run or a skipped cycle leaves is then exact
+    # zeros that stand out, and its length is measured.
+    r = 16000
+    x = band_limited_noise(2 * r, r, top_hz=7000) + click_train(2 * r, r // 4 + 7, r // 10)
+    res = run_click_measurement(server16, ["-m", str(passthrough_pack), *DEVICE_ARGS], signal=x)
     lat, summary = res["latency"], res["summary"]
     assert res["rc"] == 0, res["output"]  # Ctrl-C (SIGINT) stops cleanly
     check_underruns(res["audit"])
@@ -148,9 +156,12 @@ def _passthrough_delay_at_16k(server16: JackServer, passthrough_pack: Path) -> N
     print(f"\n16 kHz passthrough: measured {d} samples, reported {lat}")
     assert d == round(in_process_frames(lat)) == 512
     assert abs(d - total_frames(lat)) <= BLOCK_16K
-    x, rec = res["signal"], res["recording"]
+    rec = res["recording"]
     y = rec[d : d + x.shape[0]]
     ok = ~gaps(y, x, summary, res["host_xruns"], server16.period)
+    pieces = PieceMatch(rec, x, ok, d, server16.period, lambda a, b: np.abs(a - b).max() <= 1e-5)
+    pieces.check(host_events(res))
+    ok &= pieces.samples
     np.testing.assert_allclose(y[ok], x[ok], atol=1e-5)
     assert int(summary["callbacks"]) > 0
     status = [line for line in res["output"].splitlines() if line.startswith("[")]
@@ -183,7 +194,18 @@ def _resampled_delay_at_48k(server48: JackServer, passthrough_pack: Path) -> Non
         mask[max(c - 200, 0) : c + 200] = False
     mask[: r // 10] = False
     mask &= ~gaps(rec, x, res["summary"], res["host_xruns"], server48.period)
-    err = np.sqrt(np.mean((rec[mask] - noise[mask]) ** 2)) / np.sqrt(np.mean(noise[mask] ** 2))
+    rms = np.sqrt(np.mean(noise[mask] ** 2))
+    pieces = PieceMatch(
+        res["recording"],
+        noise,
+        mask,
+        d,
+        server48.period,
+        lambda a, b: np.sqrt(np.mean((a - b) ** 2)) < 0.03 * rms,
+    )
+    pieces.check(host_events(res))
+    mask &= pieces.samples
+    err = np.sqrt(np.mean((rec[mask] - noise[mask]) ** 2)) / rms
     assert err < 0.01, err
 
 
