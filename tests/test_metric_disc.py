@@ -16,6 +16,7 @@ pytest.importorskip("pesq")
 
 from test_train_smoke import tiny_config  # noqa: E402
 
+from rtns_export import metric_disc  # noqa: E402
 from rtns_export.metric_disc import (  # noqa: E402
     PESQ_HI,
     PESQ_LO,
@@ -35,13 +36,16 @@ needs_speech = pytest.mark.skipif(
 )
 
 
-def _speech_and_noisy(n: int, snrs: list[float], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` 2 s utterances of the validation speech, each in white noise at its SNR."""
+def _speech_and_noisy(
+    n: int, snrs: list[float], seed: int = 0, seconds: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` utterances of the validation speech (``seconds`` each), each in white noise at
+    its SNR."""
     import soundfile as sf
 
     rng = np.random.default_rng(seed)
     files = sorted(SPEECH.rglob("*.flac"))[:n]
-    clean = np.stack([sf.read(f, dtype="float32")[0][: 2 * SR] for f in files])
+    clean = np.stack([sf.read(f, dtype="float32")[0][: int(seconds * SR)] for f in files])
     noise = rng.standard_normal(clean.shape).astype(np.float32)
     gain = np.sqrt((clean**2).mean(1) / (noise**2).mean(1) / 10 ** (np.asarray(snrs) / 10))
     return clean, (clean + gain[:, None] * noise).astype(np.float32)
@@ -61,18 +65,33 @@ def test_targets_are_pesq_on_the_unit_scale():
 
 
 @needs_speech
-def test_discriminator_learns_to_rank_by_pesq():
+def test_discriminator_learns_to_rank_by_pesq(monkeypatch):
     torch.manual_seed(0)
-    clean, noisy = _speech_and_noisy(6, [10.0, 20.0, 30.0, 40.0, 50.0, 60.0], seed=1)
+    clean, noisy = _speech_and_noisy(6, [10.0, 20.0, 30.0, 40.0, 50.0, 60.0], 1, seconds=1.0)
     stage = MetricStage(1.0, 2e-3, 8, noisy=False, device=torch.device("cpu"))
     est, ref = torch.from_numpy(noisy), torch.from_numpy(clean)
     q = pesq_targets(noisy, clean)
-    for _ in range(150):
+    # Every step judges the same batch: its PESQ once, not 60 times (the suite's budget).
+    real = metric_disc.pesq_targets
+
+    def once(e: np.ndarray, r: np.ndarray) -> np.ndarray:
+        if np.array_equal(e, noisy) and np.array_equal(r, clean):
+            return q.copy()
+        return real(e, r)
+
+    monkeypatch.setattr(metric_disc, "pesq_targets", once)
+    for _ in range(60):
         stage.step(est, ref, est)
     with torch.no_grad():
         pred = stage.disc(est, ref).numpy()
         top = stage.disc(ref, ref).numpy()
-    assert np.corrcoef(pred, q)[0, 1] > 0.9, (pred, q)
+    # An untrained one already ranks these by noise level (correlation 0.88) but predicts
+    # nearly one value for all (spread 0.002 on the unit scale): it must also fit the values.
+    print(
+        "correlation with PESQ:", np.corrcoef(pred, q)[0, 1], "mean error:", np.abs(pred - q).mean()
+    )
+    assert np.corrcoef(pred, q)[0, 1] > 0.95, (pred, q)
+    assert np.abs(pred - q).mean() < 0.1, (pred, q)
     assert np.all(top > pred.min())
 
 
@@ -94,23 +113,22 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_trainer_stage_logs_checkpoints_and_resumes(synth_data, tmp_path):
     md = {"weight": 0.5, "lr": 1e-3, "channels": 8}
-    cfg = tiny_config(synth_data, tmp_path / "a", steps=12, metric_disc=md)
+    cfg = tiny_config(synth_data, tmp_path / "a", steps=8, metric_disc=md)
     tr, _ = run_training(cfg, threads=1, progress=False)
     rows = _rows(cfg.run_dir / "train.csv")
-    assert len(rows) == 12
+    assert len(rows) == 8
     for r in rows:
         assert float(r["metric_adv"]) >= 0 and float(r["disc_loss"]) >= 0
         assert PESQ_LO <= float(r["batch_pesq"]) <= PESQ_HI
     ck = torch.load(cfg.run_dir / "last.pt", weights_only=False)
     assert set(ck["metric"]) == {"disc", "opt"}
-    # 6 steps, stop, resume for 6 more: the same discriminator and generator as 12 at once
-    a = tiny_config(synth_data, tmp_path / "c", steps=12, metric_disc=md)
-    run_training(a, threads=1, progress=False, export=False)
-    half = tiny_config(synth_data, tmp_path / "b", steps=6, metric_disc=md)
+    # 4 steps, stop, resume for 4 more: the same discriminator and generator as the 8 at
+    # once above (whose export does not touch its checkpoint)
+    half = tiny_config(synth_data, tmp_path / "b", steps=4, metric_disc=md)
     run_training(half, threads=1, progress=False, export=False)
-    rest = tiny_config(synth_data, tmp_path / "b", steps=12, metric_disc=md)
+    rest = tiny_config(synth_data, tmp_path / "b", steps=8, metric_disc=md)
     run_training(rest, threads=1, progress=False, export=False)
-    ca = torch.load(a.run_dir / "last.pt", weights_only=False)
+    ca = torch.load(cfg.run_dir / "last.pt", weights_only=False)
     cb = torch.load(rest.run_dir / "last.pt", weights_only=False)
     for part in ("model", "metric"):
         wa, wb = ca[part], cb[part]
