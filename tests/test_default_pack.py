@@ -9,7 +9,7 @@ The scores are computed here, not read back from manifest.json: every vbdemand36
 limit; the default pack without it too), as benchmarks/quality.py runs it, and is scored with
 wide-band PESQ, STOI and SI-SDR against the clean reference (DNSMOS in a slow test); the
 manifests' recorded numbers must then be those numbers. About 45 s on a loaded core
-(DNSMOS: 2 minutes more).
+(DNSMOS of the default pack: a minute more).
 """
 
 from __future__ import annotations
@@ -221,13 +221,15 @@ def test_manifest_scores_are_what_the_pack_gives(recomputed, pack):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pack", SHIPPED, ids=lambda p: p.name)
-def test_manifest_dnsmos_is_what_the_pack_gives(recomputed, pack):
-    """The same for the manifests' DNSMOS SIG, BAK and OVRL (about 40 s a pack: speechmos
-    scores every clip tiled to 9 s windows)."""
+def test_manifest_dnsmos_is_what_the_pack_gives(recomputed):
+    """The same for the default pack's DNSMOS SIG, BAK and OVRL (about 55 s on a loaded
+    core: speechmos tiles every clip to 9 s windows and scores each). One pack, not every
+    one (the suite's time budget): the other packs' outputs are pinned by the test above
+    (PESQ, STOI and SI-SDR to 1e-4..5e-3), and their DNSMOS is the same function of those
+    outputs, written by the same `benchmarks/quality.py --write-manifest` this checks."""
     pytest.importorskip("speechmos", reason="DNSMOS needs the speechmos package (test extra)")
-    recorded = read_manifest(pack).scores[TEST_SET]
-    now = recomputed.dnsmos(pack.name)
+    recorded = read_manifest(PACK).scores[TEST_SET]
+    now = recomputed.dnsmos(PACK.name)
     for k in DNSMOS:
         assert recorded[k] == pytest.approx(now[k], abs=RECORD_TOL[k]), k
 
