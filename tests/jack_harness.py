@@ -570,15 +570,14 @@ class PieceMatch:
             lo = i * piece
             m = keep[lo : lo + piece]
             self.compared[i] = m.any()
-            if not m.any() or close(
-                recording[delay + lo : delay + lo + piece][m], ref[lo : lo + piece][m]
-            ):
+            want = ref[lo : lo + piece][m]
+            if not self.compared[i] or close(recording[delay + lo : delay + lo + piece][m], want):
                 self.at_delay[i] = True
                 continue
             for s in shifts:
                 a = delay + lo + s
                 if 0 <= a and a + piece <= recording.shape[0]:
-                    if close(recording[a : a + piece][m], ref[lo : lo + piece][m]):
+                    if close(recording[a : a + piece][m], want):
                         self.shifted[i] = True
                         break
         self.unmatched = ~(self.at_delay | self.shifted)
@@ -603,11 +602,11 @@ class PieceMatch:
             assert self.at_delay[self.compared].mean() >= 0.5, what
 
 
-def host_events(res: dict) -> int:
+def host_events(summary: dict, host_xruns: int) -> int:
     """jackd's xruns during a measurement plus the input overflows and output underflows
-    PortAudio reported to rtns (each a skipped cycle)."""
-    s = res["summary"]
-    return int(res["host_xruns"]) + int(s["in_over"]) + int(s["out_under"])
+    PortAudio reported to rtns (``summary``: its stop line, SUMMARY_RX), each a skipped
+    cycle."""
+    return host_xruns + int(summary["in_over"]) + int(summary["out_under"])
 
 
 def measure_delay(signal: np.ndarray, recording: np.ndarray, max_delay: int) -> int:
