@@ -350,6 +350,24 @@ def calibrate_folded_norms(
             bn.bias.copy_(m)
 
 
+def finish_import(
+    model: nn.Module, rep: ImportReport, inputs: Iterable[torch.Tensor], tol: float = 1e-4
+) -> float:
+    """The last part of an import: calibrate the folded batch norms on ``inputs`` (noisy
+    waveforms [B, N]), then check ``model`` (on the CPU) against the pack through the engine.
+    Returns the largest difference; raises :class:`PackImportError` above ``tol``."""
+    from rtns_export.exporter import check_parity, parity_signal
+
+    calibrate_folded_norms(model, rep.folded_norms, inputs)
+    par = check_parity(model, Path(rep.pack), parity_signal())
+    if not par.max_abs_err <= tol:
+        raise PackImportError(
+            f"the weights read from {rep.pack} differ from the pack by "
+            f"{par.max_abs_err:.3g} through the engine"
+        )
+    return float(par.max_abs_err)
+
+
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     """Import a pack and check the result through the engine (parity against the pack)."""
     import argparse

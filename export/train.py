@@ -47,6 +47,7 @@ from rtns_export.data import (
     split_holdout,
     validation_set,
 )
+from rtns_export.distill import Teacher, TeacherError, load_teacher
 from rtns_export.families import build_model, get_family
 from rtns_export.losses import CombinedLoss
 from rtns_export.metric_disc import MetricStage
@@ -275,6 +276,7 @@ class Trainer:
         self.model = build_model(cfg.family, cfg.model).to(self.device)
         self.loss_fn = CombinedLoss([(t.name, t.weight) for t in cfg.losses])
         self.metric: MetricStage | None = None
+        self.teacher: Teacher | None = None
         if cfg.metric_disc is not None:
             m = cfg.metric_disc
             self.metric = MetricStage(m.weight, m.lr, m.channels, m.noisy, self.device)
@@ -533,25 +535,48 @@ class Trainer:
     def _finish_pack_import(self, batches: int = 8) -> None:
         """Calibrate the folded batch norms of an imported pack on ``batches`` training
         batches, then check the model against the pack through the engine (<= 1e-4)."""
-        from rtns_export.exporter import check_parity, parity_signal
-        from rtns_export.pack_import import calibrate_folded_norms
+        from rtns_export.pack_import import PackImportError, finish_import
 
         rep = self._pack_import
         assert self.mixer is not None and rep is not None
         size = self.cfg.optim.batch
-        xs = [torch.from_numpy(self.mixer.batch(size)[1]).to(self.device) for _ in range(batches)]
-        calibrate_folded_norms(self.model, rep.folded_norms, xs)
-        par = check_parity(self.model.cpu(), Path(rep.pack), parity_signal())
-        self.model.to(self.device)
-        if not par.max_abs_err <= 1e-4:
-            raise ConfigError(
-                f"init_from: the weights read from {rep.pack} differ from the pack by "
-                f"{par.max_abs_err:.3g} through the engine"
-            )
+        xs = [torch.from_numpy(self.mixer.batch(size)[1]) for _ in range(batches)]  # CPU
+        try:
+            err = finish_import(self.model.cpu(), rep, xs)
+        except PackImportError as e:
+            raise ConfigError(f"init_from: {e}") from None
+        finally:
+            self.model.to(self.device)
         assert self.state.init is not None
-        self.state.init["init_parity"] = par.max_abs_err
-        self._log(f"pack import checked through the engine: max |error| {par.max_abs_err:.2g}")
+        self.state.init["init_parity"] = err
+        self._log(f"pack import checked through the engine: max |error| {err:.2g}")
         self._pack_import = None
+
+    def _load_teacher(self) -> None:
+        """Read the teacher pack and check it through the engine. Its calibration batches
+        come from the mixer with its random state put back afterwards, and the teacher's
+        (discarded) initial weights from a forked torch RNG: the run draws the same batches
+        and weights as it would without a teacher."""
+        t = self.cfg.teacher
+        assert t is not None and self.mixer is not None
+        saved = self.mixer.rng.bit_generator.state
+        try:
+            xs = [
+                torch.from_numpy(self.mixer.batch(self.cfg.optim.batch)[1])
+                for _ in range(t.calibration_batches)
+            ]
+        finally:
+            self.mixer.rng.bit_generator.state = saved
+        with torch.random.fork_rng(devices=[]):
+            try:
+                self.teacher = load_teacher(t.pack, xs, self.device)
+            except TeacherError as e:
+                raise ConfigError(str(e)) from None
+        self._log(
+            f"teacher {t.pack} ({self.teacher.family}, checked through the engine: max "
+            f"|error| {self.teacher.parity:.2g}); loss = {1 - t.mix:g} x L(y, clean) + "
+            f"{t.mix:g} x L(y, teacher)"
+        )
 
     # -- one step / validation --------------------------------------------------------------
     def train_step(
@@ -563,6 +588,11 @@ class Trainer:
         y = self.model(x)
         ref = s[:, : y.shape[1]]
         loss, parts = self.loss_fn(y, ref)
+        if self.teacher is not None:
+            mix = self.cfg.teacher.mix  # type: ignore[union-attr]
+            taught, _ = self.loss_fn(y, self.teacher(x)[:, : y.shape[1]])
+            parts["teacher"] = float(taught.detach())
+            loss = (1.0 - mix) * loss + mix * taught
         if self.metric is not None:
             adv = self.metric.generator_term(y, ref)
             parts["metric_adv"] = float(adv.detach())
@@ -629,7 +659,11 @@ class Trainer:
                     self._selected(0, 0.0, res, self.state.init), self.run_dir / "imported.pt"
                 )
         assert self.mixer is not None
+        if cfg.teacher is not None and self.teacher is None:
+            self._load_teacher()
         part_names = [t.name for t in cfg.losses]
+        if cfg.teacher is not None:
+            part_names.append("teacher")
         if self.metric is not None:
             part_names += ["metric_adv", "disc_loss", "batch_pesq"]
         tlog = _CsvLog(
@@ -816,7 +850,7 @@ class Trainer:
             ),
             steps=int(best.get("step", self.state.step))
             + int((init or {}).get("init_steps") or (init or {}).get("init_step") or 0),
-            losses=self.loss_fn.describe(),
+            losses=self._losses_text(),
             notes=(
                 f"Adam lr {cfg.optim.lr:g}, clipnorm {cfg.optim.clipnorm}, batch {cfg.optim.batch}, "
                 f"schedule {cfg.optim.schedule.kind}; {chosen} "
@@ -833,6 +867,15 @@ class Trainer:
             ),
             **({"init": init} if init else {}),
             **(extra or {}),
+        )
+
+    def _losses_text(self) -> str:
+        t = self.cfg.teacher
+        if t is None:
+            return self.loss_fn.describe()
+        return (
+            f"{1 - t.mix:g} x ({self.loss_fn.describe()}) against the clean speech + {t.mix:g} "
+            f"x the same against the output of the pack {t.pack} (distillation)"
         )
 
     def export(

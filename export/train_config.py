@@ -215,6 +215,18 @@ class MetricDiscConfig(_Strict):
     noisy: bool = True
 
 
+class TeacherConfig(_Strict):
+    """Distillation (:mod:`rtns_export.distill`): a shipped pack teaches the model; each
+    step's loss is ``(1 - mix) * L(y, clean) + mix * L(y, teacher(noisy))``."""
+
+    #: A pack folder of a complex-mask family (its weights are read back from the graph and
+    #: checked through the engine before training starts).
+    pack: str
+    mix: float = Field(0.5, gt=0, le=1)
+    #: Training batches that calibrate the batch norms the pack's export folded.
+    calibration_batches: int = Field(8, ge=1, le=64)
+
+
 class TrainConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     family: str = "dtln"
@@ -224,6 +236,8 @@ class TrainConfig(_Strict):
     losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="sisnr")], min_length=1)
     #: A metric-discriminator stage (None: none).
     metric_disc: MetricDiscConfig | None = None
+    #: Distillation from a shipped pack (None: none).
+    teacher: TeacherConfig | None = None
     optim: OptimConfig = OptimConfig()
     valid: ValidConfig = ValidConfig()
     export: ExportConfig = ExportConfig()
