@@ -866,6 +866,7 @@ class Trainer:
                 stage_minutes + float((init or {}).get("init_minutes") or 0), 1
             ),
             **({"init": init} if init else {}),
+            **({"teacher": self.teacher.record()} if self.teacher is not None else {}),
             **(extra or {}),
         )
 

@@ -115,7 +115,9 @@ def test_a_step_mixes_clean_and_taught_losses(synth_data, tmp_path, teacher_pack
     assert parts["teacher"] == pytest.approx(want_taught, rel=1e-5)
     assert loss == pytest.approx((1 - mix) * want_clean + mix * want_taught, rel=1e-5)
     assert abs(want_taught - want_clean) > 1e-3 * abs(want_clean)  # the terms differ
-    assert "distillation" in tr._losses_text() and str(teacher_pack) in tr._losses_text()
+    prov = tr.provenance({})
+    assert "distillation" in prov.losses and str(teacher_pack) in prov.losses
+    assert prov.teacher["graph_sha256"] == tr.teacher.sha256 and prov.teacher["parity"] <= 1e-4
 
 
 def test_a_student_that_is_its_teacher_learns_nothing_from_it(synth_data, tmp_path, teacher_pack):
