@@ -538,11 +538,9 @@ class Trainer:
         from rtns_export.pack_import import PackImportError, finish_import
 
         rep = self._pack_import
-        assert self.mixer is not None and rep is not None
-        size = self.cfg.optim.batch
-        xs = [torch.from_numpy(self.mixer.batch(size)[1]) for _ in range(batches)]  # CPU
+        assert rep is not None
         try:
-            err = finish_import(self.model.cpu(), rep, xs)
+            err = finish_import(self.model.cpu(), rep, self._noisy_batches(batches))
         except PackImportError as e:
             raise ConfigError(f"init_from: {e}") from None
         finally:
@@ -552,21 +550,27 @@ class Trainer:
         self._log(f"pack import checked through the engine: max |error| {err:.2g}")
         self._pack_import = None
 
+    def _noisy_batches(self, count: int, keep_rng: bool = False) -> list[torch.Tensor]:
+        """``count`` noisy training batches (CPU tensors [batch, N]) for calibration; with
+        ``keep_rng`` the mixer's random state is put back afterwards, so the run still draws
+        the batches it would have drawn."""
+        assert self.mixer is not None
+        saved = self.mixer.rng.bit_generator.state
+        try:
+            size = self.cfg.optim.batch
+            return [torch.from_numpy(self.mixer.batch(size)[1]) for _ in range(count)]
+        finally:
+            if keep_rng:
+                self.mixer.rng.bit_generator.state = saved
+
     def _load_teacher(self) -> None:
         """Read the teacher pack and check it through the engine. Its calibration batches
         come from the mixer with its random state put back afterwards, and the teacher's
         (discarded) initial weights from a forked torch RNG: the run draws the same batches
         and weights as it would without a teacher."""
         t = self.cfg.teacher
-        assert t is not None and self.mixer is not None
-        saved = self.mixer.rng.bit_generator.state
-        try:
-            xs = [
-                torch.from_numpy(self.mixer.batch(self.cfg.optim.batch)[1])
-                for _ in range(t.calibration_batches)
-            ]
-        finally:
-            self.mixer.rng.bit_generator.state = saved
+        assert t is not None
+        xs = self._noisy_batches(t.calibration_batches, keep_rng=True)
         with torch.random.fork_rng(devices=[]):
             try:
                 self.teacher = load_teacher(t.pack, xs, self.device)
