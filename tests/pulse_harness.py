@@ -19,9 +19,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from polling import wait_until
 
 BINARIES = ("pulseaudio", "pactl", "paplay", "parecord")
 ALSA_PULSE_PLUGIN = "libasound_module_pcm_pulse.so"
@@ -49,18 +49,6 @@ def skip_reason(
     except OSError:
         return "needs libportaudio2"
     return None
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02):
-    """Poll ``cond`` until it is truthy (returns its value) or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
 
 
 class PulseServer:

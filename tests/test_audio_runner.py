@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from alloc_probe import callback_peak_bytes
+from polling import wait_until
 
 from rtns.atten import OFF, AttenLimit
 from rtns.audio import (
@@ -249,15 +249,6 @@ def test_live_stream_starts_at_the_pack_default_limit(passthrough_pack: Path, tm
         assert runner.stats().atten_lim_db == pytest.approx(18.0)
 
 
-def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition()`` until it holds; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
-
-
 def test_worker_thread_keeps_up(passthrough_model: Model) -> None:
     """The threaded worker wakes on each callback and produces what the next callback
     needs: each callback is made once the output it will read is in the ring (a deadline,
@@ -273,7 +264,7 @@ def test_worker_thread_keeps_up(passthrough_model: Model) -> None:
         runner.callback(inbuf, outbuf, block, None, None)
         assert runner.primed.wait(10)
         for j in range(x.shape[0] // block):
-            wait_until(lambda: runner.out_ring.readable() >= block, what=f"output for block {j}")
+            wait_until(lambda: runner.out_ring.readable() >= block, 30, f"output {j}", step=0.001)
             inbuf[:, 0] = x[j * block : (j + 1) * block]
             runner.callback(inbuf, outbuf, block, None, None)
             y[j * block : (j + 1) * block] = outbuf[:, 0]
@@ -302,7 +293,7 @@ def test_controls_before_start_are_in_force_at_once(passthrough_pack: Path, tmp_
         assert runner.stats().atten_lim_db == pytest.approx(6.0)
         runner.start()  # from here on controls go through the worker
         runner.set_atten_lim(3.0)
-        wait_until(lambda: runner.stats().atten_lim_db == pytest.approx(3.0), what="the worker")
+        wait_until(lambda: runner.stats().atten_lim_db == pytest.approx(3.0), 30, "the worker")
         runner.stop()
 
 
@@ -630,6 +621,7 @@ class StubRun:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
             "STUB_MODE": mode,
+            "PYTHONFAULTHANDLER": "1",  # SIGABRT dumps every thread's stack (see exit_status)
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rtns", "run", "-m", str(pack), "-i", "0", "-o", "0", "-q"],
@@ -666,7 +658,12 @@ class StubRun:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGABRT)  # where each thread is, on stderr
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self._reader.join(10)
             raise AssertionError("rtns run did not exit:\n" + "\n".join(self.lines)) from None
         self._reader.join(timeout)  # every line is in
         return self.proc.returncode

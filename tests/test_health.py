@@ -18,6 +18,7 @@ pytest.importorskip("zmq")
 pytest.importorskip("prometheus_client")
 
 from cli_helpers import free_port, start_serve  # noqa: E402
+from polling import wait_until  # noqa: E402
 
 from rtns.daemon import protocol as P  # noqa: E402
 from rtns.daemon.client import Client, ServerError  # noqa: E402
@@ -89,10 +90,7 @@ def test_sigterm_drains_open_sessions_intact(passthrough_pack, tmp_path: Path, w
             assert wait_probe(mport, "/readyz", 503) == "draining"
             assert probe(mport, "/healthz")[0] == 200
             # The one process sets it at its next half-second check; the supervisor's at once.
-            deadline = time.monotonic() + 20
-            while _draining_gauge(mport) != 1:
-                assert time.monotonic() < deadline, "rtns_draining never became 1"
-                time.sleep(0.05)
+            wait_until(lambda: _draining_gauge(mport) == 1, 20, "rtns_draining to become 1")
             with pytest.raises(ServerError) as refused:
                 b.hello()
             assert refused.value.code == "draining"

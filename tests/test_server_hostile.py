@@ -16,6 +16,7 @@ import pytest
 
 zmq = pytest.importorskip("zmq")
 
+from polling import wait_until  # noqa: E402
 from test_server import noise, running_server  # noqa: E402
 
 from rtns.daemon import protocol as P  # noqa: E402
@@ -23,14 +24,6 @@ from rtns.daemon.client import Client, NoReply, ServerError  # noqa: E402
 from rtns.daemon.server import Server, ServerConfig  # noqa: E402
 from rtns.engine import Model, enhance_array  # noqa: E402
 from rtns.errors import RtnsError  # noqa: E402
-
-
-def wait_until(cond, what: str, timeout: float = 20.0) -> None:
-    """Poll ``cond()`` until it holds; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.01)
 
 
 @contextmanager
@@ -52,7 +45,9 @@ def bystander(endpoint: str, pack, seconds: float = 1.0, **kw) -> Iterator[None]
     th.start()
     wait_until(
         lambda: "error" in result or stats(endpoint)["sessions"] >= 1,
+        30,
         "the bystander's session to open",
+        step=0.01,
     )
     yield
     th.join(30)
@@ -292,7 +287,7 @@ def test_client_vanishing_mid_stream(passthrough_pack):
                 assert s.poll(10_000), "the daemon did not start answering"
                 s.close(linger=0)
                 s.context.term()
-        wait_until(lambda: stats(srv.endpoint)["sessions"] == 0, "vanished sessions to close")
+        wait_until(lambda: stats(srv.endpoint)["sessions"] == 0, 30, "vanished sessions to close")
         st = stats(srv.endpoint)
         assert st["sessions"] == 0
         gone = st["counters"].get("closed_vanished", 0) + st["counters"].get("closed_timeout", 0)
@@ -458,7 +453,7 @@ def killed_client_sessions_end(endpoint: str, sessions) -> None:
     finally:
         proc.kill()
         proc.wait(10)
-    wait_until(lambda: sessions() == before, "the killed client's session ending", 20.0)
+    wait_until(lambda: sessions() == before, 30, "the killed client's session ending")
 
 
 def test_a_killed_clients_session_ends_at_once(passthrough_pack):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from alloc_probe import callback_peak_bytes
-from pulse_harness import wait_until
+from polling import wait_until
 
 from rtns.audio import LiveRunner, plan_buffering
 from rtns.engine import Model

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import free_port, start_serve
+from polling import wait_until
 
 from rtns.daemon import protocol as P
 from rtns.daemon.client import Client
@@ -150,7 +151,7 @@ def test_supervisor_keeps_the_daemons_limits(tmp_path):
             with Client(endpoint, timeout=20) as s:
                 return s.stats()["sessions"]
 
-        wait_until_true(lambda: sessions() == 3)
+        wait_until(lambda: sessions() == 3, 30, "three sessions open", step=0.05)
         killed_client_sessions_end(endpoint, sessions)
         with Client(endpoint, timeout=20) as s:
             st = s.stats()
@@ -160,10 +161,3 @@ def test_supervisor_keeps_the_daemons_limits(tmp_path):
             c.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-
-
-def wait_until_true(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "not within the time"
-        time.sleep(0.05)
