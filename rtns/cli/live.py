@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from rtns.cli import options
 from rtns.errors import RtnsError, UserInputError
+from rtns.signals import SignalSafeEvent
 
 RUN_HELP = """\
 Runs the model between an input and an output device (mono, float32). Devices that do not
@@ -544,8 +545,9 @@ class _Live:
     def __init__(self, runner: Any, vm: _VirtualMicSetup | None) -> None:
         self.runner = runner
         self.vm = vm
-        self.stop = threading.Event()
-        self.stopping = threading.Event()  # set once the stream is being stopped
+        # Set by the signal handlers, which may interrupt this very thread inside stop.wait().
+        self.stop = SignalSafeEvent()
+        self.stopping = SignalSafeEvent()  # set once the stream is being stopped
         self.lat_ms = [float("nan")]  # written by _run_stream once the stream is primed
 
     def summary_lines(self) -> list[str]:
@@ -575,9 +577,11 @@ class _Live:
         self.stop.set()
 
     def on_usr1(self, signum: int, frame: Any) -> None:
-        # Python runs signal handlers on the main thread, between bytecodes: printing is safe.
+        # The handler may interrupt the main thread inside its own print() to stderr (a
+        # status line): a second print would be a re-entrant call into the same buffered
+        # writer, so write the descriptor. set_bypass queues on a re-entrant SimpleQueue.
         self.runner.set_bypass(None)
-        print("rtns: bypass toggled (SIGUSR1)", file=sys.stderr, flush=True)
+        os.write(2, b"rtns: bypass toggled (SIGUSR1)\n")
 
     def handlers(self) -> dict[int, Callable[[int, Any], None]]:
         # Ctrl-C must stop the stream even when rtns was started with SIGINT ignored (a

@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 import time
 
+from rtns.signals import SignalSafeEvent
+
 #: /healthz fails when the loop has not turned for this long (it waits at most its poll
 #: interval per turn).
 ALIVE_S = 10.0
@@ -19,8 +21,9 @@ class Lifecycle:
     """Events set from signal handlers or other threads; read by the loop and /readyz."""
 
     def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._draining = threading.Event()
+        # Set from signal handlers (SIGTERM, SIGINT), which run on the loop's own thread.
+        self._stop = SignalSafeEvent()
+        self._draining = SignalSafeEvent()
         self.bound = threading.Event()  # models loaded and the socket bound
         self.heartbeat = time.monotonic()  # the loop writes it every turn
 
