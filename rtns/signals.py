@@ -3,9 +3,10 @@
 Python runs a signal handler on the main thread between two bytecodes, which may fall
 inside :meth:`threading.Event.wait` while that thread holds the event's internal lock.
 ``Event.set()`` in the handler then waits for ever on a lock its own thread holds: `rtns run`
-polls ``stop.wait(0.1)`` on its main thread, and a SIGTERM that landed in that window hung
-it (seen once in the test suite with four busy processes beside it; tests/test_signals.py
-reproduces it within seconds by signalling a loop that waits on a ``threading.Event``).
+polls ``stop.wait(0.1)`` on its main thread, so a SIGTERM that lands in that window hangs it
+(a stub `rtns run` ignored SIGTERM for 120 s once, in the test suite with four busy processes
+beside it; tests/test_signals.py shows the window within seconds by signalling a loop that
+waits on a ``threading.Event``).
 """
 
 from __future__ import annotations
