@@ -60,8 +60,9 @@ def test_one_and_a_half_capacity_admitted_stay_real_time(tmp_path: Path):
         assert r["admitted"] >= 1 and r["admitted"] + r["refused"].get("busy", 0) == n, r
         assert r["admitted"] <= cap["streams"] or r["admitted"] <= m["rtns_capacity_streams"]
         # Real time at the 99th percentile: without admission every client is late all the
-        # time; a stray late answer is the host (seen once with four busy processes beside
-        # the suite on two cores: 1 of 150 answers at 61 ms, the capacity probed as 1).
+        # time; a stray late answer is the host. (With four busy processes beside the suite
+        # on two cores, 2 of 5 runs had late answers: 1 and 2 of 150, capacity probed as 1;
+        # this bound covers the first, not the second. With two busy processes: none.)
         assert r["dropped"] == 0 and r["errors"] == 0 and r["late"] <= r["answered"] // 100, r
         assert m["rtns_late_answers_total"] <= r["answered"] // 100
         assert m['rtns_errors_total{code="busy"}'] == r["refused"]["busy"]
